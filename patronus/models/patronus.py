@@ -1,0 +1,94 @@
+"""PatronusModel: prototype encoder + conditioned denoiser + noise schedule, saved as one unit."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from diffusers import ConfigMixin, DDPMScheduler, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from patronus.models.prototypes import PrototypeEncoder
+from patronus.models.unet import ConditionedUNet
+
+
+class PatronusModel(ModelMixin, ConfigMixin):
+    """Everything needed to encode, sample, invert and edit — and nothing about training.
+
+    The constructor arguments are the config schema (LightningCLI reads them from the type
+    hints) and are stored with the weights, so `from_pretrained(dir)` needs nothing else.
+    Paper defaults: T=1000, linear β 1e-4→0.02, UNet 64·(1,2,4,4), 2 blocks per level, D=128.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 1,
+        num_prototypes: int = 30,
+        prototype_dim: int = 128,
+        encoder_layout: str = "paper32",
+        backbone: Optional[str] = None,
+        backbone_weights: Optional[str] = None,
+        backbone_out_index: int = 2,
+        block_out_channels: Sequence[int] = (64, 128, 256, 256),
+        layers_per_block: int = 2,
+        attention_levels: Sequence[bool] = (False, False, True, False),
+        mid_attention: bool = True,
+        norm_num_groups: int = 8,
+        dropout: float = 0.0,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ):
+        super().__init__()
+        if image_size % 2 ** (len(block_out_channels) - 1):
+            raise ValueError(
+                f"image_size={image_size} must be divisible by 2**(len(block_out_channels)-1)="
+                f"{2 ** (len(block_out_channels) - 1)} for the UNet's downsampling"
+            )
+        if beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ValueError(f"beta_schedule={beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2")
+        self.encoder = PrototypeEncoder(
+            in_channels=in_channels,
+            image_size=image_size,
+            num_prototypes=num_prototypes,
+            prototype_dim=prototype_dim,
+            layout=encoder_layout,
+            backbone=backbone,
+            backbone_weights=backbone_weights,
+            backbone_out_index=backbone_out_index,
+        )
+        self.denoiser = ConditionedUNet(
+            image_size=image_size,
+            in_channels=in_channels,
+            num_prototypes=num_prototypes,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            attention_levels=attention_levels,
+            mid_attention=mid_attention,
+            norm_num_groups=norm_num_groups,
+            dropout=dropout,
+        )
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        """The training schedule; DDIM/inverse schedulers are built `from_config` of this one."""
+        c = self.config
+        return DDPMScheduler(
+            num_train_timesteps=c.num_train_timesteps,
+            beta_schedule=c.beta_schedule,
+            beta_start=c.beta_start,
+            beta_end=c.beta_end,
+            clip_sample=True,
+        )
+
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Prototype activations s (B, K) of clean images in [-1, 1]."""
+        return self.encoder(x0)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor) -> torch.Tensor:
+        """Predicted noise ε_θ(x_t, t, s); `s` is required."""
+        return self.denoiser(x_t, t, s=s)

@@ -1,0 +1,202 @@
+"""ProtoPNet-style prototype encoder: image -> K log-similarity activations (Patronus Eq. 1-2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ConvLayout:
+    """Channels/kernels/strides/paddings of a plain Conv->ReLU encoder."""
+
+    channels: tuple[int, ...]
+    kernels: tuple[int, ...]
+    strides: tuple[int, ...]
+    paddings: tuple[int, ...]
+
+
+# The paper's per-dataset encoders (Patronus code, `plb_*` settings). 32/64 px: RF 15, jump 2;
+# CheXpert 224 px: RF 61, jump 4. The first entry of `channels` is replaced by the image channels.
+ENCODER_LAYOUTS: dict[str, ConvLayout] = {
+    "paper32": ConvLayout((1, 32, 64, 64, 128), (3, 3, 3, 3), (2, 1, 1, 1), (1, 0, 0, 0)),
+    "paper64": ConvLayout((3, 32, 64, 64, 128), (3, 3, 3, 3), (2, 1, 1, 1), (1, 0, 0, 0)),
+    "chexpert": ConvLayout((1, 32, 64, 64, 128, 128), (5, 5, 5, 5, 5), (2, 2, 1, 1, 1), (1, 1, 0, 0, 0)),
+}
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Receptive field of one feature cell (ProtoPNet RF recursion)."""
+
+    size: int  # r: side of the square box in pixels
+    jump: int  # j: pixel distance between neighbouring cells
+    start: float  # centre of cell (0, 0) in pixel coordinates
+    image_size: int
+
+    def box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(top, left, bottom, right) pixel box of cell (h, w), clipped to the image; end-exclusive."""
+        half = (self.size - 1) / 2
+        top, left = self.start + h * self.jump - half, self.start + w * self.jump - half
+        clip = lambda v: int(min(max(v, 0), self.image_size))  # noqa: E731
+        return clip(top), clip(left), clip(top + self.size), clip(left + self.size)
+
+
+def conv_receptive_field(layout: ConvLayout, image_size: int) -> ReceptiveField:
+    """ProtoPNet recursion: n'=⌊(n−k+2p)/s⌋+1, j'=j·s, r'=r+(k−1)·j, start'=start+((k−1)/2−p)·j."""
+    r, j, start = 1, 1, 0.5 - 0.5  # pixel centres at integer coordinates
+    for k, s, p in zip(layout.kernels, layout.strides, layout.paddings):
+        r, start, j = r + (k - 1) * j, start + ((k - 1) / 2 - p) * j, j * s
+    return ReceptiveField(size=r, jump=j, start=start, image_size=image_size)
+
+
+def conv_encoder(layout: ConvLayout, in_channels: int) -> nn.Sequential:
+    """Conv->ReLU stack (the paper's encoder); the last conv is linear, the add-on layer follows."""
+    chans = (in_channels, *layout.channels[1:])
+    layers: list[nn.Module] = []
+    for i, (k, s, p) in enumerate(zip(layout.kernels, layout.strides, layout.paddings)):
+        layers.append(nn.Conv2d(chans[i], chans[i + 1], k, s, p))
+        if i < len(layout.kernels) - 1:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class TimmFeatures(nn.Module):
+    """One feature level of a timm backbone, projected to the prototype dimension by a 1x1 conv."""
+
+    def __init__(self, name: str, in_channels: int, out_dim: int, weights: Optional[str], out_index: int):
+        super().__init__()
+        import timm  # imported lazily: only backbone users pay for it
+
+        self.body = timm.create_model(
+            name, pretrained=False, features_only=True, in_chans=in_channels, out_indices=(out_index,)
+        )
+        if weights is not None:  # a local file only: nothing is downloaded
+            from safetensors.torch import load_file
+
+            state = load_file(weights) if weights.endswith(".safetensors") else torch.load(weights, weights_only=True)
+            missing, _ = self.body.load_state_dict(state, strict=False)
+            if len(missing) == len(self.body.state_dict()):
+                raise ValueError(f"backbone_weights {weights!r}: no tensor matches timm model {name!r}")
+        self.proj = nn.Sequential(nn.Conv2d(self.body.feature_info.channels()[-1], out_dim, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(x)[-1])
+
+
+class PrototypeEncoder(nn.Module):
+    """Encoder f (ending in a sigmoid add-on) + K prototype vectors; `forward` gives activations s (B, K).
+
+    Distances are computed as convolutions, ||z||² − 2 z·p + ||p||², so all prototypes and
+    all cells are one conv call; the argmin cell is kept because it is the "where".
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 32,
+        num_prototypes: int = 30,
+        prototype_dim: int = 128,
+        layout: str = "paper32",
+        backbone: Optional[str] = None,
+        backbone_weights: Optional[str] = None,
+        backbone_out_index: int = 2,
+        epsilon: float = 1e-4,
+    ):
+        super().__init__()
+        self.image_size, self.epsilon = image_size, epsilon
+        if backbone is not None:
+            self.features: nn.Module = TimmFeatures(
+                backbone, in_channels, prototype_dim, backbone_weights, backbone_out_index
+            )
+            self._layout = None
+        else:
+            if layout not in ENCODER_LAYOUTS:
+                raise ValueError(f"encoder_layout={layout!r} is unknown; expected one of {sorted(ENCODER_LAYOUTS)}")
+            self._layout = ENCODER_LAYOUTS[layout]
+            self.features = conv_encoder(self._layout, in_channels)
+            if self._layout.channels[-1] != prototype_dim:
+                self.features.append(nn.Conv2d(self._layout.channels[-1], prototype_dim, 1))
+            # ProtoPNet's add-on activation: features in [0, 1]^D keep distances bounded (d ≤ D);
+            # without it, unbounded features drift apart and every s collapses towards 0.
+            self.features.append(nn.Sigmoid())
+        # ProtoPNet initialisation: uniform in the same unit cube as the features.
+        self.prototypes = nn.Parameter(torch.rand(num_prototypes, prototype_dim))
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.prototypes.shape[0]
+
+    def distance_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Squared L2 distance of every feature cell to every prototype: (B, K, H', W')."""
+        z = self.features(x)  # (B, D, H', W')
+        z2 = z.pow(2).sum(1, keepdim=True)  # (B, 1, H', W')
+        zp = F.conv2d(z, self.prototypes[:, :, None, None])  # (B, K, H', W')
+        p2 = self.prototypes.pow(2).sum(1)[None, :, None, None]  # (1, K, 1, 1)
+        return (z2 - 2 * zp + p2).clamp_min(0)
+
+    def activations_from_distances(self, dmin: torch.Tensor) -> torch.Tensor:
+        """Patronus/ProtoPNet log-similarity: s = log((d + 1) / (d + ε))."""
+        return torch.log((dmin + 1) / (dmin + self.epsilon))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activations (B, K) and the flat argmin cell index (B, K) of each prototype."""
+        d = self.distance_maps(x).flatten(2)  # (B, K, H'*W')
+        dmin, where = d.min(dim=2)
+        return self.activations_from_distances(dmin), where
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)[0]
+
+    def feature_shape(self) -> tuple[int, int]:
+        p = next(self.parameters())
+        with torch.no_grad():
+            z = self.features(torch.zeros(1, self._in_channels(), self.image_size, self.image_size, device=p.device))
+        return int(z.shape[2]), int(z.shape[3])
+
+    def _in_channels(self) -> int:
+        first = next(m for m in self.features.modules() if isinstance(m, nn.Conv2d))
+        return first.in_channels
+
+    def receptive_field(self) -> ReceptiveField:
+        """Exact RF by the recursion for conv layouts; measured by gradients for timm backbones."""
+        if self._layout is not None:
+            return conv_receptive_field(self._layout, self.image_size)
+        return gradient_receptive_field(self.features, self._in_channels(), self.image_size)
+
+    def cell_box(self, flat_index: int) -> tuple[int, int, int, int]:
+        """Pixel box of the flat argmin index returned by `encode`."""
+        _, w = self.feature_shape()
+        return self.receptive_field().box(flat_index // w, flat_index % w)
+
+
+def gradient_box(features: nn.Module, in_channels: int, image_size: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """Pixels whose value can change feature cell (h, w): the brute-force definition of an RF box."""
+    x = torch.randn(4, in_channels, image_size, image_size, requires_grad=True)
+    was_training = features.training
+    features.eval()
+    z = features(x)
+    features.train(was_training)
+    (grad,) = torch.autograd.grad(z[:, :, h, w].abs().sum(), x)
+    rows = grad.abs().sum((0, 1, 3)).nonzero().flatten()
+    cols = grad.abs().sum((0, 1, 2)).nonzero().flatten()
+    return int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
+
+
+def gradient_receptive_field(features: nn.Module, in_channels: int, image_size: int) -> ReceptiveField:
+    """RF of a network without a clean layer recursion, from two interior cells' gradient boxes."""
+    with torch.no_grad():
+        hh, ww = features(torch.zeros(1, in_channels, image_size, image_size)).shape[2:]
+    c = hh // 2
+    t0, _, b0, _ = gradient_box(features, in_channels, image_size, c, c)
+    if hh > 1:
+        t1, _, _, _ = gradient_box(features, in_channels, image_size, c + 1, c)
+        jump = t1 - t0
+    else:
+        jump = image_size
+    size = b0 - t0
+    return ReceptiveField(size=size, jump=max(jump, 1), start=t0 + (size - 1) / 2 - c * max(jump, 1), image_size=image_size)

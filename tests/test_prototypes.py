@@ -1,0 +1,83 @@
+"""Prototype layer: distances, argmin ('where'), receptive fields, distinctness."""
+
+import pytest
+import torch
+
+from patronus.diffusion import distinct_loss
+from patronus.models.prototypes import (
+    ENCODER_LAYOUTS,
+    PrototypeEncoder,
+    conv_receptive_field,
+    gradient_box,
+)
+
+
+def brute_force_distances(enc: PrototypeEncoder, x: torch.Tensor) -> torch.Tensor:
+    z = enc.features(x)  # (B, D, H, W)
+    B, D, H, W = z.shape
+    out = torch.empty(B, enc.num_prototypes, H, W)
+    for b in range(B):
+        for h in range(H):
+            for w in range(W):
+                out[b, :, h, w] = ((z[b, :, h, w][None] - enc.prototypes) ** 2).sum(1)
+    return out
+
+
+@torch.no_grad()
+def test_conv_distances_equal_brute_force_and_argmin_is_the_closest_cell():
+    torch.manual_seed(0)
+    enc = PrototypeEncoder(in_channels=1, image_size=32, num_prototypes=5)
+    enc.prototypes.data = torch.randn(5, 128) * 0.1  # closer to features: distances span a real range
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    fast, slow = enc.distance_maps(x), brute_force_distances(enc, x)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-3)
+    s, where = enc.encode(x)
+    flat = slow.flatten(2)
+    assert torch.equal(where, flat.argmin(2))
+    expected = torch.log((flat.min(2).values + 1) / (flat.min(2).values + 1e-4))
+    torch.testing.assert_close(s, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_paper_receptive_fields():
+    rf32 = conv_receptive_field(ENCODER_LAYOUTS["paper32"], 32)
+    rfcx = conv_receptive_field(ENCODER_LAYOUTS["chexpert"], 224)
+    assert (rf32.size, rf32.jump) == (15, 2)
+    assert (rfcx.size, rfcx.jump) == (61, 4)
+
+
+@pytest.mark.parametrize("layout,size", [("paper32", 32), ("paper64", 64), ("chexpert", 96)])
+def test_receptive_field_boxes_match_gradient_check(layout, size):
+    torch.manual_seed(0)
+    in_ch = 3 if layout == "paper64" else 1
+    enc = PrototypeEncoder(in_channels=in_ch, image_size=size, num_prototypes=2, layout=layout)
+    H, W = enc.feature_shape()
+    rf = enc.receptive_field()
+    cells = [(0, 0), (H // 2, W // 3), (H - 1, W - 1), (1, W - 2)]
+    for h, w in cells:
+        assert rf.box(h, w) == gradient_box(enc.features, in_ch, size, h, w), (layout, h, w)
+    assert enc.cell_box(H * W - 1) == rf.box(H - 1, W - 1)
+
+
+def test_timm_backbone_builds_offline_and_its_receptive_field_is_measured():
+    enc = PrototypeEncoder(in_channels=1, image_size=32, num_prototypes=4, backbone="resnet10t", backbone_out_index=2)
+    s = enc(torch.randn(2, 1, 32, 32))
+    assert s.shape == (2, 4) and torch.isfinite(s).all()
+    rf = enc.receptive_field()
+    H, W = enc.feature_shape()
+    assert rf.jump == 32 // H  # resnet stage 2: stride 8 at 32 px
+    h = H // 2
+    assert rf.box(h, h) == gradient_box(enc.features, 1, 32, h, h)
+
+
+def test_unknown_layout_names_the_choices():
+    with pytest.raises(ValueError, match="paper32"):
+        PrototypeEncoder(layout="resnet")
+
+
+def test_distinct_loss_penalises_duplicates_only():
+    eye = torch.eye(4, 8)
+    assert float(distinct_loss(eye, margin=0.3)) == 0.0  # orthogonal: 1 - |cos| = 1 > δ
+    dup = torch.ones(4, 8)
+    assert float(distinct_loss(dup, margin=0.3)) == pytest.approx(0.3, abs=1e-6)
+    anti = torch.stack([torch.ones(8), -torch.ones(8)])
+    assert float(distinct_loss(anti, margin=0.3)) == pytest.approx(0.3, abs=1e-6)  # |cos| counts sign-flips as alike

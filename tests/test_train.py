@@ -1,0 +1,80 @@
+"""Training through Lightning: fast_dev_run, the real scripts end to end, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from patronus.checkpoints import load_model
+from patronus.cli import PatronusCLI
+from tests.conftest import REPO
+
+TINY = str(REPO / "configs" / "mnist_tiny.yaml")
+
+
+def test_fast_dev_run_updates_weights(tmp_path):
+    cli = PatronusCLI(args=["--config", TINY, "--logger", "none", "--run_dir", str(tmp_path), "--trainer.fast_dev_run", "2"])
+    before = {k: v.clone() for k, v in cli.model.net.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = cli.model.net.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("encoder.") for k in changed) and any(k.startswith("denoiser.") for k in changed)
+    assert torch.isfinite(torch.stack([v.float().abs().sum() for v in after.values()])).all()
+
+
+def run_script(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_train_then_sample_scripts_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    run_script(str(REPO / "train.py"), "--config", TINY, "--run_dir", str(run), "--data.root", str(REPO / "data"), cwd=tmp_path)
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_0000020.png", "step_0000040.png"]
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "wandb should log offline into the run dir"
+    net = load_model(run)
+    assert net.config.num_prototypes == 8
+
+    out = tmp_path / "out"
+    run_script(str(REPO / "sample.py"), "--checkpoint", str(run), "--out", str(out), "--indices", "0", "1", "2",
+               "--steps", "5", "--inversion-steps", "5", "--num-samples", "2", "--edit", "3=max", "--edit", "1=min,2*2", cwd=tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"samples.png", "reconstructions.png", "edits.png", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert summary["references"] == ["mnist:test:0", "mnist:test:1", "mnist:test:2"]
+    assert [e["edit"] for e in summary["edits"]] == ["3=max", "1=min,2*2.0"]
+    assert len(summary["reconstruction_psnr_db"]) == 3
+    assert summary["edits"][0]["prototypes"]["3"]["requested_mean"] == pytest.approx(summary["activation_range"]["max"][3])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = [str(REPO / "train.py"), "--config", TINY, "--run_dir", str(run), "--data.root", str(REPO / "data"),
+            "--logger", "csv", "--trainer.max_steps", "200", "--checkpoint.every_n_train_steps", "10",
+            "--trainer.limit_val_batches", "0"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 20):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)["global_step"]  # still loads after the kill: writes are atomic
+    assert 20 <= killed_at < 200
+
+    again = run_script(*args, cwd=tmp_path)  # the very same command
+    log = again.stdout + again.stderr
+    assert f"resuming from {last}" in log
+    assert torch.load(last, weights_only=True)["global_step"] == 200
+    steps = [int(line.split()[1]) for line in log.splitlines() if line.startswith("step ")]
+    assert steps and min(steps) > killed_at  # continued, did not start over
