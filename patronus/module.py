@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -19,6 +20,8 @@ class PatronusModule(pl.LightningModule):
         lr: AdamW learning rate (paper 1e-5; the CPU presets use a much larger one with warmup).
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warmup.
+        lr_schedule: after warmup, "constant" or "cosine" decay to 10% at trainer.max_steps
+            (short runs gain most from ending at a low learning rate).
         distinct_weight: λ for the prototype-distinctness loss.
         distinct_margin: δ, minimum wanted dissimilarity 1−|cos| between any two prototypes.
         snr_gamma: Min-SNR-γ loss weighting; None = the paper's plain MSE.
@@ -30,6 +33,7 @@ class PatronusModule(pl.LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         distinct_weight: float = 0.1,
         distinct_margin: float = 0.3,
         snr_gamma: Optional[float] = None,
@@ -46,8 +50,9 @@ class PatronusModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"})
+        # sync_dist: one all-reduce of a few scalars per step, so every rank logs the global mean.
+        self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, sync_dist=True)
         return out["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -61,7 +66,18 @@ class PatronusModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warm = max(self.hparams.warmup_steps, 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        total = max(int(self.trainer.estimated_stepping_batches), warm + 1)
+        cosine = self.hparams.lr_schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if not cosine:
+                return 1.0
+            progress = min((step - warm) / (total - warm), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -43,9 +43,9 @@ def test_ddim_inversion_reconstructs_real_images(tiny_model, mnist_test_images):
     x0 = mnist_test_images[:8]
     x_T, recon = reconstruct(tiny_model, x0, steps=50)
     scores = psnr(recon, x0)
-    # Measured: ~26 dB mean (min ~22) for this tiny model after 400 steps; noise-level PSNR is ~6 dB.
-    assert sum(scores) / len(scores) > 20.0, scores
-    assert min(scores) > 15.0, scores
+    # Measured for this tiny model after 400 steps: 32.1 dB mean, 28.1 dB worst; noise scores 4.5 dB.
+    assert sum(scores) / len(scores) > 28.0, scores
+    assert min(scores) > 24.0, scores
     # The inverted latent is noise-like, not the image itself.
     assert x_T.std() > 0.7 and (x_T - x0).abs().mean() > 0.5
 
@@ -56,7 +56,7 @@ def test_partial_inversion_resumes_at_the_matching_step(tiny_model, mnist_test_i
     s = tiny_model.encode(x0)
     x_t = ddim_invert(tiny_model, x0, s, num_steps=20, stop_step=8)
     recon = ddim_sample(tiny_model, x_t, s, num_steps=20, start_step=20 - 8, clip=False)
-    assert sum(psnr(recon, x0)) / 4 > 25.0  # less of the trajectory approximated: closer than full inversion
+    assert sum(psnr(recon, x0)) / 4 > 29.0  # measured 32.6 dB; a wrong start step decodes from mismatched noise
 
 
 @torch.no_grad()
