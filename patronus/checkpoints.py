@@ -69,7 +69,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Patronus
         unknown = [k for k in unused if not k.startswith("_")]
         if unknown:
             raise ValueError(f"{path / PatronusModel.config_name}: unknown fields {sorted(unknown)} for PatronusModel")
-        net = PatronusModel.from_pretrained(path, use_safetensors=True)
+        net = PatronusModel.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
     else:
         net = _from_lightning_ckpt(path)
     return net.to(device).eval()
