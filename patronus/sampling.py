@@ -14,7 +14,7 @@ from torchvision.utils import make_grid, save_image
 
 from patronus.callbacks import to_unit
 from patronus.checkpoints import load_model, resolve_checkpoint
-from patronus.data.datasets import build_dataset
+from patronus.data.registry import build_dataset, dataset_options
 from patronus.data.images import read_image
 from patronus.diffusion import ddim_invert, ddim_sample, ddpm_sample
 from patronus.interpret.edits import Edit, activation_range, apply_edits, most_variable_prototypes, parse_edit
@@ -99,8 +99,10 @@ def load_references(args: argparse.Namespace, model: PatronusModel) -> tuple[tor
     dataset = args.dataset or data_cfg.get("dataset")
     root = args.data_root or data_cfg.get("root")
     if dataset and root:
-        extra = {"channels": c.in_channels} if dataset == "image_folder" else {}
-        ds = build_dataset(dataset, root, args.split, c.image_size, **extra)
+        options = dict(data_cfg.get("options") or {}) if dataset == data_cfg.get("dataset") else {}
+        if "channels" in dataset_options(dataset):
+            options.setdefault("channels", c.in_channels)
+        ds = build_dataset(dataset, root, args.split, c.image_size, **options)
         n = min(args.stats_images, len(ds))
         pool = torch.stack([ds[i]["image"] for i in range(n)])
     if args.images:

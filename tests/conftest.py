@@ -86,7 +86,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> PatronusModel:
 
 @pytest.fixture(scope="session")
 def mnist_test_images() -> torch.Tensor:
-    from patronus.data.datasets import build_dataset
+    from patronus.data.registry import build_dataset
 
     ds = build_dataset("mnist", str(REPO / "data"), "test", 32)
     return torch.stack([ds[i]["image"] for i in range(16)])

@@ -103,3 +103,20 @@ def test_grey_rgb_file_counts_as_one_channel(tmp_path):
     x = read_image(path, channels=1, size=32)
     assert x.shape == (1, 32, 32)
     assert torch.allclose(x[0], torch.from_numpy(grey).float() / 127.5 - 1)
+
+
+def test_unknown_dataset_option_is_named():
+    with pytest.raises(ValueError, match=r"data.options \['crop'\] not understood by dataset 'mnist'"):
+        build_dataset("mnist", str(REPO / "data"), "test", 32, crop="centre")
+
+
+def test_holdout_splits_train_without_overlap():
+    dm = PatronusDataModule(root=str(REPO / "data"), holdout=0.1, val_subset=None, train_subset=None)
+    dm.setup("fit")
+    train, val = set(dm.train_set.indices.tolist()), set(dm.val_set.indices.tolist())
+    assert len(val) == 1200 and len(train) == 10800 and not train & val
+    again = PatronusDataModule(root=str(REPO / "data"), holdout=0.1, val_subset=None)
+    again.setup("fit")
+    assert again.val_set.indices.tolist() == dm.val_set.indices.tolist()  # fixed choice
+    with pytest.raises(ValueError, match="data.holdout=1.5"):
+        PatronusDataModule(root=str(REPO / "data"), holdout=1.5).setup("fit")

@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
+
+import json
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
 
-from patronus.data.datasets import build_dataset
+from patronus.data.datasets import SubsetDataset
+from patronus.data.registry import build_dataset, dataset_options
+from patronus.data.shortcuts import apply_shortcut
 
 
 class PatronusDataModule(pl.LightningDataModule):
     """Train/val loaders for one registered dataset.
 
     Args:
-        dataset: registry name (mnist, fashion_mnist, image_folder).
         root: folder holding the dataset in its publisher's layout.
         image_size: square side the images are resized to.
-        channels: image channels (image_folder only; idx datasets are grayscale).
+        channels: image channels for datasets that can convert (image folders; MedMNIST
+            grey -> RGB); None keeps each dataset's own default.
+        options: dataset-specific keywords of its builder (e.g. image_folder's `channels`).
+        shortcut: a shortcut builder applied to every split, e.g. {kind: planted_marker,
+            target: "1", p: 0.9, q: 0.1} (see patronus.data.shortcuts); its correlations are printed.
         train_subset / val_subset: use only the first N images (quick runs).
-        val_split: split name used for validation (MNIST-like: "test").
+        dataset: registry name: mnist, fashion_mnist, cifar10, celeba, ffhq, medmnist, chexpert,
+            image_folder, attribute_folder (see patronus.data.registry and README).
+        train_split / val_split: split names used for training and validation (MNIST-like:
+            "train"/"test"; MedMNIST "train"/"val"; CelebA and CheXpert "train"/"valid").
+        holdout: for data without a held-out split (the CelebA subset, FFHQ): validate on this
+            fraction of train_split instead (a fixed, seeded choice); val_split is then unused.
     """
 
     def __init__(
@@ -28,14 +41,18 @@ class PatronusDataModule(pl.LightningDataModule):
         dataset: str = "mnist",
         root: str = "data",
         image_size: int = 32,
-        channels: int = 1,
+        channels: Optional[int] = None,
         batch_size: int = 64,
         val_batch_size: int = 64,
         num_workers: int = 0,
         train_subset: Optional[int] = None,
         val_subset: Optional[int] = 512,
+        train_split: str = "train",
         val_split: str = "test",
+        holdout: Optional[float] = None,
         download: bool = False,
+        options: Optional[dict[str, Any]] = None,
+        shortcut: Optional[dict[str, Any]] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -44,19 +61,36 @@ class PatronusDataModule(pl.LightningDataModule):
 
     def _build(self, split: str, limit: Optional[int]) -> Dataset:
         h = self.hparams
-        extra = {"channels": h.channels} if h.dataset == "image_folder" else {}
-        ds = build_dataset(h.dataset, h.root, split, h.image_size, download=h.download, **extra)
-        return Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
+        options = dict(h.options or {})
+        if h.channels is not None and "channels" in dataset_options(h.dataset):
+            options.setdefault("channels", h.channels)
+        ds = build_dataset(h.dataset, h.root, split, h.image_size, download=h.download, **options)
+        if h.shortcut:
+            ds, report = apply_shortcut(ds, h.image_size, h.shortcut)
+            rank_zero_info(f"shortcut on {split!r}: {json.dumps(report)}")
+        return SubsetDataset(ds, torch.arange(min(limit, len(ds)))) if limit is not None else ds
 
     def prepare_data(self) -> None:
         if self.hparams.download:  # once per node, before setup on every rank
-            self._build("train", 1)
+            self._build(self.hparams.train_split, 1)
             self._build(self.hparams.val_split, 1)
 
     def setup(self, stage: str) -> None:
-        if self.train_set is None:
-            self.train_set = self._build("train", self.hparams.train_subset)
-            self.val_set = self._build(self.hparams.val_split, self.hparams.val_subset)
+        if self.train_set is not None:
+            return
+        h = self.hparams
+        if h.holdout is None:
+            self.train_set = self._build(h.train_split, h.train_subset)
+            self.val_set = self._build(h.val_split, h.val_subset)
+            return
+        if not 0 < h.holdout < 1:
+            raise ValueError(f"data.holdout={h.holdout}; expected a fraction in (0, 1)")
+        full = self._build(h.train_split, None)
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
+        n_val = max(1, int(round(h.holdout * len(full))))
+        val, train = order[:n_val].sort().values, order[n_val:].sort().values
+        self.train_set = SubsetDataset(full, train[: h.train_subset] if h.train_subset else train)
+        self.val_set = SubsetDataset(full, val[: h.val_subset] if h.val_subset else val)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)

@@ -14,18 +14,52 @@ from torch.utils.data import Dataset
 from patronus.data.images import list_images, read_image
 
 
-class TensorImageDataset(Dataset):
-    """Images already decoded into memory (small sets: MNIST-like), resized once up front."""
+class LabelledImageDataset(Dataset):
+    """The one contract every dataset meets, so analyses and shortcut builders work on any of them.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, attribute_names: Sequence[str], attributes: torch.Tensor):
-        self.images, self.labels = images, labels
-        self.attribute_names, self.attributes = list(attribute_names), attributes
+    Subclasses set `labels` (N,) long (−1 where there is no class), `attributes` (N, A) float
+    (1/0, NaN = unknown), `attribute_names` (A names), `classes` (class names, maybe empty),
+    and implement `load_image(i)` -> float (C, H, W) in [-1, 1]. Label tables live in memory,
+    so builders can select rows without decoding a single image.
+    """
+
+    labels: torch.Tensor
+    attributes: torch.Tensor
+    attribute_names: list[str]
+    classes: list[str]
+
+    def load_image(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[i], "label": self.labels[i], "attributes": self.attributes[i]}
+        return {"image": self.load_image(i), "label": self.labels[i], "attributes": self.attributes[i]}
+
+
+class SubsetDataset(LabelledImageDataset):
+    """Rows `indices` of a base dataset, label tables sliced (no image is decoded to select)."""
+
+    def __init__(self, base: LabelledImageDataset, indices: torch.Tensor):
+        self.base, self.indices = base, indices.long()
+        self.labels, self.attributes = base.labels[self.indices], base.attributes[self.indices]
+        self.attribute_names, self.classes = list(base.attribute_names), list(base.classes)
+
+    def load_image(self, i: int) -> torch.Tensor:
+        return self.base.load_image(int(self.indices[i]))
+
+
+class TensorImageDataset(LabelledImageDataset):
+    """Images already decoded into memory (small sets: MNIST-like), resized once up front."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, attribute_names: Sequence[str], attributes: torch.Tensor,
+                 classes: Sequence[str] = ()):
+        self.images, self.labels = images, labels
+        self.attribute_names, self.attributes, self.classes = list(attribute_names), attributes, list(classes)
+
+    def load_image(self, i: int) -> torch.Tensor:
+        return self.images[i]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -79,12 +113,12 @@ def idx_dataset(
             raise ValueError(f"{raw}: {len(images)} images but {len(labels)} labels for split {split!r}")
         x = to_model_range(torch.from_numpy(images.copy())[:, None], image_size)
         y = torch.from_numpy(labels.astype(np.int64))
-        return TensorImageDataset(x, y, list(classes), F.one_hot(y, len(classes)).float())
+        return TensorImageDataset(x, y, list(classes), F.one_hot(y, len(classes)).float(), classes)
 
     return build
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(LabelledImageDataset):
     """ROOT/<split>/<class>/*.png (or ROOT/<split>/*.png without classes), decoded lazily."""
 
     def __init__(self, root: str, split: str, image_size: int, channels: int):
@@ -93,17 +127,13 @@ class ImageFolderDataset(Dataset):
         self.classes = sorted({p.parent.name for p in self.files if p.parent != folder})
         self.image_size, self.channels = image_size, channels
         index = {c: i for i, c in enumerate(self.classes)}
-        self.labels = [index.get(p.parent.name, -1) for p in self.files]
-        self.attribute_names = self.classes
+        self.labels = torch.tensor([index.get(p.parent.name, -1) for p in self.files])
+        self.attribute_names = list(self.classes)
+        onehot = F.one_hot(self.labels.clamp_min(0), max(len(self.classes), 1)).float()
+        self.attributes = onehot * (self.labels >= 0)[:, None]
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x = read_image(self.files[i], self.channels, resize_to=self.image_size)
-        y = self.labels[i]
-        attrs = F.one_hot(torch.tensor(max(y, 0)), max(len(self.classes), 1)).float() * (y >= 0)
-        return {"image": x, "label": torch.tensor(y), "attributes": attrs}
+    def load_image(self, i: int) -> torch.Tensor:
+        return read_image(self.files[i], self.channels, resize_to=self.image_size)
 
 
 def image_folder(root: str, split: str, image_size: int, download: bool = False, channels: int = 3) -> ImageFolderDataset:
@@ -114,16 +144,3 @@ def image_folder(root: str, split: str, image_size: int, download: bool = False,
 
 DIGITS = [str(i) for i in range(10)]
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-# Named registry: one builder per on-disk layout, no substring matching on names.
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    "mnist": idx_dataset("MNIST", DIGITS),
-    "fashion_mnist": idx_dataset("FashionMNIST", FASHION),
-    "image_folder": image_folder,
-}
-
-
-def build_dataset(name: str, root: str, split: str, image_size: int, download: bool = False, **kwargs) -> Dataset:
-    if name not in DATASETS:
-        raise ValueError(f"data.dataset={name!r} is unknown; expected one of {sorted(DATASETS)}")
-    return DATASETS[name](root, split, image_size, download=download, **kwargs)

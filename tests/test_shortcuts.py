@@ -1,0 +1,98 @@
+"""Shortcut builders on real data: deterministic, correlations as requested, ground truth recorded."""
+
+import pytest
+import torch
+
+from patronus.data.registry import build_dataset
+from patronus.data.shortcuts import apply_shortcut, celeba_hair_smile, correlated_subset, main, phi, planted_marker
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return build_dataset("mnist", str(REPO / "data"), "test", 32)
+
+
+def test_planted_marker_follows_p_and_q_and_records_ground_truth(mnist):
+    ds, report = planted_marker(mnist, 32, target="1", p=0.9, q=0.05, size=4, position=(2, 26), intensity=1.0, seed=3)
+    ones = mnist.labels == 1
+    rate_1 = ds.has_marker[ones].float().mean()
+    rate_other = ds.has_marker[~ones].float().mean()
+    assert abs(rate_1 - 0.9) < 0.05 and abs(rate_other - 0.05) < 0.02
+    assert report["phi_target~marker"] > 0.7 and ds.attribute_names[-1] == "marker"
+    i = int(ds.has_marker.nonzero()[0])
+    item = ds[i]
+    assert item["marker_mask"].sum() == 16 and item["attributes"][-1] == 1
+    patch = item["image"][0, 2:6, 26:30]
+    assert torch.equal(patch, torch.ones(4, 4))  # stamped exactly where the mask says
+    outside = item["marker_mask"][0] == 0
+    assert torch.equal(item["image"][0][outside], mnist[i]["image"][0][outside])  # nothing else changed
+    j = int((~ds.has_marker).nonzero()[0])
+    assert torch.equal(ds[j]["image"], mnist[j]["image"]) and ds[j]["marker_mask"].sum() == 0
+    again, _ = planted_marker(mnist, 32, target="1", p=0.9, q=0.05, size=4, position=(2, 26), seed=3)
+    assert torch.equal(again.has_marker, ds.has_marker)  # deterministic under the seed
+
+
+def test_random_position_disc_marker_fits_and_varies(mnist):
+    ds, _ = planted_marker(mnist, 32, target="7", p=1.0, q=0.0, shape="disc", size=5, position="random", seed=0)
+    sevens = (mnist.labels == 7).nonzero().flatten()[:20]
+    corners = {tuple(ds.corners[int(i)].tolist()) for i in sevens}
+    assert len(corners) > 10
+    m = ds[int(sevens[0])]["marker_mask"]
+    assert 13 <= m.sum() <= 21 and m.sum() < 25  # a disc, not the 5x5 square
+
+
+def test_correlated_subset_hits_the_requested_phi(mnist):
+    wrapped, _ = planted_marker(mnist, 32, target="3", p=0.5, q=0.5, seed=1)  # marker independent of the digit
+    for rho in (0.0, 0.6, 0.9):
+        sub, report = correlated_subset(wrapped, "3", "marker", rho, seed=0)
+        assert abs(report["phi"]["3~marker"] - rho) < 0.03, report
+        assert len(sub) > 100
+    again, _ = correlated_subset(wrapped, "3", "marker", 0.6, seed=0)
+    assert torch.equal(again.indices, correlated_subset(wrapped, "3", "marker", 0.6, seed=0)[0].indices)
+
+
+def test_celeba_hair_smile_recipe_on_real_attributes(shared_datasets):
+    opts = dict(image_dir="img_align_celeba_89x109", attr_file="list_attr_celeba_000001-010000.txt", partition_file=None)
+    ds = build_dataset("celeba", str(shared_datasets / "celeba_subset"), "train", 32, **opts)
+    sub, report = celeba_hair_smile(ds)
+    black, blond, brown, smile = (sub.attributes[:, sub.attribute_names.index(n)] == 1 for n in ("Black_Hair", "Blond_Hair", "Brown_Hair", "Smiling"))
+    assert torch.all((black.int() + blond.int() + brown.int()) == 1)
+    assert torch.all(smile[blond]) and not torch.any(smile[black]) and torch.all(smile[brown])
+    # Same selection written out by hand on the attribute table:
+    a = ds.attributes
+    col = lambda n: a[:, ds.attribute_names.index(n)] == 1  # noqa: E731
+    one = (col("Black_Hair").int() + col("Blond_Hair").int() + col("Brown_Hair").int()) == 1
+    expected = one & ((col("Blond_Hair") & col("Smiling")) | (col("Black_Hair") & ~col("Smiling")) | (col("Brown_Hair") & col("Smiling")))
+    assert len(sub) == int(expected.sum()) and report["rows"] == len(sub)
+    assert report["phi"]["Black_Hair~Smiling"] == pytest.approx(-1.0)
+
+
+def test_config_and_cli_entry_points(mnist, capsys):
+    ds, report = apply_shortcut(mnist, 32, {"kind": "planted_marker", "target": "1", "p": 1.0, "q": 0.0})
+    assert report["marker_rate_in_target"] == 1.0 and report["marker_rate_elsewhere"] == 0.0
+    with pytest.raises(ValueError, match="data.shortcut.kind='watermark'"):
+        apply_shortcut(mnist, 32, {"kind": "watermark"})
+    with pytest.raises(ValueError, match="data.shortcut \\(planted_marker\\).*colour"):
+        apply_shortcut(mnist, 32, {"kind": "planted_marker", "target": "1", "colour": "red"})
+    out = main(["planted_marker", "--dataset", "mnist", "--root", str(REPO / "data"), "--split", "test", "--params", '{"target": "1", "p": 0.8, "q": 0.1}'])
+    assert '"phi_target~marker"' in capsys.readouterr().out and out["rows"] == 2000
+
+
+def test_phi_ignores_unknown_rows():
+    a = torch.tensor([1.0, 0.0, 1.0, 0.0, float("nan")])
+    b = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    assert phi(a, b) == pytest.approx(1.0)
+
+
+def test_datamodule_applies_the_configured_shortcut_to_every_split():
+    from patronus.data.datamodule import PatronusDataModule
+
+    spec = {"kind": "planted_marker", "target": "7", "p": 1.0, "q": 0.0, "size": 4, "position": [2, 26]}
+    dm = PatronusDataModule(root=str(REPO / "data"), batch_size=64, train_subset=512, val_subset=128, shortcut=spec)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    has = batch["attributes"][:, -1] == 1
+    assert torch.equal(has, batch["label"] == 7) and dm.val_set.attribute_names[-1] == "marker"
+    assert torch.all(batch["image"][has][:, 0, 2:6, 26:30] == 1)
+    assert len(dm.train_set) == 512 and dm.train_set.attributes.shape[1] == 11
