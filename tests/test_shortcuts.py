@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from patronus.data.datasets import LabelledImageDataset
 from patronus.data.registry import build_dataset
 from patronus.data.shortcuts import apply_shortcut, celeba_hair_smile, correlated_subset, main, phi, planted_marker
 from tests.conftest import REPO
@@ -96,3 +97,26 @@ def test_datamodule_applies_the_configured_shortcut_to_every_split():
     assert torch.equal(has, batch["label"] == 7) and dm.val_set.attribute_names[-1] == "marker"
     assert torch.all(batch["image"][has][:, 0, 2:6, 26:30] == 1)
     assert len(dm.train_set) == 512 and dm.train_set.attributes.shape[1] == 11
+
+
+class AttributesOnly(LabelledImageDataset):
+    """The label table of a dataset whose images are not here (only the recipe is under test)."""
+
+    def __init__(self, names, values):
+        self.attribute_names, self.classes = list(names), []
+        self.attributes = torch.from_numpy(values).float()
+        self.labels = torch.full((len(values),), -1)
+
+
+@pytest.mark.slow
+def test_hair_smile_recipe_gives_the_papers_61214_rows_on_full_celeba_attributes(shared_datasets, tmp_path):
+    import zipfile
+
+    from patronus.data.celeba import read_attributes
+
+    with zipfile.ZipFile(shared_datasets / "celeba_subset" / "list_attr_celeba.zip") as z:
+        z.extractall(tmp_path)
+    table = read_attributes(tmp_path / "list_attr_celeba.txt", [])
+    assert table.rows == 202599
+    sub, report = celeba_hair_smile(AttributesOnly(table.names, table.values))
+    assert len(sub) == 61214 == report["rows"]  # the count the paper's recipe gives on full CelebA

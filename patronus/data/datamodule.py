@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from patronus.data.datasets import SubsetDataset
 from patronus.data.registry import build_dataset, dataset_options
-from patronus.data.shortcuts import apply_shortcut
 
 
 class PatronusDataModule(pl.LightningDataModule):
@@ -66,6 +65,8 @@ class PatronusDataModule(pl.LightningDataModule):
             options.setdefault("channels", h.channels)
         ds = build_dataset(h.dataset, h.root, split, h.image_size, download=h.download, **options)
         if h.shortcut:
+            from patronus.data.shortcuts import apply_shortcut  # lazy: keeps `python -m patronus.data.shortcuts` clean
+
             ds, report = apply_shortcut(ds, h.image_size, h.shortcut)
             rank_zero_info(f"shortcut on {split!r}: {json.dumps(report)}")
         return SubsetDataset(ds, torch.arange(min(limit, len(ds)))) if limit is not None else ds
