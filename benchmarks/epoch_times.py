@@ -28,10 +28,12 @@ PRESETS: dict[str, list[str]] = {
     "cifar10_cpu": ["--data.root", "{shared}/cifar10_jpeg", "--data.options", '{"layout": "folders"}', "--data.train_split", "test"],
     # No CheXpert files here: same preset (model, 64 px, grey) trained on NIH chest X-rays as a
     # stand-in for the speed; the epoch is then CheXpert-small's frontal training set.
+    # No FFHQ here: the CelebA subset's face folder, read as a plain FFHQ-style folder, stands in.
+    "ffhq_cpu": ["--data.root", "{shared}/celeba_subset/img_align_celeba_89x109"],
     "chexpert_cpu": ["--data.dataset", "image_folder", "--data.root", "{shared}/nih_cxr1000_64px", "--data.channels", "1",
                      "--data.options", "{}", "--data.val_split", "valid"],
 }
-EPOCH_IMAGES = {"chexpert_cpu": 191_027}  # frontal images in CheXpert-v1.0-small/train.csv
+EPOCH_IMAGES = {"chexpert_cpu": 191_027, "ffhq_cpu": 70_000}  # CheXpert-small frontal train images; FFHQ
 
 
 class StepTimer(pl.Callback):
