@@ -60,6 +60,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def analysis_dir(checkpoint: str | Path) -> Path:
+    """Where analyses of a checkpoint are cached: RUN/analysis (or beside an exported model/ckpt)."""
+    path = resolve_checkpoint(checkpoint)
+    if path.is_file():
+        path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    elif path.name == MODEL_DIR and (path.parent / "config.yaml").is_file():
+        path = path.parent
+    return path / "analysis"
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> PatronusModel:
     """Load a model for sampling/analysis from a run dir, an exported dir or a .ckpt file."""
     path = resolve_checkpoint(path)

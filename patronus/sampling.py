@@ -13,11 +13,12 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchvision.utils import make_grid, save_image
 
 from patronus.callbacks import to_unit
-from patronus.checkpoints import load_model, resolve_checkpoint
+from patronus.checkpoints import analysis_dir, load_model, resolve_checkpoint
 from patronus.data.registry import build_dataset, dataset_options
 from patronus.data.images import read_image
 from patronus.diffusion import ddim_invert, ddim_sample, ddpm_sample
-from patronus.interpret.edits import Edit, activation_range, apply_edits, most_variable_prototypes, parse_edit
+from patronus.interpret.edits import Edit, apply_edits, parse_edit
+from patronus.interpret.stats import activation_statistics, cached_statistics
 from patronus.models.patronus import PatronusModel
 
 
@@ -91,20 +92,33 @@ def _run_data_config(checkpoint: str) -> dict:
     return {}
 
 
+def split_dataset(checkpoint: str, model: PatronusModel, dataset: Optional[str], root: Optional[str], split: str):
+    """The dataset split to analyse: given explicitly, or the one the run was trained on. None if unknown."""
+    data_cfg = _run_data_config(checkpoint)
+    dataset = dataset or data_cfg.get("dataset")
+    root = root or data_cfg.get("root")
+    if not (dataset and root):
+        return None
+    options = dict(data_cfg.get("options") or {}) if dataset == data_cfg.get("dataset") else {}
+    if "channels" in dataset_options(dataset):
+        options.setdefault("channels", model.config.in_channels)
+    ds = build_dataset(dataset, root, split, model.config.image_size, **options)
+    ds.source = {"dataset": dataset, "root": str(root), "split": split, **options}
+    return ds
+
+
+def first_images(ds, n: int) -> torch.Tensor:
+    return torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
+
+
 def load_references(args: argparse.Namespace, model: PatronusModel) -> tuple[torch.Tensor, list[str], Optional[torch.Tensor]]:
     """Reference images (B, C, H, W), their names, and a pool of dataset images for activation statistics."""
     c = model.config
     pool = None
-    data_cfg = _run_data_config(args.checkpoint)
-    dataset = args.dataset or data_cfg.get("dataset")
-    root = args.data_root or data_cfg.get("root")
-    if dataset and root:
-        options = dict(data_cfg.get("options") or {}) if dataset == data_cfg.get("dataset") else {}
-        if "channels" in dataset_options(dataset):
-            options.setdefault("channels", c.in_channels)
-        ds = build_dataset(dataset, root, args.split, c.image_size, **options)
-        n = min(args.stats_images, len(ds))
-        pool = torch.stack([ds[i]["image"] for i in range(n)])
+    ds = split_dataset(args.checkpoint, model, args.dataset, args.data_root, args.split)
+    if ds is not None:
+        pool = first_images(ds, args.stats_images)
+        args.pool_source = {**ds.source, "images": len(pool)}
     if args.images:
         refs = torch.stack([read_image(p, c.in_channels, size=None if args.resize else c.image_size,
                                        resize_to=c.image_size if args.resize else None) for p in args.images])
@@ -113,10 +127,11 @@ def load_references(args: argparse.Namespace, model: PatronusModel) -> tuple[tor
         raise ValueError("no references: pass --images FILE..., or --indices with --dataset and --data-root")
     idx = args.indices if args.indices is not None else list(range(8))
     bad = [i for i in idx if not 0 <= i < len(ds)]
+    name = ds.source["dataset"]
     if bad:
-        raise ValueError(f"--indices {bad}: out of range for {dataset} split {args.split!r} with {len(ds)} images")
+        raise ValueError(f"--indices {bad}: out of range for {name} split {args.split!r} with {len(ds)} images")
     refs = torch.stack([ds[i]["image"] for i in idx])
-    return refs, [f"{dataset}:{args.split}:{i}" for i in idx], pool
+    return refs, [f"{name}:{args.split}:{i}" for i in idx], pool
 
 
 @torch.no_grad()
@@ -151,10 +166,13 @@ def run_from_args(args: argparse.Namespace) -> dict:
 
     # 3. Prototype-guided edits, decoded from the same x_T.
     s = model.encode(refs)
-    pool_s = encode_all(model, pool) if pool is not None else s.cpu()
-    s_min, s_max = activation_range(pool_s)
+    if pool is not None:  # dataset quantiles, cached next to the checkpoint
+        stats = cached_statistics(model, pool, analysis_dir(args.checkpoint) / "activation_stats.json", args.pool_source)
+    else:  # only image files given: their own spread is all there is
+        stats = activation_statistics(s.cpu())
+    s_min, s_max, spread = (torch.tensor(stats[k]) for k in ("min", "max", "std"))
     if not edits and args.edit_top > 0:
-        edits = [[Edit(j, "set", "max")] for j in most_variable_prototypes(pool_s, args.edit_top)]
+        edits = [[Edit(j, "set", "max")] for j in spread.argsort(descending=True)[: args.edit_top].tolist()]
     if edits:
         imgs, requested = decode_edits(model, x_T, s, edits, s_min, s_max, args.inversion_steps)
         s_recon = model.encode(recon)

@@ -1,0 +1,117 @@
+"""`python -m patronus <analysis> --checkpoint RUN ...`: every analysis writes PNGs and a JSON of numbers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torchvision.io import write_png
+
+from patronus.checkpoints import analysis_dir, load_model
+from patronus.interpret.interpolate import extrapolate, interpolate, variations
+from patronus.interpret.projection import nearest_patches, patch_gallery
+from patronus.interpret.stats import cached_statistics
+from patronus.sampling import first_images, psnr, save_rows, split_dataset
+
+
+def _data(args: argparse.Namespace, model) -> Any:
+    ds = split_dataset(args.checkpoint, model, args.dataset, args.data_root, args.split)
+    if ds is None:
+        raise SystemExit("error: no dataset: pass --dataset and --data-root (or a run directory that has config.yaml)")
+    return ds
+
+
+def cmd_stats(args, model, out: Path) -> dict:
+    ds = _data(args, model)
+    images = first_images(ds, args.num_images)
+    stats = cached_statistics(model, images, analysis_dir(args.checkpoint) / "activation_stats.json", {**ds.source, "images": len(images)})
+    return {"activation_stats": stats}
+
+
+def cmd_project(args, model, out: Path) -> dict:
+    ds = _data(args, model)
+    images = first_images(ds, args.num_images)
+    hits = nearest_patches(model, images.to(args.device), k=args.k)
+    write_png(patch_gallery(images, hits), str(out / "projection.png"))
+    return {"projection": [[vars(h) for h in row] for row in hits], "receptive_field": vars(model.encoder.receptive_field())}
+
+
+def cmd_variations(args, model, out: Path) -> dict:
+    refs = first_images(_data(args, model), args.num_images).to(args.device)
+    imgs = variations(model, refs, args.n, args.steps, args.seed)
+    save_rows([refs, *imgs], out / "variations.png")
+    return {"n": args.n, "mean_pixel_std_across_variations": float(imgs.std(0).mean())}
+
+
+def cmd_interpolate(args, model, out: Path) -> dict:
+    ds = _data(args, model)
+    a, b = (torch.stack([ds[i]["image"] for i in idx]).to(args.device) for idx in (args.a, args.b))
+    path = interpolate(model, a, b, args.n, args.steps)  # (n, B, ...)
+    save_rows(list(path.transpose(0, 1)), out / "interpolation.png")  # one row per pair
+    return {"pairs": list(zip(args.a, args.b)), "endpoint_psnr_db": {"a": psnr(path[0], a), "b": psnr(path[-1], b)}}
+
+
+def cmd_extrapolate(args, model, out: Path) -> dict:
+    ds = _data(args, model)
+    refs = first_images(ds, args.num_images).to(args.device)
+    pool = first_images(ds, 512)
+    stats = cached_statistics(model, pool, analysis_dir(args.checkpoint) / "activation_stats.json", {**ds.source, "images": len(pool)})
+    top = stats["max"][args.prototype]
+    values = torch.linspace(0, args.beyond * top, args.n).tolist()
+    imgs, measured = extrapolate(model, refs, args.prototype, values, args.steps)
+    save_rows(list(imgs.transpose(0, 1)), out / f"extrapolation_p{args.prototype}.png")
+    return {"prototype": args.prototype, "values": values, "measured_mean": measured.mean(1).tolist(), "dataset_max": top}
+
+
+COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
+    "stats": (cmd_stats, "per-prototype activation statistics over a split (cached; the 'max' of edits)"),
+    "project": (cmd_project, "top-k real training patches per prototype with receptive-field boxes"),
+    "variations": (cmd_variations, "same s, new x_T: what the prototypes fix and what they leave free"),
+    "interpolate": (cmd_interpolate, "invert two images, lerp s and slerp x_T between them"),
+    "extrapolate": (cmd_extrapolate, "sweep one prototype's activation from 0 to beyond its dataset max"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m patronus", description="Patronus analyses: PNG figures + JSON numbers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        c.add_argument("--checkpoint", required=True, help="run directory, exported model directory or .ckpt")
+        c.add_argument("--out", default=None, help="output folder (default RUN/analysis/<command>)")
+        c.add_argument("--dataset")
+        c.add_argument("--data-root")
+        c.add_argument("--split", default="train" if name == "project" else "test")
+        c.add_argument("--num-images", type=int, default=2000 if name in ("stats", "project") else 8)
+        c.add_argument("--steps", type=int, default=50, help="DDIM steps")
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--device", default=None)
+        if name == "project":
+            c.add_argument("--k", type=int, default=6, help="patches per prototype")
+        if name in ("variations", "interpolate", "extrapolate"):
+            c.add_argument("--n", type=int, default=6, help="images per row")
+        if name == "interpolate":
+            c.add_argument("--a", type=int, nargs="+", default=[0, 1], help="dataset indices of the start images")
+            c.add_argument("--b", type=int, nargs="+", default=[2, 3], help="dataset indices of the end images")
+        if name == "extrapolate":
+            c.add_argument("--prototype", type=int, required=True)
+            c.add_argument("--beyond", type=float, default=1.5, help="sweep up to this multiple of the dataset max")
+    return p
+
+
+@torch.no_grad()
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.checkpoint, args.device)
+    if args.command == "extrapolate" and not 0 <= args.prototype < model.config.num_prototypes:
+        raise SystemExit(f"error: --prototype {args.prototype}: the model has K={model.config.num_prototypes} prototypes")
+    out = Path(args.out) if args.out else analysis_dir(args.checkpoint) / args.command
+    out.mkdir(parents=True, exist_ok=True)
+    result = COMMANDS[args.command][0](args, model, out)
+    (out / f"{args.command}.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result

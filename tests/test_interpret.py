@@ -1,0 +1,97 @@
+"""Analyses on a tiny model trained on real MNIST: statistics, projection, interpolation, extrapolation, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from patronus.checkpoints import export_model
+from patronus.interpret.cli import main
+from patronus.interpret.interpolate import extrapolate, interpolate, slerp
+from patronus.interpret.projection import nearest_patches
+from patronus.interpret.stats import activation_statistics, cached_statistics
+from patronus.sampling import encode_all, psnr
+from tests.conftest import REPO
+
+
+def test_statistics_max_is_the_99th_percentile_not_the_outlier():
+    s = torch.rand(1000, 3)
+    s[0] = 50.0  # one outlier image must not set every edit's strength
+    stats = activation_statistics(s)
+    assert stats["n"] == 1000 and max(stats["max"]) < 1.0
+    torch.testing.assert_close(torch.tensor(stats["max"]), torch.quantile(s, 0.99, dim=0).double(), check_dtype=False)
+    assert stats["quantiles"]["0.5"] == pytest.approx(torch.quantile(s.double(), 0.5, dim=0).tolist())
+
+
+def test_statistics_are_cached_and_recomputed_when_the_source_changes(tiny_model, mnist_test_images, tmp_path):
+    cache = tmp_path / "analysis" / "activation_stats.json"
+    first = cached_statistics(tiny_model, mnist_test_images, cache, {"split": "test", "images": 16})
+    stored = json.loads(cache.read_text())
+    stored["mean"][0] = 123.0  # a marker: a cache hit returns the file as it is
+    cache.write_text(json.dumps(stored))
+    assert cached_statistics(tiny_model, mnist_test_images, cache, {"split": "test", "images": 16})["mean"][0] == 123.0
+    fresh = cached_statistics(tiny_model, mnist_test_images[:8], cache, {"split": "test", "images": 8})
+    assert fresh["n"] == 8 and fresh["mean"][0] != 123.0 and first["n"] == 16
+
+
+@torch.no_grad()
+def test_projection_finds_the_closest_cells_and_boxes_contain_them(tiny_model, mnist_test_images):
+    hits = nearest_patches(tiny_model, mnist_test_images, k=3, batch_size=5)
+    d = tiny_model.encoder.distance_maps(mnist_test_images)  # (N, K, H', W')
+    rf = tiny_model.encoder.receptive_field()
+    for j, row in enumerate(hits):
+        dists = [h.distance for h in row]
+        assert dists == sorted(dists) and len({h.image_index for h in row}) == 3
+        best = d[:, j].flatten(1).min(1).values  # per image
+        assert row[0].distance == pytest.approx(float(best.min()), rel=1e-4, abs=1e-5)
+        for h in row:
+            assert d[h.image_index, j, h.cell[0], h.cell[1]] == pytest.approx(h.distance, rel=1e-4, abs=1e-5)
+            top, left, bottom, right = h.box
+            cy, cx = rf.start + h.cell[0] * rf.jump, rf.start + h.cell[1] * rf.jump
+            assert top <= cy < bottom and left <= cx < right  # the box is centred on the argmin cell
+
+
+def test_slerp_endpoints_and_norm():
+    a, b = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
+    mid = slerp(a, b, 0.5)
+    # between the endpoint norms, unlike lerp which shrinks towards the origin for near-orthogonal latents
+    assert (mid.flatten(1).norm(dim=1) > (0.5 * (a + b)).flatten(1).norm(dim=1)).all()
+
+
+@torch.no_grad()
+def test_interpolation_ends_reconstruct_both_images(tiny_model, mnist_test_images):
+    a, b = mnist_test_images[:2], mnist_test_images[2:4]
+    path = interpolate(tiny_model, a, b, n=4, steps=25)
+    assert path.shape == (4, 2, 1, 32, 32)
+    assert min(psnr(path[0], a)) > 24 and min(psnr(path[-1], b)) > 24
+    assert max(psnr(path[1], a)) < min(psnr(path[0], a))  # the middle has moved away from a
+
+
+@torch.no_grad()
+def test_extrapolation_raises_the_measured_activation(tiny_model, mnist_test_images):
+    pool = encode_all(tiny_model, mnist_test_images)
+    j = int(pool.std(0).argmax())
+    top = float(torch.quantile(pool[:, j], 0.99))
+    imgs, measured = extrapolate(tiny_model, mnist_test_images[:8], j, [0.0, top, 1.5 * top], steps=25)
+    assert imgs.shape == (3, 8, 1, 32, 32)
+    means = measured.mean(1)
+    assert means[0] < means[1] < means[2], means
+
+
+@pytest.mark.slow
+def test_cli_commands_write_figures_and_numbers(tiny_model, tmp_path):
+    model_dir = export_model(tiny_model, tmp_path / "model")
+    common = ["--checkpoint", str(model_dir), "--dataset", "mnist", "--data-root", str(REPO / "data"), "--steps", "5"]
+    out = main(["stats", *common, "--num-images", "64"])
+    assert out["activation_stats"]["n"] == 64 and (model_dir / "analysis" / "activation_stats.json").is_file()
+    out = main(["project", *common, "--num-images", "64", "--k", "3"])
+    assert len(out["projection"]) == 8 and (model_dir / "analysis" / "project" / "projection.png").is_file()
+    out = main(["interpolate", *common, "--n", "3", "--a", "0", "--b", "1"])
+    assert (model_dir / "analysis" / "interpolate" / "interpolation.png").is_file() and out["pairs"] == [(0, 1)]
+    out = main(["variations", *common, "--num-images", "2", "--n", "2"])
+    assert out["mean_pixel_std_across_variations"] > 0
+    out = main(["extrapolate", *common, "--num-images", "2", "--n", "3", "--prototype", "1"])
+    assert len(out["values"]) == 3 and json.loads((model_dir / "analysis" / "extrapolate" / "extrapolate.json").read_text())["prototype"] == 1
+    with pytest.raises(SystemExit, match="K=8"):
+        main(["extrapolate", *common, "--prototype", "8"])
