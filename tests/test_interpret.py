@@ -95,3 +95,25 @@ def test_cli_commands_write_figures_and_numbers(tiny_model, tmp_path):
     assert len(out["values"]) == 3 and json.loads((model_dir / "analysis" / "extrapolate" / "extrapolate.json").read_text())["prototype"] == 1
     with pytest.raises(SystemExit, match="K=8"):
         main(["extrapolate", *common, "--prototype", "8"])
+
+
+@torch.no_grad()
+def test_localised_box_is_the_receptive_field_of_the_argmin_cell_where_the_rise_is_largest(tiny_model, mnist_test_images):
+    from patronus.interpret.localise import edit_and_localise
+
+    x0 = mnist_test_images[:6]
+    pool = encode_all(tiny_model, mnist_test_images)
+    s_max = torch.quantile(pool, 0.99, dim=0)
+    found, plain, edited = edit_and_localise(tiny_model, x0, [0, 3], s_max, steps=20)
+    s_plain = tiny_model.encode(plain)
+    rf = tiny_model.encoder.receptive_field()
+    for loc, img in zip(found, edited):
+        d = tiny_model.encoder.distance_maps(img[None])[0, loc.prototype]  # (H', W') of the chosen edited image
+        h, w = divmod(int(d.argmin()), d.shape[1])
+        assert (h, w) == loc.cell and loc.box == rf.box(h, w)
+        rise = float(tiny_model.encode(img[None])[0, loc.prototype] - s_plain[loc.image_index, loc.prototype])
+        assert rise == pytest.approx(loc.rise, abs=1e-5) and rise > 0
+    with pytest.raises(ValueError, match="partial_steps=30"):
+        edit_and_localise(tiny_model, x0, [0], s_max, steps=20, partial_steps=30)
+    part, plain_p, _ = edit_and_localise(tiny_model, x0, [0], s_max, steps=20, partial_steps=5)
+    assert min(psnr(plain_p, x0)) > min(psnr(plain, x0))  # less noise added: closer to the originals

@@ -12,6 +12,7 @@ from torchvision.io import write_png
 
 from patronus.checkpoints import analysis_dir, load_model
 from patronus.interpret.interpolate import extrapolate, interpolate, variations
+from patronus.interpret.localise import edit_and_localise, localisation_gallery
 from patronus.interpret.projection import nearest_patches, patch_gallery
 from patronus.interpret.stats import cached_statistics
 from patronus.sampling import first_images, psnr, save_rows, split_dataset
@@ -66,12 +67,27 @@ def cmd_extrapolate(args, model, out: Path) -> dict:
     return {"prototype": args.prototype, "values": values, "measured_mean": measured.mean(1).tolist(), "dataset_max": top}
 
 
+def cmd_localise(args, model, out: Path) -> dict:
+    ds = _data(args, model)
+    refs = first_images(ds, args.num_images).to(args.device)
+    pool = first_images(ds, 512)
+    stats = cached_statistics(model, pool, analysis_dir(args.checkpoint) / "activation_stats.json", {**ds.source, "images": len(pool)})
+    prototypes = args.prototypes if args.prototypes is not None else list(range(model.config.num_prototypes))
+    bad = [j for j in prototypes if not 0 <= j < model.config.num_prototypes]
+    if bad:
+        raise SystemExit(f"error: --prototypes {bad}: the model has K={model.config.num_prototypes} prototypes")
+    found, plain, edited = edit_and_localise(model, refs, prototypes, torch.tensor(stats["max"]), args.steps, args.partial_steps)
+    write_png(localisation_gallery(plain.cpu(), edited.cpu(), found), str(out / "localise.png"))
+    return {"partial_steps": args.partial_steps, "steps": args.steps, "localisations": [vars(f) for f in found]}
+
+
 COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
     "stats": (cmd_stats, "per-prototype activation statistics over a split (cached; the 'max' of edits)"),
     "project": (cmd_project, "top-k real training patches per prototype with receptive-field boxes"),
     "variations": (cmd_variations, "same s, new x_T: what the prototypes fix and what they leave free"),
     "interpolate": (cmd_interpolate, "invert two images, lerp s and slerp x_T between them"),
     "extrapolate": (cmd_extrapolate, "sweep one prototype's activation from 0 to beyond its dataset max"),
+    "localise": (cmd_localise, "raise each prototype to its max, decode, box where it fires (optionally from partial noise)"),
 }
 
 
@@ -96,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "interpolate":
             c.add_argument("--a", type=int, nargs="+", default=[0, 1], help="dataset indices of the start images")
             c.add_argument("--b", type=int, nargs="+", default=[2, 3], help="dataset indices of the end images")
+        if name == "localise":
+            c.add_argument("--prototypes", type=int, nargs="+", help="default: all")
+            c.add_argument("--partial-steps", type=int, help="invert only this many DDIM steps and edit from there")
         if name == "extrapolate":
             c.add_argument("--prototype", type=int, required=True)
             c.add_argument("--beyond", type=float, default=1.5, help="sweep up to this multiple of the dataset max")
