@@ -18,7 +18,7 @@ import torch
 from torchvision.transforms.functional import resize
 
 from patronus.data.datasets import LabelledImageDataset
-from patronus.data.folders import OnError, Problem, check_on_error, header_problem, resolve_problems
+from patronus.data.checks import OnError, Problem, check_on_error, header_problem, resolve_problems
 from patronus.data.images import read_image
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}

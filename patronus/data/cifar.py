@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from patronus.data.datasets import LabelledImageDataset, to_model_range
-from patronus.data.folders import AttributeFolderDataset, OnError, Problem, check_on_error, header_problem, resolve_problems
+from patronus.data.checks import OnError, Problem, check_on_error, header_problem, resolve_problems
+from patronus.data.folders import AttributeFolderDataset
 from patronus.data.images import list_images
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]  # labels 0-9

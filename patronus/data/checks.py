@@ -1,0 +1,67 @@
+"""Row checks shared by the file-based loaders (folders, CelebA, CIFAR-10 JPEGs): a bad row
+raises with its file and line named, or is dropped with one warning that counts them — never silently."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from patronus.data.images import MODES
+
+OnError = Literal["raise", "skip"]
+
+# Channels read_image produces for each PIL mode (it converts RGBA/P to RGB and LA/I/F/1 to L).
+MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "F": 1, "P": 3, "RGB": 3, "RGBA": 3, "YCbCr": 3}
+
+
+@dataclass
+class Problem:
+    """One bad row: the exception type it raises under on_error="raise" and a message naming it."""
+
+    kind: type[Exception]
+    message: str
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
+
+
+def header_problem(path: Path, channels: int) -> Optional[str]:
+    """Why `path` cannot be read as a `channels`-channel image, from its header only (fast: no decode).
+
+    Catches missing, empty, non-image and grayscale-where-RGB-expected files up front; a truncated
+    body is only found when the image is decoded, and read_image's error then names the file.
+    An RGB file may still be a valid 1-channel image (grey stored as RGB), so that is left to read_image.
+    """
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except FileNotFoundError:
+        return f"{path}: image file does not exist"
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        return f"{path}: cannot open image (empty, corrupt or not an image): {e}"
+    got = MODE_CHANNELS.get(mode)
+    if got is None or (channels == 3 and got == 1):
+        return f"{path}: expected {channels} channel(s) ({MODES.get(channels, channels)}), got mode {mode}"
+    return None
+
+
+def resolve_problems(problems: Sequence[Problem], on_error: OnError, what: str, total: int, unit: str = "rows", shown: int = 5) -> None:
+    """Raise the first problem (saying how many more there are), or warn ONCE about all dropped rows."""
+    if not problems:
+        return
+    more = len(problems) - 1
+    if on_error == "raise":
+        hint = f" (and {more} more bad row(s); on_error='skip' drops them with a warning)" if more else ""
+        raise problems[0].kind(problems[0].message + hint)
+    listed = "; ".join(p.message for p in problems[:shown])
+    warnings.warn(
+        f"{what}: skipped {len(problems)} of {total} {unit} (on_error='skip'); first {min(shown, len(problems))}: {listed}",
+        UserWarning,
+        stacklevel=3,
+    )
