@@ -51,6 +51,16 @@ def conditional_samples(
 
 
 @torch.no_grad()
+def unconditional_samples(model: PatronusModel, prior, n: int, steps: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations from the prior, decoded by the image model: images (n, C, H, W) and their s (n, K)."""
+    dev = next(model.parameters()).device
+    s = prior.to(dev).sample(n, steps=steps, seed=seed, device=dev)
+    c = model.config
+    x_T = torch.randn(n, c.in_channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+    return ddim_sample(model, x_T, s, num_steps=steps), s
+
+
+@torch.no_grad()
 def reconstruct(model: PatronusModel, x0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM-invert x0 under its own s, decode again: (x_T, reconstruction)."""
     s = model.encode(x0)
@@ -192,6 +202,15 @@ def run_from_args(args: argparse.Namespace) -> dict:
             })
         summary["edits"] = report
         summary["files"]["edits"] = str(save_rows([refs, recon, *imgs], out / "edits.png"))
+    if args.unconditional:
+        from patronus.models.prior import ActivationPrior
+
+        folder = analysis_dir(args.checkpoint) / "prior" / "model"
+        if not (folder / ActivationPrior.config_name).is_file():
+            raise FileNotFoundError(f"{folder}: no trained prior; run `python -m patronus prior --checkpoint {args.checkpoint}` first")
+        prior = ActivationPrior.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).eval()
+        images, _ = unconditional_samples(model, prior, args.unconditional, args.steps, args.seed)
+        summary["files"]["unconditional"] = str(save_rows([images], out / "unconditional.png"))
     summary["activation_range"] = {"min": s_min.tolist(), "max": s_max.tolist()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -218,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edit", action="append", help="prototype edit, e.g. 3=max | 7=0 | 5*2 | 2+1.5; "
                    "repeat for more columns, comma-join to combine (3=max,7=min)")
     p.add_argument("--edit-top", type=int, default=4, help="without --edit: raise the N most variable prototypes to max")
+    p.add_argument("--unconditional", type=int, default=0, help="also decode N samples of the trained activation prior")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     return p

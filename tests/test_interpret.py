@@ -95,6 +95,9 @@ def test_cli_commands_write_figures_and_numbers(tiny_model, tmp_path):
     assert len(out["values"]) == 3 and json.loads((model_dir / "analysis" / "extrapolate" / "extrapolate.json").read_text())["prototype"] == 1
     with pytest.raises(SystemExit, match="K=8"):
         main(["extrapolate", *common, "--prototype", "8"])
+    out = main(["prior", *common, "--num-images", "256", "--prior-steps", "200"])
+    assert (model_dir / "analysis" / "prior" / "model" / "config.json").is_file() and out["held_out_images"] == 1000
+    assert (model_dir / "analysis" / "prior" / "prior_samples.png").is_file()
 
 
 @torch.no_grad()
@@ -117,3 +120,24 @@ def test_localised_box_is_the_receptive_field_of_the_argmin_cell_where_the_rise_
         edit_and_localise(tiny_model, x0, [0], s_max, steps=20, partial_steps=30)
     part, plain_p, _ = edit_and_localise(tiny_model, x0, [0], s_max, steps=20, partial_steps=5)
     assert min(psnr(plain_p, x0)) > min(psnr(plain, x0))  # less noise added: closer to the originals
+
+
+def test_prior_samples_match_the_activation_statistics(tmp_path):
+    from patronus.models.prior import ActivationPrior
+
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(4, 12, generator=gen)
+    s = (torch.randn(3000, 4, generator=gen) @ mix).abs() * 0.01 + 0.05  # correlated, positive, s-like scale
+    prior = ActivationPrior(num_prototypes=12)
+    losses = prior.fit(s, steps=1500)
+    assert losses[-1] < 0.5 * losses[0]
+    draws = prior.sample(2000, steps=50)
+    sd = s.std(0)
+    assert ((draws.mean(0) - s.mean(0)).abs() / sd).max() < 0.25
+    assert 0.75 < float((draws.std(0) / sd).min()) and float((draws.std(0) / sd).max()) < 1.25
+    corr_err = (torch.corrcoef(draws.T) - torch.corrcoef(s.T)).abs().mean()
+    independent = torch.randn(2000, 12, generator=gen) * sd + s.mean(0)
+    assert corr_err < 0.5 * (torch.corrcoef(independent.T) - torch.corrcoef(s.T)).abs().mean()  # learns the dependencies
+    prior.save_pretrained(tmp_path / "prior", safe_serialization=True)
+    again = ActivationPrior.from_pretrained(tmp_path / "prior", use_safetensors=True, low_cpu_mem_usage=False)
+    assert torch.equal(again.sample(5, steps=10, seed=3), prior.sample(5, steps=10, seed=3))

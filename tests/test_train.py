@@ -49,6 +49,10 @@ def test_train_then_sample_scripts_end_to_end(tmp_path):
     run_script(str(REPO / "sample.py"), "--checkpoint", str(run), "--out", str(out), "--indices", "0", "1", "2",
                "--steps", "5", "--inversion-steps", "5", "--num-samples", "2", "--edit", "3=max", "--edit", "1=min,2*2", cwd=tmp_path)
     summary = json.loads((out / "summary.json").read_text())
+    with pytest.raises(subprocess.CalledProcessError):  # --unconditional needs a trained prior first
+        subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(run), "--out", str(out / "u"),
+                        "--steps", "3", "--inversion-steps", "3", "--num-samples", "1", "--edit-top", "0",
+                        "--unconditional", "4"], cwd=tmp_path, check=True, capture_output=True)
     assert {"samples.png", "reconstructions.png", "edits.png", "summary.json"} <= {p.name for p in out.iterdir()}
     assert summary["references"] == ["mnist:test:0", "mnist:test:1", "mnist:test:2"]
     assert [e["edit"] for e in summary["edits"]] == ["3=max", "1=min,2*2.0"]

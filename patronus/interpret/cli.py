@@ -15,6 +15,7 @@ from patronus.interpret.interpolate import extrapolate, interpolate, variations
 from patronus.interpret.localise import edit_and_localise, localisation_gallery
 from patronus.interpret.projection import nearest_patches, patch_gallery
 from patronus.interpret.stats import cached_statistics
+from patronus.models.prior import ActivationPrior
 from patronus.sampling import first_images, psnr, save_rows, split_dataset
 
 
@@ -81,12 +82,41 @@ def cmd_localise(args, model, out: Path) -> dict:
     return {"partial_steps": args.partial_steps, "steps": args.steps, "localisations": [vars(f) for f in found]}
 
 
+def prior_dir(checkpoint: str) -> Path:
+    return analysis_dir(checkpoint) / "prior" / "model"
+
+
+def cmd_prior(args, model, out: Path) -> dict:
+    """Train the activation prior on train-split activations, check it on held-out ones, decode samples."""
+    from patronus.sampling import encode_all, unconditional_samples
+
+    train = encode_all(model, first_images(_data(args, model), args.num_images).to(args.device))
+    args.split = "test"
+    held_out = encode_all(model, first_images(_data(args, model), 1000).to(args.device))
+    prior = ActivationPrior(num_prototypes=model.config.num_prototypes)
+    losses = prior.fit(train, steps=args.prior_steps, seed=args.seed)
+    prior.save_pretrained(prior_dir(args.checkpoint), safe_serialization=True)
+    draws = prior.sample(len(held_out), steps=args.steps, seed=args.seed)
+    sd = held_out.std(0).clamp_min(1e-8)
+    images, _ = unconditional_samples(model, prior, 16, args.steps, args.seed)
+    save_rows(list(images.view(2, 8, *images.shape[1:])), out / "prior_samples.png")
+    return {
+        "losses_every_100_steps": losses,
+        "held_out_images": len(held_out),
+        "max_mean_error_in_std": float(((draws.mean(0) - held_out.mean(0)).abs() / sd).max()),
+        "std_ratio_range": [float((draws.std(0) / sd).min()), float((draws.std(0) / sd).max())],
+        "mean_abs_correlation_error": float((torch.corrcoef(draws.T) - torch.corrcoef(held_out.T)).abs().mean()),
+        "saved_to": str(prior_dir(args.checkpoint)),
+    }
+
+
 COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
     "stats": (cmd_stats, "per-prototype activation statistics over a split (cached; the 'max' of edits)"),
     "project": (cmd_project, "top-k real training patches per prototype with receptive-field boxes"),
     "variations": (cmd_variations, "same s, new x_T: what the prototypes fix and what they leave free"),
     "interpolate": (cmd_interpolate, "invert two images, lerp s and slerp x_T between them"),
     "extrapolate": (cmd_extrapolate, "sweep one prototype's activation from 0 to beyond its dataset max"),
+    "prior": (cmd_prior, "train the diffusion prior over activations (unconditional generation) and decode samples"),
     "localise": (cmd_localise, "raise each prototype to its max, decode, box where it fires (optionally from partial noise)"),
 }
 
@@ -100,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--out", default=None, help="output folder (default RUN/analysis/<command>)")
         c.add_argument("--dataset")
         c.add_argument("--data-root")
-        c.add_argument("--split", default="train" if name == "project" else "test")
-        c.add_argument("--num-images", type=int, default=2000 if name in ("stats", "project") else 8)
+        c.add_argument("--split", default="train" if name in ("project", "prior") else "test")
+        c.add_argument("--num-images", type=int, default={"stats": 2000, "project": 2000, "prior": 5000}.get(name, 8))
         c.add_argument("--steps", type=int, default=50, help="DDIM steps")
         c.add_argument("--seed", type=int, default=0)
         c.add_argument("--device", default=None)
@@ -112,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "interpolate":
             c.add_argument("--a", type=int, nargs="+", default=[0, 1], help="dataset indices of the start images")
             c.add_argument("--b", type=int, nargs="+", default=[2, 3], help="dataset indices of the end images")
+        if name == "prior":
+            c.add_argument("--prior-steps", type=int, default=3000, help="training steps of the prior")
         if name == "localise":
             c.add_argument("--prototypes", type=int, nargs="+", help="default: all")
             c.add_argument("--partial-steps", type=int, help="invert only this many DDIM steps and edit from there")
