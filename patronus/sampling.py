@@ -60,6 +60,21 @@ def unconditional_samples(model: PatronusModel, prior, n: int, steps: int, seed:
     return ddim_sample(model, x_T, s, num_steps=steps), s
 
 
+def prior_dir(checkpoint: str) -> Path:
+    """Where `python -m patronus prior` saves the activation prior of a checkpoint."""
+    return analysis_dir(checkpoint) / "prior" / "model"
+
+
+def load_prior(checkpoint: str):
+    """The trained activation prior of a checkpoint, with a clear error when there is none yet."""
+    from patronus.models.prior import ActivationPrior
+
+    folder = prior_dir(checkpoint)
+    if not (folder / ActivationPrior.config_name).is_file():
+        raise FileNotFoundError(f"{folder}: no trained prior; run `python -m patronus prior --checkpoint {checkpoint}` first")
+    return ActivationPrior.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).eval()
+
+
 @torch.no_grad()
 def reconstruct(model: PatronusModel, x0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM-invert x0 under its own s, decode again: (x_T, reconstruction)."""
@@ -203,13 +218,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
         summary["edits"] = report
         summary["files"]["edits"] = str(save_rows([refs, recon, *imgs], out / "edits.png"))
     if args.unconditional:
-        from patronus.models.prior import ActivationPrior
-
-        folder = analysis_dir(args.checkpoint) / "prior" / "model"
-        if not (folder / ActivationPrior.config_name).is_file():
-            raise FileNotFoundError(f"{folder}: no trained prior; run `python -m patronus prior --checkpoint {args.checkpoint}` first")
-        prior = ActivationPrior.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).eval()
-        images, _ = unconditional_samples(model, prior, args.unconditional, args.steps, args.seed)
+        images, _ = unconditional_samples(model, load_prior(args.checkpoint), args.unconditional, args.steps, args.seed)
         summary["files"]["unconditional"] = str(save_rows([images], out / "unconditional.png"))
     summary["activation_range"] = {"min": s_min.tolist(), "max": s_max.tolist()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -11,12 +11,18 @@ import torch
 from torchvision.io import write_png
 
 from patronus.checkpoints import analysis_dir, load_model
+from patronus.diffusion import ddim_sample
+from patronus.interpret.consistency import consistency_grid, prototype_consistency
+from patronus.interpret.emergence import add_emergence_args, run_emergence
+from patronus.interpret.figures import heatmap
+from patronus.interpret.generation_metrics import feature_network, fid_kid, to_uint8, write_pngs
 from patronus.interpret.interpolate import extrapolate, interpolate, variations
-from patronus.interpret.localise import edit_and_localise, localisation_gallery
+from patronus.interpret.localise import edit_and_localise, edit_each_prototype, localisation_gallery
+from patronus.interpret.quality import class_indicators, prototype_quality
 from patronus.interpret.projection import nearest_patches, patch_gallery
 from patronus.interpret.stats import cached_statistics
 from patronus.models.prior import ActivationPrior
-from patronus.sampling import first_images, psnr, save_rows, split_dataset
+from patronus.sampling import encode_all, first_images, load_prior, prior_dir, psnr, save_rows, split_dataset, unconditional_samples
 
 
 def _data(args: argparse.Namespace, model) -> Any:
@@ -59,37 +65,100 @@ def cmd_interpolate(args, model, out: Path) -> dict:
 def cmd_extrapolate(args, model, out: Path) -> dict:
     ds = _data(args, model)
     refs = first_images(ds, args.num_images).to(args.device)
-    pool = first_images(ds, 512)
-    stats = cached_statistics(model, pool, analysis_dir(args.checkpoint) / "activation_stats.json", {**ds.source, "images": len(pool)})
-    top = stats["max"][args.prototype]
+    top = _stats(args, model, ds)["max"][args.prototype]
     values = torch.linspace(0, args.beyond * top, args.n).tolist()
     imgs, measured = extrapolate(model, refs, args.prototype, values, args.steps)
     save_rows(list(imgs.transpose(0, 1)), out / f"extrapolation_p{args.prototype}.png")
     return {"prototype": args.prototype, "values": values, "measured_mean": measured.mean(1).tolist(), "dataset_max": top}
 
 
-def cmd_localise(args, model, out: Path) -> dict:
-    ds = _data(args, model)
-    refs = first_images(ds, args.num_images).to(args.device)
+def _stats(args, model, ds) -> dict:
+    """The checkpoint's cached activation statistics (computed on 512 images of `ds` if absent)."""
     pool = first_images(ds, 512)
-    stats = cached_statistics(model, pool, analysis_dir(args.checkpoint) / "activation_stats.json", {**ds.source, "images": len(pool)})
+    return cached_statistics(model, pool, analysis_dir(args.checkpoint) / "activation_stats.json", {**ds.source, "images": len(pool)})
+
+
+def _prototypes(args, model) -> list[int]:
     prototypes = args.prototypes if args.prototypes is not None else list(range(model.config.num_prototypes))
     bad = [j for j in prototypes if not 0 <= j < model.config.num_prototypes]
     if bad:
         raise SystemExit(f"error: --prototypes {bad}: the model has K={model.config.num_prototypes} prototypes")
+    return prototypes
+
+
+def cmd_localise(args, model, out: Path) -> dict:
+    ds = _data(args, model)
+    refs = first_images(ds, args.num_images).to(args.device)
+    stats = _stats(args, model, ds)
+    prototypes = _prototypes(args, model)
     found, plain, edited = edit_and_localise(model, refs, prototypes, torch.tensor(stats["max"]), args.steps, args.partial_steps)
     write_png(localisation_gallery(plain.cpu(), edited.cpu(), found), str(out / "localise.png"))
     return {"partial_steps": args.partial_steps, "steps": args.steps, "localisations": [vars(f) for f in found]}
 
 
-def prior_dir(checkpoint: str) -> Path:
-    return analysis_dir(checkpoint) / "prior" / "model"
+def cmd_quality(args, model, out: Path) -> dict:
+    """Paper §4.2 on held-out folds; class-only datasets get one 'is class c' attribute per class for TAD."""
+    ds = _data(args, model)
+    n = min(args.num_images, len(ds))
+    s = encode_all(model, first_images(ds, n).to(args.device))
+    attrs, names, labels = ds.attributes[:n], list(ds.attribute_names), ds.labels[:n]
+    if not names and bool((labels >= 0).any()):
+        attrs, names = class_indicators(labels, list(ds.classes))
+    report = prototype_quality(s, attrs, names, labels, folds=args.folds, seed=args.seed)
+    K = model.config.num_prototypes
+    heatmap(report.auroc, xlabels=[str(j) for j in range(K)], ylabels=names, xlabel="prototype", ylabel="attribute",
+            title="single-prototype AUROC (sign-free)", vmin=0.5, vmax=1.0, colorbar_label="AUROC",
+            path=out / "auroc_matrix.png")
+    return {"images": n, "attributes": names, **report.summary(), "auroc_matrix": report.auroc.tolist()}
+
+
+def cmd_consistency(args, model, out: Path) -> dict:
+    ds = _data(args, model)
+    refs = first_images(ds, args.num_images).to(args.device)
+    stats = _stats(args, model, ds)
+    prototypes = _prototypes(args, model)
+    outcome = edit_each_prototype(model, refs, prototypes, torch.tensor(stats["max"]), args.steps, args.partial_steps)
+    scores = prototype_consistency(model, outcome)
+    write_png(consistency_grid(outcome, model), str(out / "consistency.png"))
+    valid = [c.consistency for c in scores if c.consistency == c.consistency]
+    return {"images": len(refs), "steps": args.steps, "prototypes": [c.as_dict() for c in scores],
+            "mean_consistency": sum(valid) / len(valid) if valid else float("nan")}
+
+
+def cmd_fid(args, model, out: Path) -> dict:
+    """Generate N images (conditional on test images' s, or from the trained prior), keep them as PNG, score."""
+    from patronus.sampling import noise_like
+
+    ds = _data(args, model)
+    real = first_images(ds, args.num_images)
+    if len(real) < args.num_images:
+        print(f"note: the {ds.source['dataset']} {args.split} split has only {len(real)} images")
+    source = "prior" if args.unconditional else "conditional"
+    fake = []
+    prior = load_prior(args.checkpoint).to(args.device) if args.unconditional else None
+    for i in range(0, len(real), args.batch_size):
+        chunk = real[i : i + args.batch_size].to(args.device)
+        if prior is not None:
+            imgs, _ = unconditional_samples(model, prior, len(chunk), args.steps, args.seed + i)
+        else:  # s of a real image, fresh x_T: how well s pins down an image
+            imgs = ddim_sample(model, noise_like(chunk, args.seed + i), model.encode(chunk), num_steps=args.steps)
+        fake.append(to_uint8(imgs).cpu())
+    fake_u8, real_u8 = torch.cat(fake), to_uint8(real)
+    write_pngs(fake_u8, out / "generated")
+    write_pngs(real_u8, out / "real")
+    save_rows([fake_u8[:16].float() / 127.5 - 1], out / "generated_grid.png")
+    reference = load_model(args.feature_checkpoint, args.device) if args.feature_checkpoint else model
+    feature, extra = feature_network(args.features, reference, args.inception_weights, args.feature_weights)
+    scores = fid_kid(real_u8, fake_u8, feature, extra)
+    floor = first_images(ds, 2 * len(real))[len(real):]
+    if len(floor) >= 2:  # the same metric between two sets of real images: what "perfect" scores at this N
+        scores["real_vs_real"] = fid_kid(real_u8, to_uint8(floor), feature, extra)
+    return {"source": source, "features": args.features, "feature_checkpoint": args.feature_checkpoint or args.checkpoint,
+            "steps": args.steps, **scores, "generated_dir": str(out / "generated"), "real_dir": str(out / "real")}
 
 
 def cmd_prior(args, model, out: Path) -> dict:
     """Train the activation prior on train-split activations, check it on held-out ones, decode samples."""
-    from patronus.sampling import encode_all, unconditional_samples
-
     train = encode_all(model, first_images(_data(args, model), args.num_images).to(args.device))
     args.split = "test"
     held_out = encode_all(model, first_images(_data(args, model), 1000).to(args.device))
@@ -110,6 +179,12 @@ def cmd_prior(args, model, out: Path) -> dict:
     }
 
 
+def cmd_emergence(args, model, out: Path) -> dict:
+    ds = _data(args, model)
+    refs = first_images(ds, args.num_images).to(args.device)
+    return run_emergence(args, model, refs, torch.tensor(_stats(args, model, ds)["max"]), out)
+
+
 COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
     "stats": (cmd_stats, "per-prototype activation statistics over a split (cached; the 'max' of edits)"),
     "project": (cmd_project, "top-k real training patches per prototype with receptive-field boxes"),
@@ -118,6 +193,10 @@ COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
     "extrapolate": (cmd_extrapolate, "sweep one prototype's activation from 0 to beyond its dataset max"),
     "prior": (cmd_prior, "train the diffusion prior over activations (unconditional generation) and decode samples"),
     "localise": (cmd_localise, "raise each prototype to its max, decode, box where it fires (optionally from partial noise)"),
+    "consistency": (cmd_consistency, "edit each prototype into many images: how consistent are place and patch (one score each)"),
+    "quality": (cmd_quality, "k-fold linear-probe AUROC/accuracy, TAD and attributes captured, on held-out folds"),
+    "emergence": (cmd_emergence, "when each prototype's concept appears while decoding: prototype × timestep heatmaps"),
+    "fid": (cmd_fid, "FID/KID offline with a local feature network; generated and real images kept as PNG"),
 }
 
 
@@ -131,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--dataset")
         c.add_argument("--data-root")
         c.add_argument("--split", default="train" if name in ("project", "prior") else "test")
-        c.add_argument("--num-images", type=int, default={"stats": 2000, "project": 2000, "prior": 5000}.get(name, 8))
+        c.add_argument("--num-images", type=int,
+                       default={"stats": 2000, "project": 2000, "prior": 5000, "quality": 10000, "fid": 500}.get(name, 8))
         c.add_argument("--steps", type=int, default=50, help="DDIM steps")
         c.add_argument("--seed", type=int, default=0)
         c.add_argument("--device", default=None)
@@ -144,9 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--b", type=int, nargs="+", default=[2, 3], help="dataset indices of the end images")
         if name == "prior":
             c.add_argument("--prior-steps", type=int, default=3000, help="training steps of the prior")
-        if name == "localise":
+        if name in ("localise", "consistency"):
             c.add_argument("--prototypes", type=int, nargs="+", help="default: all")
             c.add_argument("--partial-steps", type=int, help="invert only this many DDIM steps and edit from there")
+        if name == "emergence":
+            add_emergence_args(c)
+        if name == "quality":
+            c.add_argument("--folds", type=int, default=5)
+        if name == "fid":
+            c.add_argument("--features", default="encoder", help="encoder | inception | timm:<name> (see docs)")
+            c.add_argument("--feature-checkpoint", help="score in this run's encoder space (default: the checkpoint's own)")
+            c.add_argument("--inception-weights", help="local pt_inception-2015-12-05 weights file for --features inception")
+            c.add_argument("--feature-weights", help="local weights file for --features timm:<name>")
+            c.add_argument("--unconditional", action="store_true", help="generate from the trained activation prior")
+            c.add_argument("--batch-size", type=int, default=100)
         if name == "extrapolate":
             c.add_argument("--prototype", type=int, required=True)
             c.add_argument("--beyond", type=float, default=1.5, help="sweep up to this multiple of the dataset max")

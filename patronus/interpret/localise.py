@@ -27,20 +27,32 @@ class Localisation:
     box: tuple[int, int, int, int]  # top, left, bottom, right (end-exclusive)
 
 
+@dataclass
+class EditOutcome:
+    """Every prototype raised in every image: what edit-and-localise and consistency both need."""
+
+    prototypes: list[int]
+    plain: torch.Tensor  # (B, C, H, W) decodes under the images' own s
+    s_plain: torch.Tensor  # (B, K)
+    edited: torch.Tensor  # (P, B, C, H, W) decodes with s_J raised
+    rise: torch.Tensor  # (P, B) s_J(edited) − s_J(plain)
+    cells: torch.Tensor  # (P, B, 2) argmin cell (h, w) of prototype J in each edited image
+
+
 @torch.no_grad()
-def edit_and_localise(
+def edit_each_prototype(
     model: PatronusModel,
     x0: torch.Tensor,
     prototypes: Sequence[int],
     s_max: torch.Tensor,
     steps: int = 50,
     partial_steps: Optional[int] = None,
-) -> tuple[list[Localisation], torch.Tensor, torch.Tensor]:
-    """Returns the localisations, the plain decodes (B, C, H, W) and the chosen edited images (J, C, H, W).
+) -> EditOutcome:
+    """Invert x0 (fully, or only `partial_steps` of the `steps` DDIM steps, from t=0 upwards),
+    then for each J decode from the same latent with s_J = s_max[J] and find where J fires.
 
-    `partial_steps` inverts only that many of the `steps` DDIM steps (from t=0 upwards) and edits
-    from there: fewer steps keep more of the original image (emergence analysis says how many a
-    concept needs).
+    Fewer inverted steps keep more of the original image (the emergence analysis says how many
+    steps back a concept needs).
     """
     enc = model.encoder
     s = model.encode(x0)
@@ -52,19 +64,45 @@ def edit_and_localise(
     plain = ddim_sample(model, z, s, steps, start_step=start, clip=False)
     s_plain = model.encode(plain)
     _, w = enc.feature_shape()
-    rf = enc.receptive_field()
-    found, chosen = [], []
+    edited, rises, cells = [], [], []
     for j in prototypes:
         s_edit = s.clone()
         s_edit[:, j] = s_max[j].to(s.device)
-        edited = ddim_sample(model, z, s_edit, steps, start_step=start, clip=False)
-        s_after, where = enc.encode(edited)
-        rise = s_after[:, j] - s_plain[:, j]
-        n = int(rise.argmax())
-        cell = divmod(int(where[n, j]), w)
-        found.append(Localisation(j, n, float(rise[n]), cell, rf.box(*cell)))
-        chosen.append(edited[n])
-    return found, plain, torch.stack(chosen) if chosen else plain[:0]
+        img = ddim_sample(model, z, s_edit, steps, start_step=start, clip=False)
+        s_after, where = enc.encode(img)
+        edited.append(img)
+        rises.append(s_after[:, j] - s_plain[:, j])
+        cells.append(torch.stack([where[:, j] // w, where[:, j] % w], 1))
+    p = len(prototypes)
+    return EditOutcome(
+        list(prototypes), plain, s_plain,
+        torch.stack(edited) if p else plain[None, :0], torch.stack(rises) if p else s[:0].T,
+        torch.stack(cells) if p else torch.zeros(0, len(x0), 2, dtype=torch.long),
+    )
+
+
+@torch.no_grad()
+def edit_and_localise(
+    model: PatronusModel,
+    x0: torch.Tensor,
+    prototypes: Sequence[int],
+    s_max: torch.Tensor,
+    steps: int = 50,
+    partial_steps: Optional[int] = None,
+) -> tuple[list[Localisation], torch.Tensor, torch.Tensor]:
+    """Per prototype, the image where raising J raised s_J most and the RF box of J's argmin cell there.
+
+    Returns the localisations, the plain decodes (B, C, H, W) and the chosen edited images (P, C, H, W).
+    """
+    out = edit_each_prototype(model, x0, prototypes, s_max, steps, partial_steps)
+    rf = model.encoder.receptive_field()
+    found, chosen = [], []
+    for i, j in enumerate(out.prototypes):
+        n = int(out.rise[i].argmax())
+        cell = tuple(out.cells[i, n].tolist())
+        found.append(Localisation(j, n, float(out.rise[i, n]), cell, rf.box(*cell)))
+        chosen.append(out.edited[i, n])
+    return found, out.plain, torch.stack(chosen) if chosen else out.plain[:0]
 
 
 def localisation_gallery(plain: torch.Tensor, edited: torch.Tensor, found: list[Localisation], scale: int = 3) -> torch.Tensor:

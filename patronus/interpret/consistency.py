@@ -1,0 +1,79 @@
+"""Consistency, quantified: does prototype J, edited into N different images, appear as the same
+thing in the same place? (Patronus shows this only as a grid of examples.)
+
+Per prototype, over the images where raising s_J actually raised it:
+- location spread: mean pixel distance of J's argmin-cell centres from their centroid;
+- feature spread: mean distance of the patch features at those cells from their centroid,
+  divided by the same spread for the cells that *any* prototype picks in the same images
+  (chance level: salient patches in general; plain background cells would make chance too easy);
+- consistency = 1 − feature spread ratio (1: identical patches, 0: no more alike than any
+  prototype's picks; negative: less alike).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from einops import rearrange
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from patronus.interpret.localise import EditOutcome
+from patronus.interpret.projection import to_uint8_rgb
+from patronus.models.patronus import PatronusModel
+
+
+@dataclass
+class Consistency:
+    prototype: int
+    images: int  # images where the edit raised s_J (the ones scored)
+    location_spread_px: float
+    feature_spread: float
+    chance_feature_spread: float
+    consistency: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def centroid_spread(x: torch.Tensor) -> float:
+    """Mean Euclidean distance of rows (n, D) from their mean."""
+    return float((x - x.mean(0)).norm(dim=1).mean()) if len(x) else float("nan")
+
+
+@torch.no_grad()
+def prototype_consistency(model: PatronusModel, outcome: EditOutcome) -> list[Consistency]:
+    """One score per edited prototype from an `edit_each_prototype` outcome."""
+    enc = model.encoder
+    rf = enc.receptive_field()
+    _, w = enc.feature_shape()
+    scores = []
+    for i, j in enumerate(outcome.prototypes):
+        keep = outcome.rise[i] > 0
+        n = int(keep.sum())
+        if n < 2:
+            scores.append(Consistency(j, n, float("nan"), float("nan"), float("nan"), float("nan")))
+            continue
+        cells = outcome.cells[i, keep]  # (n, 2)
+        centres = rf.start + cells.double() * rf.jump  # pixel coordinates
+        z = rearrange(enc.features(outcome.edited[i, keep]), "n d h w -> n (h w) d")
+        _, where = enc.encode(outcome.edited[i, keep])  # (n, K) every prototype's argmin cell
+        at_cell = z[torch.arange(n), (cells[:, 0] * w + cells[:, 1])]  # (n, D)
+        any_pick = z[torch.arange(n)[:, None], where]  # (n, K, D)
+        spread, chance = centroid_spread(at_cell.double()), centroid_spread(any_pick.flatten(0, 1).double())
+        scores.append(Consistency(j, n, centroid_spread(centres), spread, chance, 1 - spread / max(chance, 1e-12)))
+    return scores
+
+
+def consistency_grid(outcome: EditOutcome, model: PatronusModel, scale: int = 2) -> torch.Tensor:
+    """One row per prototype: J raised in each image, its receptive-field box drawn (red: s_J rose; grey: it did not)."""
+    rf = model.encoder.receptive_field()
+    tiles = []
+    for i in range(len(outcome.prototypes)):
+        for b in range(outcome.edited.shape[1]):
+            top, left, bottom, right = rf.box(*outcome.cells[i, b].tolist())
+            colour = "red" if outcome.rise[i, b] > 0 else "gray"
+            img = to_uint8_rgb(outcome.edited[i, b].cpu())
+            tiles.append(draw_bounding_boxes(img, torch.tensor([[left, top, right - 1, bottom - 1]]), colors=colour, width=1))
+    big = torch.nn.functional.interpolate(torch.stack(tiles).float(), scale_factor=scale, mode="nearest")
+    return make_grid(big, nrow=outcome.edited.shape[1], padding=2, pad_value=255).to(torch.uint8)
