@@ -25,19 +25,25 @@ def distinct_loss(prototypes: torch.Tensor, margin: float) -> torch.Tensor:
 
 
 def diffusion_loss(
-    model: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, snr_gamma: Optional[float] = None
+    model: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, snr_gamma: Optional[float] = None,
+    held: Optional[dict[int, float]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise-prediction MSE with s = g(x0) from the clean image, gradients into the encoder.
 
     `snr_gamma` turns on Min-SNR-γ weighting (Hang et al. 2023), which converges faster in
-    short runs; None is the paper's plain MSE. Returns (loss, activations s).
+    short runs; None is the paper's plain MSE. `held` fixes prototypes at constant values in the
+    condition (shortcut mitigation: the denoiser can no longer use them). Returns (loss, activations s).
     """
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
     noise = torch.randn_like(x0)
     x_t = scheduler.add_noise(x0, noise, t)
     s = model.encode(x0)
-    eps = model(x_t, t, s=s)
+    cond = s
+    if held:
+        cond = s.clone()
+        cond[:, list(held)] = torch.tensor(list(held.values()), dtype=s.dtype, device=s.device)
+    eps = model(x_t, t, s=cond)
     per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t]

@@ -25,6 +25,10 @@ class PatronusModule(pl.LightningModule):
         distinct_weight: λ for the prototype-distinctness loss.
         distinct_margin: δ, minimum wanted dissimilarity 1−|cos| between any two prototypes.
         snr_gamma: Min-SNR-γ loss weighting; None = the paper's plain MSE.
+        held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
+            away a shortcut the report flagged; `python -m patronus shortcuts` writes this config).
+        init_from: start from the weights of a run / exported model / .ckpt (fine-tuning);
+            loaded safely (safetensors or weights_only), the architecture must match.
     """
 
     def __init__(
@@ -37,14 +41,24 @@ class PatronusModule(pl.LightningModule):
         distinct_weight: float = 0.1,
         distinct_margin: float = 0.3,
         snr_gamma: Optional[float] = None,
+        held_prototypes: Optional[dict[int, float]] = None,
+        init_from: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
+        bad = [j for j in (held_prototypes or {}) if not 0 <= int(j) < net.config.num_prototypes]
+        if bad:
+            raise ValueError(f"held_prototypes {bad}: the model has K={net.config.num_prototypes} prototypes")
+        self.held = {int(j): float(v) for j, v in (held_prototypes or {}).items()}
+        if init_from is not None:
+            from patronus.checkpoints import load_model
+
+            net.load_state_dict(load_model(init_from).state_dict())
         self.net = net
         self.scheduler = net.noise_scheduler()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        mse, s = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma)
+        mse, s = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, self.held)
         dist = distinct_loss(self.net.encoder.prototypes, self.hparams.distinct_margin)
         return {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
 

@@ -128,7 +128,12 @@ def split_dataset(checkpoint: str, model: PatronusModel, dataset: Optional[str],
     if "channels" in dataset_options(dataset):
         options.setdefault("channels", model.config.in_channels)
     ds = build_dataset(dataset, root, split, model.config.image_size, **options)
-    ds.source = {"dataset": dataset, "root": str(root), "split": split, **options}
+    shortcut = data_cfg.get("shortcut") if dataset == data_cfg.get("dataset") else None
+    if shortcut:  # the run trained on a shortcut dataset (e.g. a planted marker): analyse the same data
+        from patronus.data.shortcuts import apply_shortcut
+
+        ds, _ = apply_shortcut(ds, model.config.image_size, shortcut)
+    ds.source = {"dataset": dataset, "root": str(root), "split": split, **options, **({"shortcut": shortcut} if shortcut else {})}
     return ds
 
 

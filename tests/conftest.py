@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 import pytest
@@ -54,11 +55,12 @@ def shared_datasets() -> Path:
     return SHARED
 
 
-def train_tiny(run_dir: Path, max_steps: int = 400, **trainer_kwargs) -> PatronusModule:
-    """Train the tiny model on the embedded MNIST subset (real data), EMA weights at the end."""
+def train_tiny(run_dir: Path, max_steps: int = 400, shortcut: Optional[dict] = None, **trainer_kwargs) -> PatronusModule:
+    """Train the tiny model on the embedded MNIST subset (real data, optionally with a planted
+    shortcut), EMA weights at the end."""
     pl.seed_everything(0, verbose=False)
     module = PatronusModule(PatronusModel(**TINY_NET), lr=2e-3, warmup_steps=50, snr_gamma=5.0)
-    data = PatronusDataModule(root=str(REPO / "data"), batch_size=32, val_subset=64)
+    data = PatronusDataModule(root=str(REPO / "data"), batch_size=32, val_subset=64, shortcut=shortcut)
     trainer = pl.Trainer(
         accelerator="cpu",
         precision="bf16-mixed",

@@ -30,10 +30,11 @@ def kfold_indices(n: int, folds: int = 5, seed: int = 0) -> list[tuple[torch.Ten
     return [(torch.cat([c for k, c in enumerate(chunks) if k != i]), chunks[i]) for i in range(folds)]
 
 
-def auroc_matrix(activations: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+def auroc_matrix(activations: torch.Tensor, attributes: torch.Tensor, sign_free: bool = True) -> torch.Tensor:
     """Sign-free AUROC (A, K) of each prototype alone as a detector of each binary attribute.
 
-    max(AUROC, 1 − AUROC): a prototype that fires *less* on an attribute also detects it.
+    max(AUROC, 1 − AUROC): a prototype that fires *less* on an attribute also detects it
+    (`sign_free=False` keeps the orientation, for comparisons across strata).
     Rows with a NaN attribute are left out of that attribute; an attribute with one class only
     in these rows gets NaN.
     """
@@ -51,7 +52,7 @@ def auroc_matrix(activations: torch.Tensor, attributes: torch.Tensor) -> torch.T
         else:
             target = y[:, None].expand(-1, s.shape[1])
             auc = multilabel_auroc(scores[known], target, num_labels=s.shape[1], average=None)
-        out[a] = torch.maximum(auc, 1 - auc)
+        out[a] = torch.maximum(auc, 1 - auc) if sign_free else auc
     return out
 
 
