@@ -165,3 +165,16 @@ def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run)
     m = out["mitigation"]
     assert m["confounder_intensity_after"] < m["confounder_intensity_before"]
     assert json.loads((marker_run / "analysis" / "shortcuts" / "shortcuts.json").read_text())["flagged"] == out["flagged"]
+
+
+def test_finetuning_starts_from_saved_weights_and_checks_held_prototypes(tmp_path):
+    from patronus.module import PatronusModule
+
+    torch.manual_seed(0)
+    saved = export_model(PatronusModel(**TINY_NET), tmp_path / "model")
+    torch.manual_seed(1)
+    module = PatronusModule(PatronusModel(**TINY_NET), init_from=str(saved), held_prototypes={"3": 0.05})
+    torch.testing.assert_close(module.net.encoder.prototypes, PatronusModel.from_pretrained(saved).encoder.prototypes)
+    assert module.held == {3: 0.05}
+    with pytest.raises(ValueError, match="K=8"):
+        PatronusModule(PatronusModel(**TINY_NET), held_prototypes={8: 0.1})

@@ -12,10 +12,12 @@ from torchvision.io import write_png
 
 from patronus.checkpoints import analysis_dir, load_model
 from patronus.diffusion import ddim_sample
+from patronus.interpret.attribution import add_attribution_args, run_attribution
 from patronus.interpret.consistency import consistency_grid, prototype_consistency
 from patronus.interpret.emergence import add_emergence_args, run_emergence
 from patronus.interpret.figures import heatmap
 from patronus.interpret.generation_metrics import feature_network, fid_kid, to_uint8, write_pngs
+from patronus.interpret.information import add_information_args, run_information
 from patronus.interpret.interpolate import extrapolate, interpolate, variations
 from patronus.interpret.localise import edit_and_localise, edit_each_prototype, localisation_gallery
 from patronus.interpret.quality import class_indicators, prototype_quality
@@ -185,6 +187,33 @@ def cmd_emergence(args, model, out: Path) -> dict:
     return run_emergence(args, model, refs, torch.tensor(_stats(args, model, ds)["max"]), out)
 
 
+def cmd_information(args, model, out: Path) -> dict:
+    ds = _data(args, model)
+    refs = first_images(ds, args.num_images).to(args.device)
+    args.prototypes = _prototypes(args, model)
+    stats = _stats(args, model, ds) if args.baseline == "median" else None  # "zero" needs no statistics
+    return run_information(args, model, refs, stats, out)
+
+
+def cmd_attribution(args, model, out: Path) -> dict:
+    """Saliency needs gradients: `run_attribution` re-enables them inside main's no_grad."""
+    ds = _data(args, model)
+    refs = first_images(ds, args.num_images).to(args.device)
+    return run_attribution(args, model, refs, _stats(args, model, ds), out)
+
+
+def cmd_shortcuts(args, model, out: Path) -> dict:
+    """The shortcut report: ranked prototypes, causal checks, where/when, counterfactuals, mitigation."""
+    from patronus.interpret.report import build_report, log_to_wandb, write_markdown
+
+    ds = _data(args, model)
+    summary = build_report(model, ds, _stats(args, model, ds), out, args)
+    summary["report"] = str(write_markdown(summary, out, f"{args.checkpoint} on {ds.source['dataset']} {args.split}"))
+    if not args.no_wandb:
+        summary["wandb_dir"] = log_to_wandb(summary, out, "patronus", analysis_dir(args.checkpoint))
+    return summary
+
+
 COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
     "stats": (cmd_stats, "per-prototype activation statistics over a split (cached; the 'max' of edits)"),
     "project": (cmd_project, "top-k real training patches per prototype with receptive-field boxes"),
@@ -196,7 +225,10 @@ COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
     "consistency": (cmd_consistency, "edit each prototype into many images: how consistent are place and patch (one score each)"),
     "quality": (cmd_quality, "k-fold linear-probe AUROC/accuracy, TAD and attributes captured, on held-out folds"),
     "emergence": (cmd_emergence, "when each prototype's concept appears while decoding: prototype × timestep heatmaps"),
+    "information": (cmd_information, "where and when each prototype informs the denoiser (nats per pixel / timestep), PID of top pairs"),
+    "attribution": (cmd_attribution, "saliency of x_t for one prototype at one timestep, deletion/insertion faithfulness vs random"),
     "fid": (cmd_fid, "FID/KID offline with a local feature network; generated and real images kept as PNG"),
+    "shortcuts": (cmd_shortcuts, "shortcut report: which prototype carries a confounder, where, when, does editing it flip predictions"),
 }
 
 
@@ -211,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--data-root")
         c.add_argument("--split", default="train" if name in ("project", "prior") else "test")
         c.add_argument("--num-images", type=int,
-                       default={"stats": 2000, "project": 2000, "prior": 5000, "quality": 10000, "fid": 500}.get(name, 8))
-        c.add_argument("--steps", type=int, default=50, help="DDIM steps")
+                       default={"stats": 2000, "project": 2000, "prior": 5000, "quality": 10000, "fid": 500, "shortcuts": 2000}.get(name, 8))
+        c.add_argument("--steps", type=int, default=25 if name == "shortcuts" else 50, help="DDIM steps")
         c.add_argument("--seed", type=int, default=0)
         c.add_argument("--device", default=None)
         if name == "project":
@@ -229,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--partial-steps", type=int, help="invert only this many DDIM steps and edit from there")
         if name == "emergence":
             add_emergence_args(c)
+        if name == "information":
+            add_information_args(c)
+        if name == "attribution":
+            add_attribution_args(c)
+        if name == "shortcuts":
+            from patronus.interpret.report import add_report_args
+
+            add_report_args(c)
         if name == "quality":
             c.add_argument("--folds", type=int, default=5)
         if name == "fid":
