@@ -1,16 +1,19 @@
-"""Lightning callbacks: EMA with warmup, a human status line, sample grids from a fixed batch."""
+"""Lightning callbacks: EMA with warmup, a human status line, sample grids from a fixed batch,
+and the interpretability probe logged during training."""
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchvision.utils import make_grid, save_image
 
 from patronus.diffusion import ddim_sample
@@ -101,16 +104,180 @@ class SampleGrid(pl.Callback):
     @rank_zero_only
     def _log_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule, refs: torch.Tensor) -> None:
         net = pl_module.net
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        x_T = torch.randn(refs.shape, generator=gen).to(refs.device)
+        x_T = fixed_noise(refs, self.seed)
         with torch.no_grad():
             samples = ddim_sample(net, x_T, net.encode(refs), num_steps=self.ddim_steps)
-        grid = make_grid(to_unit(torch.cat([refs, samples])), nrow=len(refs), padding=1)
+        grid = reference_grid(refs, samples)
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, out)
+        log_images(trainer, {"samples/reference_vs_ddim": grid})
+
+
+def fixed_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """x_T drawn on the CPU from `seed`: the same noise at every logging step and on any device."""
+    return torch.randn(like.shape, generator=torch.Generator(device="cpu").manual_seed(seed)).to(like.device)
+
+
+def reference_grid(refs: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """Row 1 the references, row 2 their samples; float (3, H, W) in [0, 1]."""
+    return make_grid(to_unit(torch.cat([refs.cpu(), samples.cpu()])), nrow=len(refs), padding=1)
+
+
+def log_images(trainer: pl.Trainer, images: dict[str, torch.Tensor]) -> None:
+    """(3, H, W) images (float in [0, 1] or uint8) to wandb / TensorBoard at the current step."""
+    for key, img in images.items():
+        img = img.float() / 255 if img.dtype == torch.uint8 else img  # one convention for every logger: [0, 1]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("samples/reference_vs_ddim", [grid], step=trainer.global_step)
+                logger.log_image(key, [img], step=trainer.global_step)
             elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples/reference_vs_ddim", grid, trainer.global_step)
+                logger.experiment.add_image(key, img, trainer.global_step)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode for a probe (BatchNorm must not update its running statistics), restored after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
+def averaged_net(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
+    """The EMA copy of `pl_module.net` when a WeightAveraging callback (our EMA) holds one, else the live net.
+
+    Lightning swaps the averaged weights in only around validation; outside it they live in the
+    callback's AveragedModel (`_average_model`, not public API), which is read here, never written.
+    """
+    for cb in trainer.callbacks:
+        avg = getattr(cb, "_average_model", None) if isinstance(cb, WeightAveraging) else None
+        if avg is not None:
+            return avg.module.net
+    return pl_module.net
+
+
+class InterpretMonitor(pl.Callback):
+    """Every N training steps, the interpretability probe (issue 5 §2) on fixed real images.
+
+    Logs (rank 0; to wandb / TensorBoard and to RUN/interpret/step_XXXXXXX/): the prototype ×
+    timestep heatmap of a `ddim_steps` DDIM decode of the probe batch under its own s (x̂0(t)
+    re-encoded at every step, `patronus.interpret.emergence`); per-prototype activation
+    histograms over a pool of real validation images; references vs those DDIM samples; each
+    prototype's top-k nearest pool patches with receptive-field boxes (ProtoPNet projection);
+    per-prototype statistics (wandb table + stats.json); and its own cost,
+    `interpret/cost_fraction` = seconds in this callback / seconds of training so far.
+
+    Hook: on_train_batch_end at global_step % every_n_steps == 0, on the EMA weights read from
+    the EMA callback's averaged copy (the live weights when there is no EMA). Unlike SampleGrid
+    it does not hook into validation: it then keeps its own schedule (also with
+    `limit_val_batches=0`) and still sees the weights that validation, checkpoints and the export
+    use, not the noisier live ones. The EMA callback must come before it in the callback list
+    (it does in the CLI) so the copy includes the current step. Probes run in fp32, outside
+    autocast, like every analysis: the distances ‖z‖² − 2z·p + ‖p‖² cancel badly in bf16.
+
+    Defaults: 3 probes in the 900-step default run, at the steps that also validate and
+    checkpoint; one probe costs about 2.3 training steps, so < 1% of the run
+    (benchmarks/monitor_cost.py; budget 3%). `every_n_steps=0` turns it off.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 300,
+        num_images: int = 8,
+        ddim_steps: int = 10,
+        pool_size: int = 256,
+        top_k: int = 5,
+        bins: int = 30,
+        seed: int = 0,
+    ):
+        if every_n_steps < 0 or min(num_images, ddim_steps, pool_size, top_k, bins) < 1:
+            raise ValueError("interpret_monitor: every_n_steps must be ≥ 0 and the sizes ≥ 1")
+        self.every, self.num_images, self.ddim_steps = every_n_steps, num_images, ddim_steps
+        self.pool_size, self.top_k, self.bins, self.seed = pool_size, top_k, bins, seed
+        self._pool: Optional[torch.Tensor] = None
+        self._t_start: Optional[float] = None
+        self.seconds = 0.0  # wall time spent in this callback since training started
+        self.probes = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t_start, self.seconds, self.probes = time.perf_counter(), 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self.every or trainer.global_step % self.every or self._t_start is None:
+            return
+        t0 = time.perf_counter()
+        self._probe(trainer, pl_module)
+        self.seconds += time.perf_counter() - t0
+        self.probes += 1
+        self._log_cost(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._t_start is None or not self.every:
+            return
+        frac, total = self.cost_fraction(), time.perf_counter() - self._t_start
+        self._log_cost(trainer)
+        rank_zero_info(
+            f"interpret monitor: {self.probes} probes every {self.every} steps took {self.seconds:.1f} s of "
+            f"{total:.1f} s training ({100 * frac:.2f}%)"
+        )
+
+    def cost_fraction(self) -> float:
+        """Seconds in this callback / seconds since training started (the probes included)."""
+        return self.seconds / max(time.perf_counter() - (self._t_start or 0.0), 1e-9)
+
+    @rank_zero_only
+    def _log_cost(self, trainer: pl.Trainer) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics({"interpret/cost_fraction": self.cost_fraction(), "interpret/seconds": self.seconds},
+                               step=trainer.global_step)
+
+    def _real_images(self, trainer: pl.Trainer) -> torch.Tensor:
+        """The first `pool_size` validation images (training images if there is no validation data)."""
+        loader = trainer.train_dataloader
+        if trainer.datamodule is not None:
+            try:
+                loader = trainer.datamodule.val_dataloader()
+            except MisconfigurationException:  # a datamodule without validation data
+                pass
+        images, n = [], 0
+        for batch in loader:
+            images.append(batch["image"])
+            n += len(batch["image"])
+            if n >= self.pool_size:
+                break
+        return torch.cat(images)[: self.pool_size]
+
+    @rank_zero_only
+    @torch.no_grad()
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from patronus.interpret.monitor import run_probe, stats_table, write_probe  # matplotlib: only when used
+
+        if self._pool is None:
+            self._pool = self._real_images(trainer)
+        pool, step = self._pool, trainer.global_step
+        probe = pool[: self.num_images].to(pl_module.device)
+        x_T = fixed_noise(probe, self.seed)
+        net = averaged_net(trainer, pl_module)
+        with eval_mode(net), torch.autocast(probe.device.type, enabled=False):
+            result = run_probe(net, probe, x_T, pool, self.ddim_steps, self.top_k, self.bins)
+            rf = net.encoder.receptive_field()
+        out = Path(trainer.default_root_dir) / "interpret" / f"step_{step:07d}"
+        figures = write_probe(result, pool, probe.cpu(), x_T.cpu(), out, step,
+                              {"size": rf.size, "jump": rf.jump, "start": rf.start, "image_size": rf.image_size})
+        grid = reference_grid(probe, result.decoded)
+        save_image(grid, out / "samples.png")
+        log_images(trainer, {**{f"interpret/{k}": v for k, v in figures.items()}, "interpret/samples": grid})
+        columns, rows = stats_table(result.stats)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.log_table("interpret/prototype_stats", columns=columns, data=rows, step=step)
+                logger.log_metrics({f"interpret/hist/p{j}": wandb.Histogram(np_histogram=(c.numpy(), e.numpy()))
+                                    for j, (c, e) in enumerate(result.hists)}, step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                for j, col in enumerate(result.pool_activations.T):
+                    logger.experiment.add_histogram(f"interpret/hist/p{j}", col, step, bins=self.bins)

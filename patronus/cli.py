@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from patronus.callbacks import EMA, SampleGrid, StatusLine
+from patronus.callbacks import EMA, InterpretMonitor, SampleGrid, StatusLine
 from patronus.checkpoints import LAST_CKPT, MODEL_DIR, export_model
 from patronus.data.datamodule import PatronusDataModule
 from patronus.module import PatronusModule
@@ -83,6 +83,7 @@ class PatronusCLI(LightningCLI):
         parser.add_lightning_class_args(EMA, "ema", required=False)
         parser.add_lightning_class_args(StatusLine, "status")
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
+        parser.add_lightning_class_args(InterpretMonitor, "interpret_monitor")  # after EMA: probes its current copy
 
     def before_instantiate_classes(self) -> None:
         t = self.config["trainer"]

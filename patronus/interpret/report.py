@@ -27,7 +27,6 @@ from patronus.interpret.shortcut_report import (  # noqa: E402
     counterfactual_flips,
     finetune_config,
     fit_attribute_probes,
-    invert,
     location_concentration,
     mask_coverage,
     neutralised_decode,
@@ -35,14 +34,14 @@ from patronus.interpret.shortcut_report import (  # noqa: E402
     split_targets,
 )
 from patronus.models.patronus import PatronusModel  # noqa: E402
-from patronus.sampling import save_rows  # noqa: E402
+from patronus.sampling import noise_like, save_rows  # noqa: E402
 
 
 def add_report_args(parser: argparse.ArgumentParser) -> None:
     """CLI options of `python -m patronus shortcuts`."""
     parser.add_argument("--targets", nargs="+", help="attributes the task predicts (default: the class label, else all)")
     parser.add_argument("--top", type=int, default=4, help="candidates that get the causal, where and when checks")
-    parser.add_argument("--num-refs", type=int, default=16, help="held-out images inverted for the causal check")
+    parser.add_argument("--num-refs", type=int, default=16, help="held-out images whose s the causal check samples from")
     parser.add_argument("--flag-threshold", type=float, default=0.1,
                         help="explained-away AUROC above which a prototype is flagged as a shortcut")
     parser.add_argument("--info-timesteps", type=int, default=10, help="quadrature nodes of the information maps")
@@ -125,7 +124,7 @@ def build_report(model: PatronusModel, ds, stats: dict, out: Path, args: argpars
     counter = counterfactual_flips(classifier, s[held], y[held], {"low": low, "median": median, "high": high})
 
     refs = pool[held[: args.num_refs]].to(dev)
-    s_refs, x_T = invert(model, refs, args.steps)
+    s_refs, x_T = model.encode(refs), noise_like(refs, args.seed)
     causal, causal_rows = [], [refs]
     for j in top:
         effect, x_low, x_high = causal_effect(model, x_T, s_refs, j, float(low[j]), float(high[j]), probes, args.steps)
@@ -163,7 +162,7 @@ def build_report(model: PatronusModel, ds, stats: dict, out: Path, args: argpars
         carriers = held[conf_col[held] == 1][: args.num_refs]
         if len(carriers):
             x0 = pool[carriers].to(dev)
-            s_c, xT_c = invert(model, x0, args.steps)
+            s_c, xT_c = model.encode(x0), noise_like(x0, args.seed)
             plain = neutralised_decode(model, xT_c, s_c, [], median, args.steps)
             neutral = neutralised_decode(model, xT_c, s_c, flagged, median, args.steps)
             t_idx = int(assoc.target_of[j0])
@@ -229,7 +228,7 @@ def write_markdown(summary: dict[str, Any], out: Path, title: str) -> Path:
                      f"{_fmt(r['counterfactual_fix_rate'])} ({r['counterfactual_edit']}) |")
     lines += ["", "![ranking](ranking.png)", "", "![AUROC matrix](auroc_matrix.png)", "",
               "## Causal check: raise and suppress, decode, re-probe", "",
-              "Rows: held-out images, then per candidate its decode with s_J low and with s_J high (same inverted noise).", "",
+              "Rows: held-out images, then per candidate a sample from their s with s_J low and with s_J high (same x_T).", "",
               "| prototype | s_J measured low → high | Δ P(target) | Δ P(confounder) | change inside its box | emerges at t |",
               "|---|---|---|---|---|---|"]
     for r in top:
@@ -257,13 +256,13 @@ def write_markdown(summary: dict[str, Any], out: Path, title: str) -> Path:
               ""]
     m = summary["mitigation"]
     if "images" in m:
-        lines += ["## Mitigation: flagged prototypes held at their median", "",
+        lines += ["## Mitigation: sampling with the flagged prototypes held at their median", "",
                   f"On {m['images']} held-out images carrying the confounder: P({m['target']}) by the probe "
                   f"{_fmt(m['p_target_before'])} → {_fmt(m['p_target_after'])}"
                   + (f"; mean intensity in the confounder region {_fmt(m['confounder_intensity_before'])} → "
                      f"{_fmt(m['confounder_intensity_after'])} (original {_fmt(m['confounder_intensity_original'])})"
                      if "confounder_intensity_before" in m else "") + ".",
-                  "", "Rows: originals, reconstructions, flagged prototypes at their median.", "", "![mitigation](mitigation.png)", "",
+                  "", "Rows: originals, samples from their s, the same samples with the flagged prototypes at their median.", "", "![mitigation](mitigation.png)", "",
                   "To fine-tune with them held: `python train.py --config <preset> --config finetune_held.yaml`.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

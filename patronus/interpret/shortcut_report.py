@@ -13,8 +13,9 @@ candidate confounder. The evidence, per prototype J:
    (both oriented the same way; u_within pools the strata weighted by their positive × negative
    pairs). A genuine "7" prototype keeps its AUROC within the strata: its score stays near 0.
    The ranking is by max over (t, c) of that score.
-2. Causal check (top candidates): invert real images, decode with s_J at its dataset low and
-   high, re-encode, and see how linear probes on the activations change their prediction of
+2. Causal check (top candidates): sample from real images' activations with s_J at its dataset
+   low and high (the same fresh x_T for both: an inverted x_T would carry the confounder's
+   pixels itself and hide whether the model *draws* it from s_J), re-encode, and see how linear probes on the activations change their prediction of
    every attribute; plus how local the pixel change is (share inside J's receptive field).
 3. Where: the top activating real patches with receptive-field boxes, and information maps
    (`patronus.interpret.information`); when: the emergence time of a raised J.
@@ -38,7 +39,7 @@ from typing import Optional, Sequence
 import torch
 
 from patronus.data.shortcuts import phi
-from patronus.diffusion import ddim_invert, ddim_sample
+from patronus.diffusion import ddim_sample
 from patronus.interpret.quality import auroc_matrix, class_indicators, fit_logistic, predict_proba
 from patronus.models.patronus import PatronusModel
 
@@ -196,7 +197,7 @@ class CausalEffect:
 @torch.no_grad()
 def causal_effect(model: PatronusModel, x_T: torch.Tensor, s: torch.Tensor, j: int, low: float, high: float,
                   probes: Sequence[Optional[LinearProbe]], steps: int) -> tuple[CausalEffect, torch.Tensor, torch.Tensor]:
-    """Decode the same x_T with s_J = low and = high; probe both. Returns the effect and the two decodes."""
+    """Sample the same x_T with s_J = low and = high; probe both. Returns the effect and the two samples."""
     enc = model.encoder
     decoded = []
     for v in (low, high):
@@ -281,7 +282,7 @@ def mask_coverage(maps: torch.Tensor, masks: torch.Tensor) -> tuple[float, float
 @torch.no_grad()
 def neutralised_decode(model: PatronusModel, x_T: torch.Tensor, s: torch.Tensor, prototypes: Sequence[int],
                        median: torch.Tensor, steps: int) -> torch.Tensor:
-    """Decode x_T with the flagged prototypes held at their dataset median: the image without the shortcut."""
+    """Sample x_T with the flagged prototypes held at their dataset median: the image without the shortcut."""
     cond = s.clone()
     idx = list(prototypes)
     cond[:, idx] = median.to(s)[idx]
@@ -300,10 +301,3 @@ def finetune_config(prototypes: Sequence[int], median: torch.Tensor, init_from: 
         "  held_prototypes:\n"
         f"{held}\n"
     )
-
-
-@torch.no_grad()
-def invert(model: PatronusModel, x0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s(x0), x_T): the inversion every decode of the causal check and the mitigation shares."""
-    s = model.encode(x0)
-    return s, ddim_invert(model, x0, s, steps)
