@@ -23,8 +23,8 @@ from patronus.interpret.shortcut_report import (
 from patronus.models.patronus import PatronusModel
 from tests.conftest import REPO, TINY_NET, train_tiny
 
-MARKER = {"kind": "planted_marker", "target": "7", "p": 0.9, "q": 0.1, "shape": "square", "size": 5,
-          "position": [1, 26], "intensity": 1.0, "seed": 0}
+MARKER = {"kind": "planted_marker", "target": "7", "p": 0.9, "q": 0.1, "shape": "square", "size": 8,
+          "position": [0, 24], "intensity": 1.0, "seed": 0}
 
 
 def planted(n: int = 3000, seed: int = 0):
@@ -150,10 +150,9 @@ def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run)
                 "--steps", "10", "--info-timesteps", "6", "--info-noise", "1", "--no-wandb"])
     first = out["ranking"][0]
     assert out["candidate_confounders"] == ["marker"] and out["flagged"][0] == first["prototype"]
-    assert first["target"] == "class=7" and first["confounder"] == "marker" and first["score"] > 0.2
-    # ground truth, measured independently of the report's own score: the prototype that best detects the marker
-    ds_marker_auroc = [r["auroc_confounder"] for r in sorted(out["ranking"], key=lambda r: r["prototype"])]
-    assert first["auroc_confounder"] == max(ds_marker_auroc) > 0.9
+    assert first["target"] == "class=7" and first["confounder"] == "marker" and first["score"] > 0.3
+    assert first["auroc_confounder"] > 0.9 and out["ranking"][1]["score"] < first["score"] / 3
+    # ground truth the score never saw: the dataset's marker masks
     assert first["hits_on_confounder_images"] >= 0.75 and first["boxes_on_confounder"] >= 0.75
     assert first["map_mass_on_confounder"] > 3 * first["confounder_area"]
     report = (marker_run / "analysis" / "shortcuts" / "report.md").read_text()
@@ -161,9 +160,9 @@ def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run)
     for name in ("auroc_matrix", "ranking", "causal", "where_boxes", "where_maps", "when_curves", "mitigation"):
         assert (marker_run / "analysis" / "shortcuts" / f"{name}.png").is_file()
     held = yaml.safe_load((marker_run / "analysis" / "shortcuts" / "finetune_held.yaml").read_text())
-    assert first["prototype"] in held["model"]["held_prototypes"]
-    m = out["mitigation"]
-    assert m["confounder_intensity_after"] < m["confounder_intensity_before"]
+    assert first["prototype"] in held["model"]["held_prototypes"] and held["run_dir"] == f"{marker_run}_held"
+    m = out["mitigation"]  # samples from marked images' s, flagged prototypes at their median: less marker
+    assert m["images"] > 0 and m["confounder_intensity_after"] < m["confounder_intensity_before"]
     assert json.loads((marker_run / "analysis" / "shortcuts" / "shortcuts.json").read_text())["flagged"] == out["flagged"]
 
 

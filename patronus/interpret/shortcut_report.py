@@ -295,7 +295,7 @@ def finetune_config(prototypes: Sequence[int], median: torch.Tensor, init_from: 
     return (
         "# Fine-tune with the flagged prototypes held at their dataset median (shortcut report):\n"
         "# python train.py --config <the run's preset> --config <this file>\n"
-        f"run_dir: {Path(init_from).parent}/finetune_held\n"
+        f"run_dir: {Path(init_from).with_suffix('')}_held\n"
         "model:\n"
         f"  init_from: {init_from}\n"
         "  held_prototypes:\n"
