@@ -179,7 +179,7 @@ class InterpretMonitor(pl.Callback):
     autocast, like every analysis: the distances ‖z‖² − 2z·p + ‖p‖² cancel badly in bf16.
 
     Defaults: 3 probes in the 900-step default run, at the steps that also validate and
-    checkpoint; one probe costs about 2.3 training steps, so < 1% of the run
+    checkpoint; one probe costs about 3.6 training steps, about 1.2% of the run
     (benchmarks/monitor_cost.py; budget 3%). `every_n_steps=0` turns it off.
     """
 
