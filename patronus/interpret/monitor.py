@@ -26,10 +26,9 @@ from torchvision.io import write_png  # noqa: E402
 
 from patronus.interpret.emergence import emergence_curves, emergence_heatmap, trace_activations  # noqa: E402
 from patronus.interpret.figures import render  # noqa: E402
-from patronus.interpret.projection import PatchHit, nearest_patches, patch_gallery  # noqa: E402
+from patronus.interpret.projection import PatchHit, min_distances, patch_gallery, top_patches  # noqa: E402
 from patronus.interpret.stats import activation_statistics  # noqa: E402
 from patronus.models.patronus import PatronusModel  # noqa: E402
-from patronus.sampling import encode_all  # noqa: E402
 
 
 @dataclass
@@ -66,9 +65,10 @@ def run_probe(
     trace = trace_activations(model, x_T, s_ref, num_steps=ddim_steps)
     mean, _ = emergence_curves(trace, s_ref)  # (S, K)
     # 2. Activation distribution over the pool (the dataset-level view of every prototype).
-    pool_s = encode_all(model, pool).float()  # (N, K) on the CPU
+    dmin, where = min_distances(model, pool)  # (N, K) on the CPU: one pass for 2. and 3.
+    pool_s = model.encoder.activations_from_distances(dmin).float()
     # 3. ProtoPNet projection onto the pool: where on real images each prototype fires.
-    hits = nearest_patches(model, pool, k=min(top_k, len(pool)))
+    hits = top_patches(model, dmin, where, k=min(top_k, len(pool)))
     return ProbeResult(
         trace.timesteps, mean.T.float().cpu(), trace.activations.float().cpu(), s_ref.float().cpu(),
         trace.images.float().cpu(), pool_s, activation_statistics(pool_s), hits, histograms(pool_s, bins),

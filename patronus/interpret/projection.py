@@ -24,8 +24,12 @@ class PatchHit:
 
 
 @torch.no_grad()
-def nearest_patches(model: PatronusModel, images: torch.Tensor, k: int = 5, batch_size: int = 256) -> list[list[PatchHit]]:
-    """Per prototype, the k (image, cell) pairs with the smallest distance, at most one per image."""
+def min_distances(model: PatronusModel, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and prototype the smallest distance and its flat cell index, (N, K) each on the CPU.
+
+    One pass over the images serves both the projection and the activations
+    (`encoder.activations_from_distances(dmin)` is s).
+    """
     enc = model.encoder
     dev = next(model.parameters()).device
     dmins, wheres = [], []
@@ -34,7 +38,12 @@ def nearest_patches(model: PatronusModel, images: torch.Tensor, k: int = 5, batc
         dmin, where = d.min(dim=2)
         dmins.append(dmin.cpu())
         wheres.append(where.cpu())
-    dmin, where = torch.cat(dmins), torch.cat(wheres)  # (N, K)
+    return torch.cat(dmins), torch.cat(wheres)
+
+
+def top_patches(model: PatronusModel, dmin: torch.Tensor, where: torch.Tensor, k: int = 5) -> list[list[PatchHit]]:
+    """Per prototype, the k (image, cell) pairs with the smallest distance, from `min_distances`."""
+    enc = model.encoder
     _, w = enc.feature_shape()
     rf = enc.receptive_field()
     hits = []
@@ -46,6 +55,11 @@ def nearest_patches(model: PatronusModel, images: torch.Tensor, k: int = 5, batc
             row.append(PatchHit(j, n, cell, float(dmin[n, j]), rf.box(*cell)))
         hits.append(row)
     return hits
+
+
+def nearest_patches(model: PatronusModel, images: torch.Tensor, k: int = 5, batch_size: int = 256) -> list[list[PatchHit]]:
+    """Per prototype, the k (image, cell) pairs with the smallest distance, at most one per image."""
+    return top_patches(model, *min_distances(model, images, batch_size), k=k)
 
 
 def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:

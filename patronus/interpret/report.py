@@ -18,7 +18,7 @@ from torchvision.io import write_png  # noqa: E402
 from patronus.interpret.emergence import edit_emergence, emergence_curve_plot  # noqa: E402
 from patronus.interpret.figures import heatmap, render  # noqa: E402
 from patronus.interpret.information import display_image, prototype_information  # noqa: E402
-from patronus.interpret.projection import nearest_patches, patch_gallery  # noqa: E402
+from patronus.interpret.projection import min_distances, patch_gallery, top_patches  # noqa: E402
 from patronus.interpret.shortcut_report import (  # noqa: E402
     LinearProbe,
     association,
@@ -47,13 +47,6 @@ def add_report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--info-timesteps", type=int, default=10, help="quadrature nodes of the information maps")
     parser.add_argument("--info-noise", type=int, default=2, help="ε draws per node of the information maps")
     parser.add_argument("--no-wandb", action="store_true", help="write files only (default: also an offline wandb run)")
-
-
-@torch.no_grad()
-def _encode_with_cells(model: PatronusModel, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = next(model.parameters()).device
-    out = [model.encoder.encode(images[i : i + batch_size].to(dev)) for i in range(0, len(images), batch_size)]
-    return torch.cat([s.cpu() for s, _ in out]), torch.cat([w.cpu() for _, w in out])
 
 
 def _maps_figure(rows: list[tuple[int, torch.Tensor, torch.Tensor]], path: Path) -> torch.Tensor:
@@ -100,7 +93,8 @@ def build_report(model: PatronusModel, ds, stats: dict, out: Path, args: argpars
     K = model.config.num_prototypes
 
     # 1. Association, explained away (all prototypes, data only).
-    s, where = _encode_with_cells(model, pool)
+    dmin, where = min_distances(model, pool)  # (N, K): one pass for the ranking and the boxes
+    s = model.encoder.activations_from_distances(dmin)
     t_cols, t_names, c_cols, c_names = split_targets(attrs, names, labels, list(ds.classes), args.targets)
     assoc = association(s, t_cols, t_names, c_cols, c_names)
     concentration = location_concentration(s, where)
@@ -133,7 +127,7 @@ def build_report(model: PatronusModel, ds, stats: dict, out: Path, args: argpars
     save_rows([r[:8] for r in causal_rows], out / "causal.png")
 
     # 3. Where (boxes on the most activating real patches, information maps) and when.
-    hits = nearest_patches(model, pool.to(dev), k=8)
+    hits = top_patches(model, dmin, where, k=8)
     write_png(patch_gallery(pool, [hits[j] for j in top]), str(out / "where_boxes.png"))
     where_rows, per_proto = [], {}
     for j in top:

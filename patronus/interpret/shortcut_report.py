@@ -40,6 +40,7 @@ import torch
 
 from patronus.data.shortcuts import phi
 from patronus.diffusion import ddim_sample
+from patronus.interpret.information import with_baseline
 from patronus.interpret.quality import auroc_matrix, class_indicators, fit_logistic, predict_proba
 from patronus.models.patronus import PatronusModel
 
@@ -283,10 +284,7 @@ def mask_coverage(maps: torch.Tensor, masks: torch.Tensor) -> tuple[float, float
 def neutralised_decode(model: PatronusModel, x_T: torch.Tensor, s: torch.Tensor, prototypes: Sequence[int],
                        median: torch.Tensor, steps: int) -> torch.Tensor:
     """Sample x_T with the flagged prototypes held at their dataset median: the image without the shortcut."""
-    cond = s.clone()
-    idx = list(prototypes)
-    cond[:, idx] = median.to(s)[idx]
-    return ddim_sample(model, x_T, cond, steps, clip=False).clamp(-1, 1)
+    return ddim_sample(model, x_T, with_baseline(s, prototypes, median), steps, clip=False).clamp(-1, 1)
 
 
 def finetune_config(prototypes: Sequence[int], median: torch.Tensor, init_from: str) -> str:
