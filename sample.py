@@ -1,9 +1,9 @@
 """Sample, invert and edit with a trained Patronus model.
 
-    python sample.py --checkpoint runs/mnist_cpu --out outputs/mnist_cpu --edit 3=max --edit 7=0
+    python sample.py --checkpoint runs/mnist_cpu --out outputs/mnist_cpu --edit "[3=max, 7=0]"
 """
 
-from patronus.cli import sample_main
+from patronus.cli.sample import main as sample_main
 
 if __name__ == "__main__":
     sample_main()

@@ -4,7 +4,7 @@ Re-running the same command resumes from RUN/checkpoints/last.ckpt. Multi-GPU / 
 add `--trainer.devices N --trainer.strategy ddp [--trainer.num_nodes M]`.
 """
 
-from patronus.cli import train_main
+from patronus.cli.train import train_main
 
 if __name__ == "__main__":
     train_main()

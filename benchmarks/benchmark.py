@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from patronus.diffusion import ddim_sample, ddpm_sample, diffusion_loss
 from patronus.models.patronus import PatronusModel
-from patronus.module import PatronusModule
+from patronus.training.module import PatronusModule
 
 PAPER = dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_levels=(False, False, True, False))
 CPU = dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(False, False, False), mid_attention=False)

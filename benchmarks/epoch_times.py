@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from patronus.cli import PatronusCLI
+from patronus.cli.train import PatronusCLI
 
 # preset -> extra arguments pointing it at a local copy (relative to --shared; "" = as in the preset)
 PRESETS: dict[str, list[str]] = {

@@ -32,8 +32,8 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 
-from patronus.callbacks import InterpretMonitor
-from patronus.cli import PatronusCLI
+from patronus.training.callbacks import InterpretMonitor
+from patronus.cli.train import PatronusCLI
 
 PRESET = Path("configs/mnist_cpu.yaml")
 

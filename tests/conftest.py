@@ -10,10 +10,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from patronus.callbacks import EMA
 from patronus.data.datamodule import PatronusDataModule
 from patronus.models.patronus import PatronusModel
-from patronus.module import PatronusModule
+from patronus.pipeline import PatronusPipeline
+from patronus.training.callbacks import EMA
+from patronus.training.module import PatronusModule
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -84,6 +85,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> PatronusModel:
     net = train_tiny(tmp_path_factory.mktemp("tiny")).net.eval()
     torch.set_grad_enabled(True)
     return net
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model: PatronusModel) -> PatronusPipeline:
+    """The tiny model behind the one inference object (eval mode, no grad, fp32 inside its verbs)."""
+    return PatronusPipeline(model=tiny_model)
 
 
 @pytest.fixture(scope="session")

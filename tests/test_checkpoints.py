@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from patronus.checkpoints import export_model, load_model
+from patronus.runs import export_model, load_model
 from patronus.models.patronus import PatronusModel
 from tests.conftest import TINY_NET
 

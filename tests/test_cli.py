@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from patronus.cli import PatronusCLI
-from patronus.module import PatronusModule
+from patronus.cli.train import PatronusCLI
+from patronus.training.module import PatronusModule
 from tests.conftest import REPO
 
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))

@@ -10,7 +10,7 @@ import torch
 
 from patronus.data.datamodule import PatronusDataModule
 from patronus.models.patronus import PatronusModel
-from patronus.module import PatronusModule
+from patronus.training.module import PatronusModule
 from tests.conftest import REPO, TINY_NET
 
 

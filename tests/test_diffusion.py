@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from patronus.diffusion import ddim_invert, ddim_sample, ddim_scheduler
-from patronus.interpret.edits import Edit, activation_range, apply_edits, most_variable_prototypes
-from patronus.sampling import decode_edits, encode_all, psnr, reconstruct
+from patronus.edits import Edit, activation_range, apply_edits, most_variable_prototypes, set_prototypes
+from patronus.interpret.generation_metrics import psnr
+from patronus.pipeline import make_scheduler
 
 
 def test_condition_is_required(tiny_model, mnist_test_images):
@@ -19,29 +19,48 @@ def test_condition_is_required(tiny_model, mnist_test_images):
         tiny_model(x, t, s=torch.zeros(3, 8))
 
 
-def test_inverse_and_forward_ddim_visit_the_same_timesteps(tiny_model):
-    fwd, inv = ddim_scheduler(tiny_model, 25), ddim_scheduler(tiny_model, 25, inverse=True)
+def test_inverse_and_forward_ddim_visit_the_same_timesteps(tiny_pipe):
+    fwd, inv = make_scheduler(tiny_pipe.scheduler.config, "ddim", 25), make_scheduler(tiny_pipe.scheduler.config, "inverse", 25)
     assert torch.equal(fwd.timesteps.flip(0), inv.timesteps)
     assert int(fwd.timesteps[0]) == 999
 
 
-@torch.no_grad()
-def test_ddim_is_deterministic_given_x_T_and_s(tiny_model, mnist_test_images):
+def test_ddim_is_deterministic_given_x_T_and_s(tiny_pipe, mnist_test_images):
     x0 = mnist_test_images[:4]
-    s = tiny_model.encode(x0)
+    s = tiny_pipe.encode(x0).s
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    a = ddim_sample(tiny_model, x_T, s, num_steps=10)
-    b = ddim_sample(tiny_model, x_T.clone(), s.clone(), num_steps=10)
+    a = tiny_pipe.sample(s, x_T, steps=10)
+    b = tiny_pipe.sample(s.clone(), x_T.clone(), steps=10)
     assert torch.equal(a, b)
+    assert torch.equal(tiny_pipe.sample(s, seed=1, steps=10), a)  # a seed means the same x_T, drawn on the CPU
     # ...and the condition matters: another image's s gives another image.
-    c = ddim_sample(tiny_model, x_T, s.roll(1, dims=0), num_steps=10)
+    c = tiny_pipe.sample(s.roll(1, dims=0), x_T, steps=10)
     assert (a - c).abs().mean() > 0.05
 
 
+def test_pipeline_restores_train_mode_and_keeps_no_graph(tiny_pipe, mnist_test_images):
+    net = tiny_pipe.model
+    net.train()
+    try:
+        s = tiny_pipe.encode(mnist_test_images[:2]).s
+        out = tiny_pipe.sample(s, seed=0, steps=2)
+        assert net.training and not s.requires_grad and not out.requires_grad
+        running = net.denoiser.cond_mlp[0].running_mean.clone()
+        tiny_pipe.sample(s * 3, seed=0, steps=2)
+        assert torch.equal(running, net.denoiser.cond_mlp[0].running_mean)  # eval inside: BatchNorm untouched
+    finally:
+        net.eval()
+
+
+def test_steps_must_be_positive(tiny_pipe, mnist_test_images):
+    with pytest.raises(ValueError, match="steps=0"):
+        tiny_pipe.sample(tiny_pipe.encode(mnist_test_images[:1]).s, steps=0)
+
+
 @torch.no_grad()
-def test_ddim_inversion_reconstructs_real_images(tiny_model, mnist_test_images):
+def test_ddim_inversion_reconstructs_real_images(tiny_pipe, mnist_test_images):
     x0 = mnist_test_images[:8]
-    x_T, recon = reconstruct(tiny_model, x0, steps=50)
+    x_T, recon = tiny_pipe.reconstruct(x0, steps=50)
     scores = psnr(recon, x0)
     # Measured for this tiny model after 400 steps: 32.1 dB mean, 28.1 dB worst; noise scores 4.5 dB.
     assert sum(scores) / len(scores) > 28.0, scores
@@ -51,26 +70,27 @@ def test_ddim_inversion_reconstructs_real_images(tiny_model, mnist_test_images):
 
 
 @torch.no_grad()
-def test_partial_inversion_resumes_at_the_matching_step(tiny_model, mnist_test_images):
+def test_partial_inversion_resumes_at_the_matching_step(tiny_pipe, mnist_test_images):
     x0 = mnist_test_images[:4]
-    s = tiny_model.encode(x0)
-    x_t = ddim_invert(tiny_model, x0, s, num_steps=20, stop_step=8)
-    recon = ddim_sample(tiny_model, x_t, s, num_steps=20, start_step=20 - 8, clip=False)
+    s = tiny_pipe.encode(x0).s
+    x_t = tiny_pipe.invert(x0, s, steps=20, stop_step=8)
+    recon = tiny_pipe.denoise(x_t, s, 20, start_step=20 - 8, clip=False)
     assert sum(psnr(recon, x0)) / 4 > 29.0  # measured 32.6 dB for this tiny model
 
 
 @torch.no_grad()
-def test_editing_moves_the_edited_prototype_in_the_requested_direction(tiny_model, mnist_test_images):
+def test_editing_moves_the_edited_prototype_in_the_requested_direction(tiny_pipe, mnist_test_images):
     x0 = mnist_test_images
-    s = tiny_model.encode(x0)
-    pool = encode_all(tiny_model, mnist_test_images)
+    pool = tiny_pipe.encode(mnist_test_images).s
     s_min, s_max = activation_range(pool)
     j = most_variable_prototypes(pool, 1)[0]
-    x_T, recon = reconstruct(tiny_model, x0, steps=25)
     edits = [[Edit(j, "set", "max")], [Edit(j, "set", "min")]]
-    imgs, requested = decode_edits(tiny_model, x_T, s, edits, s_min, s_max, steps=25)
-    base = tiny_model.encode(recon)[:, j]
-    up, down = tiny_model.encode(imgs[0])[:, j], tiny_model.encode(imgs[1])[:, j]
+    res = tiny_pipe.edit(x0, edits, steps=25, levels={"min": s_min, "max": s_max})
+    s, recon, imgs, requested = res.s, res.reconstruction, res.images, res.requested
+    _, recon_again = tiny_pipe.reconstruct(x0, steps=25)
+    assert torch.equal(recon, recon_again)  # the edit's plain decode is the reconstruction
+    base = tiny_pipe.encode(recon).s[:, j]
+    up, down = tiny_pipe.encode(imgs[0]).s[:, j], tiny_pipe.encode(imgs[1]).s[:, j]
     assert torch.allclose(requested[0][:, j], s_max[j].expand(len(x0)))
     assert (up - base).mean() > 0, (up - base)
     assert (down - base).mean() < 0, (down - base)
@@ -82,7 +102,12 @@ def test_editing_moves_the_edited_prototype_in_the_requested_direction(tiny_mode
 def test_apply_edits_semantics():
     s = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 1.0]])
     lo, hi = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([5.0, 6.0, 7.0])
-    out = apply_edits(s, [Edit(0, "set", "max"), Edit(1, "scale", 2.0), Edit(2, "add", -5.0)], lo, hi)
+    levels = {"min": lo, "max": hi}
+    out = apply_edits(s, [Edit(0, "set", "max"), Edit(1, "scale", 2.0), Edit(2, "add", -5.0)], levels)
     assert torch.equal(out, torch.tensor([[5.0, 4.0, 0.0], [5.0, 0.0, 0.0]]))
-    assert torch.equal(apply_edits(s, [Edit(2, "set", "min")], lo, hi)[:, 2], torch.tensor([0.3, 0.3]))
+    assert torch.equal(apply_edits(s, [Edit(2, "set", "min")], levels)[:, 2], torch.tensor([0.3, 0.3]))
+    assert torch.equal(apply_edits(s, [Edit(1, "set", torch.tensor([7.0, 8.0]))])[:, 1], torch.tensor([7.0, 8.0]))  # per image
+    assert torch.equal(set_prototypes(s, [0, 2], hi), torch.tensor([[5.0, 2.0, 7.0], [5.0, 0.0, 7.0]]))
+    with pytest.raises(ValueError, match="'median'"):
+        apply_edits(s, [Edit(0, "set", "median")], levels)
     assert torch.equal(s, torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 1.0]]))  # input untouched

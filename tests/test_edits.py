@@ -2,7 +2,7 @@
 
 import pytest
 
-from patronus.interpret.edits import Edit, parse_edit
+from patronus.edits import Edit, parse_edit
 
 
 def test_parse_edit_forms():
@@ -15,7 +15,7 @@ def test_parse_edit_forms():
 
 @pytest.mark.parametrize(
     "spec,message",
-    [("12=max", "prototype 12 does not exist.*K=10"), ("3", "cannot parse"), ("3*max", "only work with '='"), ("a=1", "cannot parse")],
+    [("12=max", "prototype 12 does not exist.*K=10"), ("3", "cannot parse"), ("3*max", "only works with '='"), ("a=1", "cannot parse")],
 )
 def test_parse_edit_errors_name_the_spec(spec, message):
     with pytest.raises(ValueError, match=message):

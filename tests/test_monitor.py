@@ -11,13 +11,13 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from safetensors.torch import load_file
 
-from patronus.callbacks import EMA, InterpretMonitor
-from patronus.cli import PatronusCLI
+from patronus.training.callbacks import EMA, InterpretMonitor
+from patronus.cli.train import PatronusCLI
 from patronus.data.datamodule import PatronusDataModule
 from patronus.diffusion import ddim_sample
 from patronus.interpret.stats import activation_statistics
 from patronus.models.patronus import PatronusModel
-from patronus.module import PatronusModule
+from patronus.training.module import PatronusModule
 from tests.conftest import REPO, TINY_NET
 
 STEPS, EVERY, IMAGES, DDIM, POOL, TOP_K = 20, 10, 4, 5, 48, 3

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.io import decode_png, read_file
 
-from patronus.checkpoints import export_model
+from patronus.runs import export_model
 from patronus.interpret.cli import main
 from patronus.interpret.consistency import prototype_consistency
 from patronus.interpret.generation_metrics import feature_network, fid_kid, to_uint8, write_pngs

@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-from patronus.checkpoints import export_model
+from patronus.cli.analyses import main
 from patronus.diffusion import diffusion_loss
-from patronus.interpret.cli import main
+from patronus.edits import set_prototypes
 from patronus.interpret.shortcut_report import (
     LinearProbe,
     association,
@@ -20,7 +20,11 @@ from patronus.interpret.shortcut_report import (
     split_targets,
     stratified_auroc,
 )
+from patronus.interpret.report import ReportData, build_report
+from patronus.interpret.stats import activation_statistics
 from patronus.models.patronus import PatronusModel
+from patronus.pipeline import PatronusPipeline
+from patronus.runs import export_model
 from tests.conftest import REPO, TINY_NET, train_tiny
 
 MARKER = {"kind": "planted_marker", "target": "7", "p": 0.9, "q": 0.1, "shape": "square", "size": 8,
@@ -101,8 +105,7 @@ def test_counterfactuals_find_the_prototype_behind_the_mistakes():
     # marked non-3s called 3: removing the marker (p0 → low) fixes them
     wrong = probe.proba(s).argmax(1) != is3
     false_pos = wrong & (is3 == 0) & (marker == 1)
-    edited = s.clone()
-    edited[:, 0] = lo[0]
+    edited = set_prototypes(s, [0], lo)
     assert false_pos.sum() > 5 and (probe.proba(edited[false_pos]).argmax(1) == 0).float().mean() > 0.8
 
 
@@ -146,8 +149,8 @@ def marker_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run):
-    out = main(["shortcuts", "--checkpoint", str(marker_run), "--num-images", "1000", "--top", "2", "--num-refs", "8",
-                "--steps", "10", "--info-timesteps", "6", "--info-noise", "1", "--no-wandb"])
+    out = main(["shortcuts", "--checkpoint", str(marker_run), "--data.split", "test", "--num_images", "1000", "--top", "2",
+                "--num_refs", "8", "--steps", "10", "--info_timesteps", "6", "--info_noise", "1", "--no_wandb", "true"])
     first = out["ranking"][0]
     assert out["candidate_confounders"] == ["marker"] and out["flagged"][0] == first["prototype"]
     assert first["target"] == "class=7" and first["confounder"] == "marker" and first["score"] > 0.3
@@ -164,10 +167,30 @@ def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run)
     m = out["mitigation"]  # samples from marked images' s, flagged prototypes at their median: less marker
     assert m["images"] > 0 and m["confounder_intensity_after"] < m["confounder_intensity_before"]
     assert json.loads((marker_run / "analysis" / "shortcuts" / "shortcuts.json").read_text())["flagged"] == out["flagged"]
+    assert out["report"] == str(marker_run / "analysis" / "shortcuts" / "report.md") and out["wandb_dir"] is None
+
+
+def test_build_report_names_the_bad_input():
+    pipe = PatronusPipeline(model=PatronusModel(**TINY_NET))
+    n = 6
+    data = ReportData(torch.zeros(n, 1, 32, 32), torch.zeros(n, dtype=torch.long), torch.zeros(n, 1), ["a"], ["0"])
+    stats = activation_statistics(torch.rand(50, 8))
+    with pytest.raises(ValueError, match="num_refs"):
+        build_report(pipe, data, stats, num_refs=0)
+    with pytest.raises(ValueError, match="steps"):
+        build_report(pipe, data, stats, steps=0)
+    with pytest.raises(ValueError, match="stats"):
+        build_report(pipe, data, {"max": [1.0] * 8})
+    with pytest.raises(ValueError, match="stats"):
+        build_report(pipe, data, activation_statistics(torch.rand(50, 3)))
+    with pytest.raises(ValueError, match="attribute_names"):
+        ReportData(torch.zeros(n, 1, 32, 32), torch.zeros(n, dtype=torch.long), torch.zeros(n, 1), ["a", "b"], [])
+    with pytest.raises(ValueError, match="labels"):
+        ReportData(torch.zeros(n, 1, 32, 32), torch.zeros(n + 1, dtype=torch.long), torch.zeros(n, 1), ["a"], [])
 
 
 def test_finetuning_starts_from_saved_weights_and_checks_held_prototypes(tmp_path):
-    from patronus.module import PatronusModule
+    from patronus.training.module import PatronusModule
 
     torch.manual_seed(0)
     saved = export_model(PatronusModel(**TINY_NET), tmp_path / "model")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from patronus.checkpoints import load_model
-from patronus.cli import PatronusCLI
+from patronus.runs import load_model
+from patronus.cli.train import PatronusCLI
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs" / "mnist_tiny.yaml")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from patronus.cli import PatronusCLI
+from patronus.cli.train import PatronusCLI
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs" / "mnist_tiny.yaml")

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from patronus.data.datasets import SubsetDataset
+from patronus.data.datasets import SubsetDataset, holdout_split
 from patronus.data.registry import build_dataset, dataset_options
 
 
@@ -84,12 +84,8 @@ class PatronusDataModule(pl.LightningDataModule):
             self.train_set = self._build(h.train_split, h.train_subset)
             self.val_set = self._build(h.val_split, h.val_subset)
             return
-        if not 0 < h.holdout < 1:
-            raise ValueError(f"data.holdout={h.holdout}; expected a fraction in (0, 1)")
         full = self._build(h.train_split, None)
-        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
-        n_val = max(1, int(round(h.holdout * len(full))))
-        val, train = order[:n_val].sort().values, order[n_val:].sort().values
+        train, val = holdout_split(len(full), h.holdout)
         self.train_set = SubsetDataset(full, train[: h.train_subset] if h.train_subset else train)
         self.val_set = SubsetDataset(full, val[: h.val_subset] if h.val_subset else val)
 

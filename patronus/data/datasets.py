@@ -50,6 +50,16 @@ class SubsetDataset(LabelledImageDataset):
         return self.base.load_image(int(self.indices[i]))
 
 
+def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, held-out rows), both sorted: a fixed, seeded `fraction` of n rows held out, for
+    data without a validation split. Training and every analysis use this one definition."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.holdout={fraction}; expected a fraction in (0, 1)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(fraction * n)))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
 class TensorImageDataset(LabelledImageDataset):
     """Images already decoded into memory (small sets: MNIST-like), resized once up front."""
 

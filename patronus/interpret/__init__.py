@@ -1,3 +1,1 @@
-from patronus.interpret.edits import Edit, activation_range, apply_edits, most_variable_prototypes, parse_edit
-
-__all__ = ["Edit", "activation_range", "apply_edits", "most_variable_prototypes", "parse_edit"]
+"""Pure analyses: (pipeline, tensors) -> dataclasses of tensors and numbers. No files, no figures, no CLI."""

@@ -16,11 +16,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from einops import rearrange
-from torchvision.utils import draw_bounding_boxes, make_grid
 
 from patronus.interpret.localise import EditOutcome
-from patronus.interpret.projection import to_uint8_rgb
-from patronus.models.patronus import PatronusModel
+from patronus.pipeline import PatronusPipeline
 
 
 @dataclass
@@ -41,10 +39,14 @@ def centroid_spread(x: torch.Tensor) -> float:
     return float((x - x.mean(0)).norm(dim=1).mean()) if len(x) else float("nan")
 
 
-@torch.no_grad()
-def prototype_consistency(model: PatronusModel, outcome: EditOutcome) -> list[Consistency]:
+def prototype_consistency(pipe: PatronusPipeline, outcome: EditOutcome) -> list[Consistency]:
     """One score per edited prototype from an `edit_each_prototype` outcome."""
-    enc = model.encoder
+    with pipe.inference():
+        return _consistency(pipe, outcome)
+
+
+def _consistency(pipe: PatronusPipeline, outcome: EditOutcome) -> list[Consistency]:
+    enc = pipe.model.encoder
     rf = enc.receptive_field()
     _, w = enc.feature_shape()
     scores = []
@@ -56,8 +58,9 @@ def prototype_consistency(model: PatronusModel, outcome: EditOutcome) -> list[Co
             continue
         cells = outcome.cells[i, keep]  # (n, 2)
         centres = rf.start + cells.double() * rf.jump  # pixel coordinates
-        z = rearrange(enc.features(outcome.edited[i, keep]), "n d h w -> n (h w) d")
-        _, where = enc.encode(outcome.edited[i, keep])  # (n, K) every prototype's argmin cell
+        edited = outcome.edited[i, keep].to(pipe.device)
+        z = rearrange(enc.features(edited), "n d h w -> n (h w) d")
+        where = pipe.encode(edited).where  # (n, K) every prototype's argmin cell
         at_cell = z[torch.arange(n), (cells[:, 0] * w + cells[:, 1])]  # (n, D)
         any_pick = z[torch.arange(n)[:, None], where]  # (n, K, D)
         spread, chance = centroid_spread(at_cell.double()), centroid_spread(any_pick.flatten(0, 1).double())
@@ -65,15 +68,3 @@ def prototype_consistency(model: PatronusModel, outcome: EditOutcome) -> list[Co
     return scores
 
 
-def consistency_grid(outcome: EditOutcome, model: PatronusModel, scale: int = 2) -> torch.Tensor:
-    """One row per prototype: J raised in each image, its receptive-field box drawn (red: s_J rose; grey: it did not)."""
-    rf = model.encoder.receptive_field()
-    tiles = []
-    for i in range(len(outcome.prototypes)):
-        for b in range(outcome.edited.shape[1]):
-            top, left, bottom, right = rf.box(*outcome.cells[i, b].tolist())
-            colour = "red" if outcome.rise[i, b] > 0 else "gray"
-            img = to_uint8_rgb(outcome.edited[i, b].cpu())
-            tiles.append(draw_bounding_boxes(img, torch.tensor([[left, top, right - 1, bottom - 1]]), colors=colour, width=1))
-    big = torch.nn.functional.interpolate(torch.stack(tiles).float(), scale_factor=scale, mode="nearest")
-    return make_grid(big, nrow=outcome.edited.shape[1], padding=2, pad_value=255).to(torch.uint8)

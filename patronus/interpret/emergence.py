@@ -11,24 +11,15 @@ says which kind prototype J's concept is, and so how much noise an edit of J nee
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
-import matplotlib
+import torch
+from einops import rearrange, repeat
 
-matplotlib.use("Agg")  # no display on servers/CI; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from einops import rearrange, repeat  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from patronus.diffusion import ddim_invert, ddim_sample  # noqa: E402
-from patronus.interpret.edits import most_variable_prototypes  # noqa: E402
-from patronus.interpret.figures import heatmap, render  # noqa: E402
-from patronus.models.patronus import PatronusModel  # noqa: E402
+from patronus.edits import one_edit_each
+from patronus.pipeline import PatronusPipeline
 
 
 @dataclass
@@ -51,28 +42,8 @@ def recorded_steps(num_steps: int, every: int = 1, start_step: int = 0) -> list[
     return [i for i in range(start_step, num_steps) if (last - i) % every == 0]
 
 
-@torch.no_grad()
-def _trace_batch(
-    model: PatronusModel, x_T: torch.Tensor, s: torch.Tensor, num_steps: int, keep: set[int], start_step: int
-) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """One DDIM decode whose callback re-encodes the clamped x̂0 at the kept steps."""
-    timesteps, acts = [], []
-
-    def record(i: int, t: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
-        if i in keep:
-            timesteps.append(t)
-            acts.append(model.encode(pred_x0.clamp(-1, 1)))  # (B, K); early x̂0 overshoot far
-
-    # The last step is always kept, and with set_alpha_to_one its x̂0 *is* the decoded image, so
-    # the last entry is s(decoded image): clamped like every other entry (unclamped decodes of a
-    # small model overshoot [-1, 1] enough to move s by as much as the whole curve).
-    images = ddim_sample(model, x_T, s, num_steps, start_step=start_step, callback=record, clip=False)
-    return timesteps, torch.stack(acts), images  # (S,), (S, B, K), (B, C, H, W)
-
-
-@torch.no_grad()
 def trace_activations(
-    model: PatronusModel,
+    pipe: PatronusPipeline,
     x_T: torch.Tensor,
     s: torch.Tensor,
     num_steps: int = 50,
@@ -85,17 +56,29 @@ def trace_activations(
     Chunks of ≤ `batch_size` images are decoded one after another, so many edits can share a call.
     """
     keep = set(recorded_steps(num_steps, every, start_step))
-    timesteps, acts, images = [], [], []
+    timesteps: list[int] = []
+    acts, images = [], []
     for i in range(0, len(x_T), batch_size):
-        timesteps, a, img = _trace_batch(model, x_T[i : i + batch_size], s[i : i + batch_size], num_steps, keep, start_step)
-        acts.append(a)
-        images.append(img)
+        timesteps, chunk = [], []
+
+        def record(step: int, t: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
+            if step in keep:
+                timesteps.append(t)
+                chunk.append(pipe.encode(pred_x0.clamp(-1, 1)).s)  # (B, K); early x̂0 overshoot far
+
+        # The last step is always kept, and with ᾱ_final = 1 its x̂0 *is* the decoded image, so the
+        # last entry is s(decoded image): clamped like every other entry (unclamped decodes of a
+        # small model overshoot [-1, 1] enough to move s by as much as the whole curve).
+        images.append(pipe.denoise(x_T[i : i + batch_size], s[i : i + batch_size], num_steps, start_step=start_step,
+                                   clip=False, callback=record))
+        acts.append(torch.stack(chunk))  # (S, B, K)
     return EmergenceTrace(torch.tensor(timesteps, dtype=torch.long), torch.cat(acts, dim=1), torch.cat(images))
 
 
-def emergence_curves(trace: EmergenceTrace, s_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std over images (S, K) of s(x̂0(t)) − s(x0): how far each concept is from the original."""
-    diff = trace.activations - s_ref[None].to(trace.activations)  # (S, B, K)
+def emergence_curves(activations: torch.Tensor, s_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std over images (S, K) of s(x̂0(t)) − s(x0) from traced activations (S, B, K):
+    how far each concept is from the original."""
+    diff = activations - s_ref[None].to(activations)  # (S, B, K)
     std = diff.std(dim=1) if diff.shape[1] > 1 else torch.zeros_like(diff[:, 0])
     return diff.mean(dim=1), std
 
@@ -155,9 +138,8 @@ class EditEmergence:
         return self.mean - self.plain_mean
 
 
-@torch.no_grad()
 def edit_emergence(
-    model: PatronusModel,
+    pipe: PatronusPipeline,
     x0: torch.Tensor,
     prototypes: Sequence[int],
     s_target: torch.Tensor,
@@ -168,17 +150,17 @@ def edit_emergence(
     """Invert x0 under its own s, then decode the plain s and, per J, s with s_J = s_target[J],
     all from the same x_T in one traced batch of (P + 1)·B images (chunked by `batch_size`)."""
     # 1. Invert under the images' own activations.
-    s = model.encode(x0)  # (B, K)
-    x_T = ddim_invert(model, x0, s, num_steps)
+    x0 = x0.to(pipe.device)
+    s = pipe.encode(x0).s  # (B, K)
+    x_T = pipe.invert(x0, s, num_steps)
     # 2. One condition batch per decode: plain first, then s_J set to its target for each J.
     idx = torch.tensor(list(prototypes), dtype=torch.long, device=s.device)  # (P,)
     n = len(idx) + 1
     target = s_target.to(s)[idx]  # (P,)
-    conds = repeat(s, "b k -> n b k", n=n).clone()
-    conds[torch.arange(1, n, device=s.device), :, idx] = target[:, None]  # (P, B) entries
+    conds = torch.cat([s[None], one_edit_each(s, list(prototypes), s_target.to(s))])  # (P + 1, B, K)
     # 3. Decode and trace everything at once.
     trace = trace_activations(
-        model, repeat(x_T, "b ... -> (n b) ...", n=n), rearrange(conds, "n b k -> (n b) k"), num_steps, every,
+        pipe, repeat(x_T, "b ... -> (n b) ...", n=n), rearrange(conds, "n b k -> (n b) k"), num_steps, every,
         batch_size=batch_size,
     )
     acts = rearrange(trace.activations, "s (n b) k -> s n b k", n=n)
@@ -187,108 +169,11 @@ def edit_emergence(
     edited = rearrange(acts[:, 1:].gather(3, gather), "s p b 1 -> s b p")  # s_J of edit J
     # 4. Curves of s_J only, relative to the original image.
     ref = s[:, idx]  # (B, P)
-    mean, std = emergence_curves(EmergenceTrace(trace.timesteps, edited, trace.images), ref)
-    plain_mean, plain_std = emergence_curves(EmergenceTrace(trace.timesteps, plain[..., idx], trace.images), ref)
+    mean, std = emergence_curves(edited, ref)
+    plain_mean, plain_std = emergence_curves(plain[..., idx], ref)
     return EditEmergence(
         list(prototypes), trace.timesteps, s, target, plain, edited, mean, std, plain_mean, plain_std,
         times=emergence_times(trace.timesteps, mean),
         effect_times=emergence_times(trace.timesteps, mean - plain_mean),
         images=rearrange(trace.images, "(n b) ... -> n b ...", n=n),
     )
-
-
-def emergence_heatmap(
-    values: torch.Tensor,
-    timesteps: torch.Tensor,
-    title: str,
-    path: Optional[Path] = None,
-    ylabels: Optional[Sequence[str]] = None,
-    colorbar_label: str = "Δ activation",
-) -> torch.Tensor:
-    """Prototype × timestep heatmap of `values` (K, S), t decreasing left→right as in decoding,
-    diverging colours centred at 0; uint8 (3, H, W), saved as PNG if `path` is given."""
-    ylabels = list(ylabels) if ylabels is not None else [str(j) for j in range(len(values))]
-    return heatmap(
-        values, xlabels=[str(int(t)) for t in timesteps], ylabels=ylabels, title=title, xlabel="timestep t (decoding →)",
-        ylabel="prototype", diverging=True, colorbar_label=colorbar_label, path=path,
-    )
-
-
-def emergence_curve_plot(
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    timesteps: torch.Tensor,
-    labels: Sequence[str],
-    path: Optional[Path] = None,
-    title: str = "emergence: s_J(x̂0(t)) − s_J(x0)",
-    fraction: float = 0.5,
-) -> torch.Tensor:
-    """Mean ± std curves (S, P) against t (decreasing left→right), each with its emergence time
-    marked; uint8 (3, H, W), saved as PNG if `path` is given."""
-    m, sd, t = mean.float().cpu(), std.float().cpu(), timesteps.float().cpu()
-    times = emergence_times(t, m, fraction)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for j, label in enumerate(labels):
-        (line,) = ax.plot(t, m[:, j], label=label, lw=1.5)
-        ax.fill_between(t, m[:, j] - sd[:, j], m[:, j] + sd[:, j], color=line.get_color(), alpha=0.15, lw=0)
-        if not math.isnan(float(times[j])):
-            low = float(m[:, j].min())
-            level = low + fraction * (float(m[-1, j]) - low)
-            ax.axvline(float(times[j]), color=line.get_color(), ls=":", lw=1)
-            ax.plot([float(times[j])], [level], "o", color=line.get_color(), ms=5)
-    ax.axhline(0, color="0.5", lw=0.8)
-    ax.invert_xaxis()  # decoding runs from t = T to 0
-    ax.set(title=title, xlabel="timestep t (decoding →); dots: emergence time", ylabel="Δ activation")
-    ax.legend(fontsize=7, ncol=2)
-    return render(fig, path)
-
-
-def add_emergence_args(parser: argparse.ArgumentParser) -> None:
-    """CLI options of `python -m patronus emergence`."""
-    parser.add_argument("--prototypes", type=int, nargs="+",
-                        help="prototypes to raise (default: the 8 most variable over the images, all if K ≤ 8)")
-    parser.add_argument("--every", type=int, default=1, help="re-encode x̂0 every k-th DDIM step (the last always)")
-
-
-def _json_times(times: torch.Tensor) -> list[Optional[float]]:
-    return [None if math.isnan(x) else x for x in times.tolist()]
-
-
-@torch.no_grad()
-def run_emergence(args: argparse.Namespace, model: PatronusModel, refs: torch.Tensor, s_max: torch.Tensor, out: Path) -> dict:
-    """Raise each chosen prototype to its dataset max in `refs` and record when it appears; figures,
-    raw tensors (`emergence.safetensors`) and a JSON-able summary."""
-    K = model.config.num_prototypes
-    s_ref = model.encode(refs)
-    prototypes = args.prototypes if args.prototypes is not None else most_variable_prototypes(s_ref, min(8, K))
-    bad = [j for j in prototypes if not 0 <= j < K]
-    if bad:
-        raise SystemExit(f"error: --prototypes {bad}: the model has K={K} prototypes")
-    res = edit_emergence(model, refs, prototypes, s_max, args.steps, args.every)
-    names = [f"p{j}" for j in prototypes]
-    emergence_heatmap(res.effect.T, res.timesteps, "edit effect: s_J(x̂0(t) | s_J = max) − s_J(x̂0(t) | plain)",
-                      out / "emergence_heatmap.png", names)
-    emergence_curve_plot(res.mean, res.std, res.timesteps, [f"p{j} → {float(v):.3g}" for j, v in zip(prototypes, res.s_target)],
-                         out / "emergence_curves.png", title="s_J(x̂0(t) | s_J = max) − s_J(x0), mean ± std")
-    plain_mean, plain_std = emergence_curves(EmergenceTrace(res.timesteps, res.plain, res.images[0]), res.s_ref)  # (S, K)
-    emergence_heatmap(plain_mean.T, res.timesteps, "plain reconstruction: s(x̂0(t)) − s(x0)", out / "plain_heatmap.png",
-                      [f"p{j}" for j in range(K)])
-    settle = emergence_times(res.timesteps, plain_mean, two_sided=True)  # (K,)
-    tensors = {
-        "timesteps": res.timesteps, "prototypes": torch.tensor(prototypes, dtype=torch.long), "s_ref": res.s_ref,
-        "s_target": res.s_target, "plain": res.plain, "edited": res.edited, "mean": res.mean, "std": res.std,
-        "plain_mean": res.plain_mean, "plain_std": res.plain_std, "times": res.times, "effect_times": res.effect_times,
-        "plain_mean_all": plain_mean, "plain_std_all": plain_std, "plain_settle_times": settle,
-    }
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "emergence.safetensors"))
-    return {
-        "images": len(refs), "steps": args.steps, "every": args.every, "prototypes": list(prototypes),
-        "timesteps": res.timesteps.tolist(),
-        "emergence_time": dict(zip(map(str, prototypes), _json_times(res.times))),
-        "effect_emergence_time": dict(zip(map(str, prototypes), _json_times(res.effect_times))),
-        "final_rise": dict(zip(map(str, prototypes), res.mean[-1].tolist())),
-        "plain_final_difference": dict(zip(map(str, prototypes), res.plain_mean[-1].tolist())),
-        "mean_curves": {str(j): res.mean[:, p].tolist() for p, j in enumerate(prototypes)},
-        "effect_curves": {str(j): res.effect[:, p].tolist() for p, j in enumerate(prototypes)},
-        "plain_settle_time": _json_times(settle),
-    }

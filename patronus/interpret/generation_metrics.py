@@ -17,11 +17,17 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.io import write_png
 
 from patronus.models.patronus import PatronusModel
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Per-image PSNR in dB for images in [-1, 1] (clamped first)."""
+    return [float(peak_signal_noise_ratio(x, y, data_range=2.0)) for x, y in zip(a.clamp(-1, 1), b.clamp(-1, 1))]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from torchvision.utils import draw_bounding_boxes, make_grid
 
-from patronus.diffusion import ddim_invert, ddim_sample
-from patronus.interpret.projection import to_uint8_rgb
-from patronus.models.patronus import PatronusModel
+from patronus.edits import Edit
+from patronus.pipeline import PatronusPipeline
 
 
 @dataclass
@@ -39,9 +37,8 @@ class EditOutcome:
     cells: torch.Tensor  # (P, B, 2) argmin cell (h, w) of prototype J in each edited image
 
 
-@torch.no_grad()
 def edit_each_prototype(
-    model: PatronusModel,
+    pipe: PatronusPipeline,
     x0: torch.Tensor,
     prototypes: Sequence[int],
     s_max: torch.Tensor,
@@ -54,36 +51,24 @@ def edit_each_prototype(
     Fewer inverted steps keep more of the original image (the emergence analysis says how many
     steps back a concept needs).
     """
-    enc = model.encoder
-    s = model.encode(x0)
-    k = partial_steps if partial_steps is not None else steps
-    if not 0 < k <= steps:
-        raise ValueError(f"partial_steps={partial_steps}; expected 1..{steps}")
-    z = ddim_invert(model, x0, s, steps, stop_step=k)
-    start = steps - k
-    plain = ddim_sample(model, z, s, steps, start_step=start, clip=False)
-    s_plain = model.encode(plain)
-    _, w = enc.feature_shape()
-    edited, rises, cells = [], [], []
-    for j in prototypes:
-        s_edit = s.clone()
-        s_edit[:, j] = s_max[j].to(s.device)
-        img = ddim_sample(model, z, s_edit, steps, start_step=start, clip=False)
-        s_after, where = enc.encode(img)
-        edited.append(img)
-        rises.append(s_after[:, j] - s_plain[:, j])
-        cells.append(torch.stack([where[:, j] // w, where[:, j] % w], 1))
+    res = pipe.edit(x0, [[Edit(j, "set", s_max[j])] for j in prototypes], steps, partial_steps)
+    s_plain = pipe.encode(res.reconstruction).s
+    _, w = pipe.model.encoder.feature_shape()
+    rises, cells = [], []
+    for i, j in enumerate(prototypes):
+        after = pipe.encode(res.images[i])
+        rises.append(after.s[:, j] - s_plain[:, j])
+        cells.append(torch.stack([after.where[:, j] // w, after.where[:, j] % w], 1))
     p = len(prototypes)
     return EditOutcome(
-        list(prototypes), plain, s_plain,
-        torch.stack(edited) if p else plain[None, :0], torch.stack(rises) if p else s[:0].T,
+        list(prototypes), res.reconstruction, s_plain, res.images,
+        torch.stack(rises) if p else s_plain[:0].T,
         torch.stack(cells) if p else torch.zeros(0, len(x0), 2, dtype=torch.long),
     )
 
 
-@torch.no_grad()
 def edit_and_localise(
-    model: PatronusModel,
+    pipe: PatronusPipeline,
     x0: torch.Tensor,
     prototypes: Sequence[int],
     s_max: torch.Tensor,
@@ -94,8 +79,8 @@ def edit_and_localise(
 
     Returns the localisations, the plain decodes (B, C, H, W) and the chosen edited images (P, C, H, W).
     """
-    out = edit_each_prototype(model, x0, prototypes, s_max, steps, partial_steps)
-    rf = model.encoder.receptive_field()
+    out = edit_each_prototype(pipe, x0, prototypes, s_max, steps, partial_steps)
+    rf = pipe.model.encoder.receptive_field()
     found, chosen = [], []
     for i, j in enumerate(out.prototypes):
         n = int(out.rise[i].argmax())
@@ -105,13 +90,3 @@ def edit_and_localise(
     return found, out.plain, torch.stack(chosen) if chosen else out.plain[:0]
 
 
-def localisation_gallery(plain: torch.Tensor, edited: torch.Tensor, found: list[Localisation], scale: int = 3) -> torch.Tensor:
-    """Pairs per prototype: the plain decode and the edited one with J's receptive-field box (uint8 grid)."""
-    tiles = []
-    for loc, img in zip(found, edited):
-        top, left, bottom, right = loc.box
-        box = torch.tensor([[left, top, right - 1, bottom - 1]])
-        tiles.append(to_uint8_rgb(plain[loc.image_index]))
-        tiles.append(draw_bounding_boxes(to_uint8_rgb(img), box, colors="red", width=1))
-    big = torch.nn.functional.interpolate(torch.stack(tiles).float(), scale_factor=scale, mode="nearest")
-    return make_grid(big, nrow=8, padding=2, pad_value=255).to(torch.uint8)

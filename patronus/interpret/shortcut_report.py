@@ -39,10 +39,9 @@ from typing import Optional, Sequence
 import torch
 
 from patronus.data.shortcuts import phi
-from patronus.diffusion import ddim_sample
-from patronus.interpret.information import with_baseline
+from patronus.edits import Edit, apply_edits, set_prototypes
 from patronus.interpret.quality import auroc_matrix, class_indicators, fit_logistic, predict_proba
-from patronus.models.patronus import PatronusModel
+from patronus.pipeline import PatronusPipeline
 
 # --- 1. association ----------------------------------------------------------------------
 
@@ -61,7 +60,7 @@ def split_targets(
     if targets:
         missing = [t for t in targets if t not in names]
         if missing:
-            raise ValueError(f"--targets {missing}: not attributes of this dataset; it has {names}")
+            raise ValueError(f"targets {missing}: not attributes of this dataset; it has {names}")
         t_idx = [names.index(t) for t in targets]
         t_cols, t_names = attributes[:, t_idx], list(targets)
         rest = [i for i in range(len(names)) if i not in t_idx]
@@ -195,20 +194,20 @@ class CausalEffect:
     locality: float  # share of |x_high − x_low| inside J's receptive-field box in x_high
 
 
-@torch.no_grad()
-def causal_effect(model: PatronusModel, x_T: torch.Tensor, s: torch.Tensor, j: int, low: float, high: float,
+def sample_unclipped(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, steps: int) -> torch.Tensor:
+    """DDIM-decode x_T under s without clipping x̂0 on the way, the result clamped to [-1, 1]
+    (the report's one way to turn activations into images)."""
+    return pipe.denoise(x_T, s, steps, clip=False).clamp(-1, 1)
+
+
+def causal_effect(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, j: int, low: float, high: float,
                   probes: Sequence[Optional[LinearProbe]], steps: int) -> tuple[CausalEffect, torch.Tensor, torch.Tensor]:
     """Sample the same x_T with s_J = low and = high; probe both. Returns the effect and the two samples."""
-    enc = model.encoder
-    decoded = []
-    for v in (low, high):
-        cond = s.clone()
-        cond[:, j] = v
-        decoded.append(ddim_sample(model, x_T, cond, steps, clip=False).clamp(-1, 1))
-    x_low, x_high = decoded
-    s_low, s_high = model.encode(x_low), model.encode(x_high)
+    x_low, x_high = (sample_unclipped(pipe, x_T, apply_edits(s, [Edit(j, "set", v)]), steps) for v in (low, high))
+    s_low, acts_high = pipe.encode(x_low).s, pipe.encode(x_high)
+    s_high, where = acts_high.s, acts_high.where
     delta = (probe_predictions(probes, s_high.cpu()) - probe_predictions(probes, s_low.cpu())).mean(0)
-    _, where = enc.encode(x_high)
+    enc = pipe.model.encoder
     _, w = enc.feature_shape()
     rf = enc.receptive_field()
     change = (x_high - x_low).abs().sum(1)  # (B, H, W)
@@ -242,9 +241,7 @@ def counterfactual_flips(probe: LinearProbe, s: torch.Tensor, y: torch.Tensor, v
     examples = []
     for v, (name, vals) in enumerate(values.items()):
         for j in range(K):
-            edited = s[wrong].clone()
-            edited[:, j] = vals[j]
-            now = probe.proba(edited).argmax(1)
+            now = probe.proba(set_prototypes(s[wrong], [j], vals)).argmax(1)
             ok = now == y[wrong]
             fixed[v, j] = ok.float().mean() if len(wrong) else 0.0
             for i in ok.nonzero().flatten().tolist()[: max(0, max_examples - len(examples))]:
@@ -280,11 +277,10 @@ def mask_coverage(maps: torch.Tensor, masks: torch.Tensor) -> tuple[float, float
 # --- 5. mitigation --------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def neutralised_decode(model: PatronusModel, x_T: torch.Tensor, s: torch.Tensor, prototypes: Sequence[int],
+def neutralised_decode(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, prototypes: Sequence[int],
                        median: torch.Tensor, steps: int) -> torch.Tensor:
     """Sample x_T with the flagged prototypes held at their dataset median: the image without the shortcut."""
-    return ddim_sample(model, x_T, with_baseline(s, prototypes, median), steps, clip=False).clamp(-1, 1)
+    return sample_unclipped(pipe, x_T, set_prototypes(s, prototypes, median), steps)
 
 
 def finetune_config(prototypes: Sequence[int], median: torch.Tensor, init_from: str) -> str:

@@ -1,4 +1,4 @@
-"""Per-prototype activation statistics over a dataset split, cached next to the checkpoint.
+"""Per-prototype activation statistics over a dataset split (cached by `patronus.runs`).
 
 "max" for an edit should be a high quantile over real data, not the maximum of one random
 batch (the paper's notebooks): one outlier image would set every edit's strength.
@@ -6,14 +6,11 @@ batch (the paper's notebooks): one outlier image would set every edit's strength
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from patronus.interpret.edits import activation_range
-from patronus.models.patronus import PatronusModel
+from patronus.edits import activation_range
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
@@ -34,17 +31,7 @@ def activation_statistics(activations: torch.Tensor, quantiles: Sequence[float] 
     }
 
 
-def cached_statistics(model: PatronusModel, images: torch.Tensor, cache: Path, source: dict[str, Any]) -> dict[str, Any]:
-    """Statistics for `images`, computed once and stored at `cache` with what they were computed on."""
-    if cache.is_file():
-        stored = json.loads(cache.read_text())
-        if stored.get("source") == source and len(stored.get("mean", [])) == model.config.num_prototypes:
-            return stored
-    from patronus.sampling import encode_all  # local: sampling imports this module
-
-    stats = {"source": source, **activation_statistics(encode_all(model, images))}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats, indent=1))
-    tmp.replace(cache)
-    return stats
+def edit_levels(stats: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Named per-prototype values (K,) that edits and baselines refer to: max (q99), min (q01), median."""
+    return {"max": torch.tensor(stats["max"]), "min": torch.tensor(stats["min"]),
+            "median": torch.tensor(stats["quantiles"]["0.5"])}

@@ -51,7 +51,7 @@ class PatronusModule(pl.LightningModule):
             raise ValueError(f"held_prototypes {bad}: the model has K={net.config.num_prototypes} prototypes")
         self.held = {int(j): float(v) for j, v in (held_prototypes or {}).items()}
         if init_from is not None:
-            from patronus.checkpoints import load_model
+            from patronus.runs import load_model
 
             net.load_state_dict(load_model(init_from).state_dict())
         self.net = net

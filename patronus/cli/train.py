@@ -1,4 +1,4 @@
-"""Command-line entry points: `train.py` (LightningCLI) and `sample.py`."""
+"""`train.py`: the LightningCLI over PatronusModule + PatronusDataModule, with a run directory."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from patronus.callbacks import EMA, InterpretMonitor, SampleGrid, StatusLine
-from patronus.checkpoints import LAST_CKPT, MODEL_DIR, export_model
 from patronus.data.datamodule import PatronusDataModule
-from patronus.module import PatronusModule
+from patronus.runs import LAST_CKPT, MODEL_DIR, export_model
+from patronus.training.callbacks import EMA, InterpretMonitor, SampleGrid, StatusLine
+from patronus.training.module import PatronusModule
 
 LoggerKind = Literal["wandb", "csv", "tensorboard", "none"]
 
@@ -118,13 +118,6 @@ def train_main(args: Optional[list[str]] = None) -> PatronusCLI:
         out = export_model(cli.model.net, run_dir / MODEL_DIR)
         rank_zero_info(f"exported model to {out}")
     return cli
-
-
-def sample_main(argv: Optional[list[str]] = None) -> dict:
-    """`python sample.py --checkpoint RUN ...` (see `patronus.sampling.build_parser`)."""
-    from patronus.sampling import build_parser, run_from_args
-
-    return run_from_args(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

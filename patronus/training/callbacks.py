@@ -3,10 +3,11 @@ and the interpretability probe logged during training."""
 
 from __future__ import annotations
 
+import json
 import time
-from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -14,9 +15,14 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torchvision.utils import make_grid, save_image
+from safetensors.torch import save_file
+from torchvision.utils import save_image
 
-from patronus.diffusion import ddim_sample
+from patronus import plots
+from patronus.pipeline import PatronusPipeline
+
+if TYPE_CHECKING:
+    from patronus.interpret.monitor import ProbeResult
 
 
 class EMA(WeightAveraging):
@@ -82,11 +88,6 @@ def _rss_gib() -> float:
         return float("nan")
 
 
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1] for image files and loggers."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
 class SampleGrid(pl.Callback):
     """At each validation (EMA weights when EMA is on): references vs DDIM samples from their s.
 
@@ -103,25 +104,13 @@ class SampleGrid(pl.Callback):
 
     @rank_zero_only
     def _log_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule, refs: torch.Tensor) -> None:
-        net = pl_module.net
-        x_T = fixed_noise(refs, self.seed)
-        with torch.no_grad():
-            samples = ddim_sample(net, x_T, net.encode(refs), num_steps=self.ddim_steps)
-        grid = reference_grid(refs, samples)
+        pipe = PatronusPipeline(model=pl_module.net)  # eval, no grad, fp32 (outside the training autocast)
+        samples = pipe.sample(pipe.encode(refs).s, pipe.noise(refs.shape, seed=self.seed), steps=self.ddim_steps)
+        grid = plots.reference_grid(refs, samples)
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, out)
         log_images(trainer, {"samples/reference_vs_ddim": grid})
-
-
-def fixed_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
-    """x_T drawn on the CPU from `seed`: the same noise at every logging step and on any device."""
-    return torch.randn(like.shape, generator=torch.Generator(device="cpu").manual_seed(seed)).to(like.device)
-
-
-def reference_grid(refs: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-    """Row 1 the references, row 2 their samples; float (3, H, W) in [0, 1]."""
-    return make_grid(to_unit(torch.cat([refs.cpu(), samples.cpu()])), nrow=len(refs), padding=1)
 
 
 def log_images(trainer: pl.Trainer, images: dict[str, torch.Tensor]) -> None:
@@ -133,17 +122,6 @@ def log_images(trainer: pl.Trainer, images: dict[str, torch.Tensor]) -> None:
                 logger.log_image(key, [img], step=trainer.global_step)
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(key, img, trainer.global_step)
-
-
-@contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Eval mode for a probe (BatchNorm must not update its running statistics), restored after."""
-    was = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was)
 
 
 def averaged_net(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
@@ -251,23 +229,22 @@ class InterpretMonitor(pl.Callback):
         return torch.cat(images)[: self.pool_size]
 
     @rank_zero_only
-    @torch.no_grad()
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from patronus.interpret.monitor import run_probe, stats_table, write_probe  # matplotlib: only when used
+        from patronus.interpret.monitor import run_probe, stats_table
 
         if self._pool is None:
             self._pool = self._real_images(trainer)
         pool, step = self._pool, trainer.global_step
-        probe = pool[: self.num_images].to(pl_module.device)
-        x_T = fixed_noise(probe, self.seed)
-        net = averaged_net(trainer, pl_module)
-        with eval_mode(net), torch.autocast(probe.device.type, enabled=False):
-            result = run_probe(net, probe, x_T, pool, self.ddim_steps, self.top_k, self.bins)
-            rf = net.encoder.receptive_field()
+        # The pipeline runs the probe in eval mode, fp32, without gradients, and restores train mode.
+        pipe = PatronusPipeline(model=averaged_net(trainer, pl_module))
+        probe = pool[: self.num_images].to(pipe.device)
+        x_T = pipe.noise(probe.shape, seed=self.seed)
+        result = run_probe(pipe, probe, x_T, pool, self.ddim_steps, self.top_k, self.bins)
+        rf = pipe.model.encoder.receptive_field()
         out = Path(trainer.default_root_dir) / "interpret" / f"step_{step:07d}"
         figures = write_probe(result, pool, probe.cpu(), x_T.cpu(), out, step,
                               {"size": rf.size, "jump": rf.jump, "start": rf.start, "image_size": rf.image_size})
-        grid = reference_grid(probe, result.decoded)
+        grid = plots.reference_grid(probe, result.decoded)
         save_image(grid, out / "samples.png")
         log_images(trainer, {**{f"interpret/{k}": v for k, v in figures.items()}, "interpret/samples": grid})
         columns, rows = stats_table(result.stats)
@@ -281,3 +258,26 @@ class InterpretMonitor(pl.Callback):
             elif isinstance(logger, TensorBoardLogger):
                 for j, col in enumerate(result.pool_activations.T):
                     logger.experiment.add_histogram(f"interpret/hist/p{j}", col, step, bins=self.bins)
+
+
+def write_probe(result: "ProbeResult", pool: torch.Tensor, x0: torch.Tensor, x_T: torch.Tensor, out: Path,
+                step: Optional[int] = None, receptive_field: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
+    """Figures (PNG) and numbers (JSON, safetensors) of one probe under `out`; returns the figures
+    as uint8 (3, H, W) tensors keyed by name, ready for the loggers."""
+    out.mkdir(parents=True, exist_ok=True)
+    at = f" (step {step})" if step is not None else ""
+    K = result.heatmap.shape[0]
+    figures = {
+        "heatmap": plots.emergence_heatmap(result.heatmap, result.timesteps, f"s(x̂0(t)) − s(x0), DDIM from s{at}",
+                                     out / "heatmap.png", [f"p{j}" for j in range(K)]),
+        "histograms": plots.histogram_figure(result.hists, f"activations over {len(pool)} real images{at}", out / "histograms.png"),
+        "gallery": plots.patch_gallery(pool, result.hits),
+    }
+    plots.save_png(figures["gallery"], out / "gallery.png")
+    tensors = {"heatmap": result.heatmap, "timesteps": result.timesteps, "activations": result.activations,
+               "s_ref": result.s_ref, "x0": x0, "x_T": x_T, "decoded": result.decoded, "pool_activations": result.pool_activations}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "probe.safetensors"))
+    (out / "stats.json").write_text(json.dumps({"step": step, **result.stats}, indent=1))
+    gallery = {"step": step, "receptive_field": receptive_field, "hits": [[asdict(h) for h in row] for row in result.hits]}
+    (out / "gallery.json").write_text(json.dumps(gallery))
+    return figures

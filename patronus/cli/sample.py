@@ -1,0 +1,150 @@
+"""`sample.py`: conditional samples, DDIM inversion + reconstruction, prototype-guided edits -> PNG + JSON."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from jsonargparse import ArgumentParser
+
+from patronus import plots
+from patronus.cli.common import Context, DataSource, add_common_arguments, check_positive, load_pipeline, report_user_errors, wants_debug, write_json
+from patronus.data.images import read_image
+from patronus.edits import Edit, parse_edit
+from patronus.interpret.generation_metrics import psnr
+from patronus.interpret.stats import activation_statistics, edit_levels
+from patronus.runs import resolve_checkpoint
+
+
+def references(ctx: Context, images: Optional[list[str]], resize: bool, indices: Optional[list[int]]) -> tuple[torch.Tensor, list[str]]:
+    """Reference images (B, C, H, W) and their names: image files, or dataset rows by index (default 0..7)."""
+    c = ctx.pipe.model.config
+    if images:
+        refs = [read_image(p, c.in_channels, size=None if resize else c.image_size, resize_to=c.image_size if resize else None)
+                for p in images]
+        return torch.stack(refs), [str(p) for p in images]
+    ds = ctx.dataset()
+    idx = indices if indices is not None else list(range(min(8, len(ds))))
+    bad = [i for i in idx if not 0 <= i < len(ds)]
+    if bad:
+        raise ValueError(f"indices {bad}: out of range for {ds.source['dataset']} {ds.source['split']} with {len(ds)} images")
+    return torch.stack([ds[i]["image"] for i in idx]), [f"{ds.source['dataset']}:{ds.source['split']}:{i}" for i in idx]
+
+
+def sample(
+    ctx: Context,
+    images: Optional[list[str]] = None,
+    resize: bool = False,
+    indices: Optional[list[int]] = None,
+    sampler: Literal["ddim", "ddpm"] = "ddim",
+    steps: int = 50,
+    inversion_steps: int = 50,
+    num_samples: int = 4,
+    edit: Union[list[str], str, None] = None,
+    edit_top: int = 4,
+    unconditional: int = 0,
+) -> dict:
+    """Conditional sampling, DDIM inversion and prototype-guided editing from a Patronus checkpoint.
+
+    Args:
+        images: reference image files (size and channels of the model); default: dataset rows.
+        resize: resize reference images instead of rejecting other sizes.
+        indices: reference images by dataset index, e.g. [0,5,9] (default: 0..7).
+        sampler: ddim (deterministic) or ddpm (ancestral).
+        steps: sampling steps.
+        inversion_steps: DDIM steps of inversion, reconstruction and edits.
+        num_samples: new samples per reference.
+        edit: prototype edits, one image row each: 3=max | 7=0 | 5*2 | 2+1.5, comma-joined to combine
+            (3=max,7=min); several as a list [3=max,7=0]. Default: the `edit_top` most variable raised to max.
+        edit_top: without `edit`: raise the N most variable prototypes to their max.
+        unconditional: also decode N samples of the trained activation prior.
+    """
+    check_positive(steps=steps, inversion_steps=inversion_steps, num_samples=num_samples)
+    pipe, out = ctx.pipe, ctx.out
+    K = pipe.num_prototypes
+    specs = [edit] if isinstance(edit, str) else list(edit or [])
+    edits = [parse_edit(e, K) for e in specs]
+    refs, names = references(ctx, images, resize, indices)
+    refs = refs.to(pipe.device)
+    summary: dict = {"checkpoint": str(resolve_checkpoint(ctx.checkpoint)), "references": names, "sampler": sampler,
+                     "steps": steps, "seed": ctx.seed, "files": {}}
+
+    # 1. Conditional samples: same s as each reference, fresh x_T.
+    s = pipe.encode(refs).s
+    samples = [pipe.sample(s, seed=ctx.seed + k, steps=steps, sampler=sampler) for k in range(num_samples)]
+    summary["files"]["samples"] = str(plots.save_rows([refs, *samples], out / "samples.png"))
+
+    # 2. Edits in units of the dataset's activation quantiles (cached beside the checkpoint).
+    try:
+        stats = ctx.statistics()
+    except ValueError:
+        if not images:
+            raise
+        stats = activation_statistics(s.cpu())  # only image files and no dataset: their own spread is all there is
+    levels = edit_levels(stats)
+    if not edits and edit_top > 0:
+        spread = torch.tensor(stats["std"])
+        edits = [[Edit(j, "set", "max")] for j in spread.argsort(descending=True)[:edit_top].tolist()]
+
+    # 3. DDIM inversion, reconstruction and every edit decoded from the same inverted x_T.
+    res = pipe.edit(refs, edits, inversion_steps, levels=levels)
+    recon = res.reconstruction
+    summary["reconstruction_psnr_db"] = psnr(recon, refs)
+    summary["reconstruction_psnr_db_mean"] = sum(summary["reconstruction_psnr_db"]) / len(refs)
+    summary["files"]["reconstructions"] = str(plots.save_rows([refs, recon], out / "reconstructions.png"))
+    if edits:
+        s_recon = pipe.encode(recon).s
+        report = []
+        for e, img, req in zip(edits, res.images, res.requested):
+            got = pipe.encode(img).s
+            report.append({
+                "edit": ",".join(map(str, e)),
+                "prototypes": {
+                    str(one.prototype): {
+                        "requested_mean": float(req[:, one.prototype].mean()),
+                        "reconstruction_mean": float(s_recon[:, one.prototype].mean()),
+                        "decoded_mean": float(got[:, one.prototype].mean()),
+                    }
+                    for one in e
+                },
+            })
+        summary["edits"] = report
+        summary["files"]["edits"] = str(plots.save_rows([refs, recon, *res.images], out / "edits.png"))
+    if unconditional:
+        if pipe.prior is None:
+            raise FileNotFoundError(f"{ctx.checkpoint}: no trained activation prior; run `python -m patronus prior --checkpoint {ctx.checkpoint}` first")
+        generated, _ = pipe.generate(unconditional, steps, ctx.seed)
+        summary["files"]["unconditional"] = str(plots.save_rows([generated], out / "unconditional.png"))
+    summary["activation_range"] = {"min": stats["min"], "max": stats["max"]}
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="sample.py", description=(sample.__doc__ or "").strip().splitlines()[0])
+    add_common_arguments(parser, default_out="outputs/sample")
+    parser.add_function_arguments(sample, skip={"ctx"}, fail_untyped=True)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """`python sample.py --checkpoint RUN --out DIR [--edit 3=max] ...`"""
+    debug = wants_debug(argv)
+    options = build_parser().parse_args(argv).as_dict()
+
+    def run() -> dict:
+        common = {k: options.pop(k) for k in ("checkpoint", "out", "seed", "device", "debug")}
+        data = DataSource(**dict(options.pop("data") or {}))
+        torch.manual_seed(common["seed"])
+        pipe = load_pipeline(common["checkpoint"], common["device"])
+        out = Path(common["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        return sample(Context(pipe, common["checkpoint"], out, common["seed"], data), **options)
+
+    return report_user_errors(run, debug)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

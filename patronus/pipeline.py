@@ -1,0 +1,294 @@
+"""PatronusPipeline: the one object for inference — encode, sample, invert, reconstruct, edit, generate.
+
+A diffusers `DiffusionPipeline` (components: the Patronus model, its DDIM scheduler and, when
+trained, the activation prior), so `save_pretrained` / `from_pretrained` / `.to(device)` /
+progress bars work as for any diffusers pipeline; `from_pretrained` also takes a training run
+directory, an exported model directory or a Lightning `.ckpt` (loaded safely, never unpickled).
+
+Every verb runs in eval mode, without gradients and without autocast (the prototype distances
+‖z‖² − 2z·p + ‖p‖² cancel badly in bf16), and restores the model's train/eval state afterwards,
+so the training callbacks can call it on the live or EMA network. Noise is drawn on the CPU from
+a seed, so a seed means the same x_T on every device. ONE denoising loop (`denoise_loop`)
+serves sampling, partial decoding, inversion, emergence tracing (its per-step callback sees
+x̂0) and the activation prior.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Optional, Sequence
+
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DiffusionPipeline
+
+from patronus.edits import Edit, apply_edits
+from patronus.models.patronus import PatronusModel
+from patronus.models.prior import ActivationPrior
+
+# Called after every denoising step with (step index, timestep, x after the step, predicted x̂0).
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+# ε-prediction for (x_t, t): the denoiser under a fixed condition, or the activation prior.
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Sampler = Literal["ddim", "ddpm"]
+
+
+@dataclass
+class Activations:
+    """What the prototype encoder says about images (Patronus Eq. 1-2)."""
+
+    s: torch.Tensor  # (B, K) log-similarity activations, the denoiser's only condition
+    where: torch.Tensor  # (B, K) long: flat index of each prototype's closest feature cell (the "where")
+    distances: torch.Tensor  # (B, K) squared L2 distance at that cell
+
+
+@dataclass
+class EditResult:
+    """Images edited from the same latent: the inverted x_t, the plain decode and one decode per edit."""
+
+    latent: torch.Tensor  # (B, C, H, W) x_t after inverting `partial_steps` of the `steps` DDIM steps
+    s: torch.Tensor  # (B, K) the images' own activations
+    reconstruction: torch.Tensor  # (B, C, H, W) decode of the latent under s
+    images: torch.Tensor  # (E, B, C, H, W) decode of the same latent under each edited s
+    requested: torch.Tensor  # (E, B, K) the edited activations
+    start_step: int  # the decoding step the latent belongs to (0 for a full inversion)
+
+
+def make_scheduler(config, kind: Literal["ddim", "ddpm", "inverse"], steps: int, clip: bool = True):
+    """A fresh diffusers scheduler of the model's noise schedule with `steps` steps.
+
+    DDIM (and its inverse) use trailing spacing and ᾱ_final = 1, so decoding starts at t = T−1,
+    ends on the clean image, and the inverse visits exactly the timesteps decoding will use.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps}; expected at least 1 denoising step")
+    if kind == "ddpm":
+        sched = DDPMScheduler.from_config(config, clip_sample=clip)
+    else:
+        cls = DDIMInverseScheduler if kind == "inverse" else DDIMScheduler
+        sched = cls.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=clip)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def denoise_loop(
+    scheduler,
+    x: torch.Tensor,
+    eps: EpsFn,
+    start_step: int = 0,
+    stop_step: Optional[int] = None,
+    callback: Optional[StepCallback] = None,
+    progress: Optional[Callable] = None,
+    **step_kwargs,
+) -> torch.Tensor:
+    """Run `scheduler`'s steps start_step ≤ i < stop_step on x: the one loop of the package.
+
+    Decoding (DDIM/DDPM), inversion (DDIMInverseScheduler), partial decoding from an
+    intermediate x_t and the activation prior all go through here; `step_kwargs` go to
+    `scheduler.step` (eta, generator).
+    """
+    timesteps = scheduler.timesteps
+    stop = len(timesteps) if stop_step is None else stop_step
+    if not 0 <= start_step <= stop <= len(timesteps):
+        raise ValueError(f"start_step={start_step}, stop_step={stop_step}; expected 0 ≤ start ≤ stop ≤ {len(timesteps)}")
+    steps = range(start_step, stop)
+    for i in progress(steps) if progress is not None else steps:
+        t = timesteps[i]
+        out = scheduler.step(eps(x, t), t, x, **step_kwargs)
+        x = out.prev_sample
+        if callback is not None:
+            callback(i, int(t), x, out.pred_original_sample)
+    return x
+
+
+class PatronusPipeline(DiffusionPipeline):
+    """Inference for a Patronus model (see the module docstring).
+
+    Args:
+        model: the prototype encoder + conditioned denoiser.
+        scheduler: the DDIM scheduler decodes with (default: built from the model's schedule).
+        prior: the diffusion prior over activations, for `generate` (optional).
+    """
+
+    _optional_components = ["scheduler", "prior"]
+    model_cpu_offload_seq = "model"
+
+    def __init__(self, model: PatronusModel, scheduler: Optional[DDIMScheduler] = None, prior: Optional[ActivationPrior] = None):
+        super().__init__()
+        if scheduler is None:
+            scheduler = make_scheduler(model.noise_scheduler().config, "ddim", 50)
+        self.register_modules(model=model, scheduler=scheduler, prior=prior)
+        self.set_progress_bar_config(disable=True, leave=False)  # the CLI turns bars on
+        self.home: Optional[Path] = None  # the run / model folder it was loaded from (analysis cache)
+
+    # --- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: Optional[str | torch.device] = None, **kwargs) -> "PatronusPipeline":
+        """Load from a saved pipeline (`save_pretrained`), a training run directory, an exported
+        model directory or a Lightning `.ckpt`. A run's trained activation prior comes along."""
+        from patronus import runs  # runs imports the models only; kept local so `runs` can stay import-light
+
+        p = Path(path)
+        if (p / "model_index.json").is_file():
+            pipe = super().from_pretrained(p, use_safetensors=True, low_cpu_mem_usage=False, **kwargs)
+        else:
+            model = runs.load_model(p)
+            prior = runs.load_prior(p) if (runs.prior_dir(p) / ActivationPrior.config_name).is_file() else None
+            pipe = cls(model=model, prior=prior)
+        pipe.home = runs.home_of(p) if not (p / "model_index.json").is_file() else p
+        return pipe.to(device) if device is not None else pipe
+
+    # --- small shared pieces ----------------------------------------------------------------
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Eval mode (BatchNorm must not update), no gradients, no autocast; the train flags are restored."""
+        modules = [m for m in (self.model, self.prior) if m is not None]
+        was = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                yield
+        finally:
+            for m, w in zip(modules, was):
+                m.train(w)
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.model.config.num_prototypes
+
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.model.config
+        return (c.in_channels, c.image_size, c.image_size)
+
+    def noise(self, shape: Sequence[int], seed: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Standard normal noise drawn on the CPU (from `generator`, else from `seed`), then moved to
+        the pipeline's device: the same seed gives the same x_T everywhere."""
+        gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
+        return torch.randn(tuple(shape), generator=gen).to(self.device)
+
+    def _eps(self, s: torch.Tensor) -> EpsFn:
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model(x, t.expand(len(x)).to(x.device), s=s)
+
+        return eps
+
+    # --- the verbs -------------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor, batch_size: int = 256) -> Activations:
+        """Activations of clean images in [-1, 1], in batches; results on the images' device."""
+        enc = self.model.encoder
+        s, where, dist = [], [], []
+        with self.inference():
+            for i in range(0, len(images), batch_size):
+                d = enc.distance_maps(images[i : i + batch_size].to(self.device)).flatten(2)  # (b, K, H'W')
+                dmin, arg = d.min(dim=2)
+                s.append(enc.activations_from_distances(dmin).to(images.device))
+                where.append(arg.to(images.device))
+                dist.append(dmin.to(images.device))
+        K = self.num_prototypes
+        empty = images.new_zeros(0, K)
+        return Activations(torch.cat(s) if s else empty, torch.cat(where) if where else empty.long(), torch.cat(dist) if dist else empty)
+
+    def denoise(
+        self,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        steps: int = 50,
+        *,
+        start_step: int = 0,
+        stop_step: Optional[int] = None,
+        sampler: Sampler = "ddim",
+        eta: float = 0.0,
+        clip: bool = True,
+        generator: Optional[torch.Generator] = None,
+        callback: Optional[StepCallback] = None,
+    ) -> torch.Tensor:
+        """Decode x (x_T, or the x_t of step `start_step`) under condition s, steps start..stop.
+
+        DDIM (deterministic for eta = 0) or ancestral DDPM. `clip=False` keeps x̂0 unclipped,
+        which exact inversion and reconstruction need.
+        """
+        x, s = x.to(self.device), s.to(self.device)
+        sched = make_scheduler(self.scheduler.config, sampler, steps, clip)
+        kwargs = {"eta": eta, "generator": generator} if sampler == "ddim" else {"generator": generator}
+        with self.inference():
+            return denoise_loop(sched, x, self._eps(s), start_step, stop_step, callback, self.progress_bar, **kwargs)
+
+    def sample(
+        self,
+        s: torch.Tensor,
+        x_T: Optional[torch.Tensor] = None,
+        *,
+        seed: int = 0,
+        generator: Optional[torch.Generator] = None,
+        steps: int = 50,
+        sampler: Sampler = "ddim",
+        eta: float = 0.0,
+        callback: Optional[StepCallback] = None,
+    ) -> torch.Tensor:
+        """New images (B, C, H, W) with activations s from x_T (drawn from `seed`/`generator` if not given)."""
+        if x_T is None:
+            gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+            x_T = self.noise((len(s), *self.image_shape()), generator=gen)
+            generator = gen  # DDPM's per-step noise continues the same stream
+        return self.denoise(x_T, s, steps, sampler=sampler, eta=eta, generator=generator, callback=callback)
+
+    def invert(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50, stop_step: Optional[int] = None) -> torch.Tensor:
+        """Deterministic DDIM inversion x0 → x_T under s (default: x0's own), without clipping.
+
+        `stop_step` inverts only that many steps: the x_t that `denoise(..., start_step=steps − stop_step)`
+        continues from (partial-noise editing).
+        """
+        x0 = x0.to(self.device)
+        s = self.encode(x0).s if s is None else s.to(self.device)
+        sched = make_scheduler(self.scheduler.config, "inverse", steps, clip=False)
+        with self.inference():
+            return denoise_loop(sched, x0, self._eps(s), 0, stop_step, progress=self.progress_bar)
+
+    def reconstruct(self, x0: torch.Tensor, steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+        """Invert x0 under its own s and decode again: (x_T, reconstruction)."""
+        s = self.encode(x0.to(self.device)).s
+        x_T = self.invert(x0, s, steps)
+        return x_T, self.denoise(x_T, s, steps, clip=False)
+
+    def edit(
+        self,
+        x0: torch.Tensor,
+        edits: Sequence[Sequence[Edit]],
+        steps: int = 50,
+        partial_steps: Optional[int] = None,
+        levels: Optional[dict[str, torch.Tensor]] = None,
+    ) -> EditResult:
+        """Invert x0 (fully, or only `partial_steps` of the `steps` DDIM steps), then decode the same
+        latent under s and under each edited s. `levels` resolves named edit values ('max', ...)."""
+        k = steps if partial_steps is None else partial_steps
+        if not 0 < k <= steps:
+            raise ValueError(f"partial_steps={partial_steps}; expected 1..steps={steps}")
+        x0 = x0.to(self.device)
+        s = self.encode(x0).s
+        latent = self.invert(x0, s, steps, stop_step=k)
+        start = steps - k
+        recon = self.denoise(latent, s, steps, start_step=start, clip=False)
+        requested = [apply_edits(s, list(e), levels) for e in edits]
+        images = [self.denoise(latent, r, steps, start_step=start, clip=False) for r in requested]
+        return EditResult(latent, s, recon, torch.stack(images) if images else recon.new_zeros(0, *recon.shape),
+                          torch.stack(requested) if requested else s.new_zeros(0, *s.shape), start)
+
+    def sample_activations(self, n: int, steps: int = 50, seed: int = 0) -> torch.Tensor:
+        """n activation vectors (n, K) from the diffusion prior over standardised s (Patronus §3.4)."""
+        if self.prior is None:
+            raise ValueError("this pipeline has no activation prior; train one with `python -m patronus prior`")
+        sched = make_scheduler(self.prior.scheduler().config, "ddim", steps)
+        z = self.noise((n, self.prior.config.num_prototypes), seed=seed)
+        with self.inference():
+            z = denoise_loop(sched, z, lambda x, t: self.prior(x, t.to(x.device)), progress=self.progress_bar)
+        return self.prior.to_activations(z)
+
+    def generate(self, n: int, steps: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unconditional images: activations from the prior, decoded by the image model → (images, s)."""
+        s = self.sample_activations(n, steps, seed)
+        return self.sample(s, seed=seed + 1, steps=steps), s

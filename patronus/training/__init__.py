@@ -1,0 +1,1 @@
+"""Training: the Lightning system, its callbacks, and fitting the activation prior."""
