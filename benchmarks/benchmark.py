@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from patronus.diffusion import ddim_sample, ddpm_sample, diffusion_loss
+from patronus.diffusion import diffusion_loss
+from patronus.pipeline import PatronusPipeline
 from patronus.models.patronus import PatronusModel
 from patronus.training.module import PatronusModule
 
@@ -174,14 +175,13 @@ def main() -> None:
     ours = lightning_img_per_s(CPU, a.batch, max(a.reps * 4, 20), device, prec)
     res["lightning_vs_plain"] = {"precision": prec, "plain_img_per_s": plain, "lightning_img_per_s": ours, "ratio": ours / plain}
 
-    # Sampling: DDIM-50 vs 1000-step DDPM, CPU-preset model, seconds per image.
-    net = PatronusModel(**CPU).to(device).eval()
+    # Sampling through the pipeline (fp32, as every analysis): DDIM-50 vs 1000-step DDPM, CPU-preset model, s per image.
+    pipe = PatronusPipeline(model=PatronusModel(**CPU)).to(device)
     xs = torch.randn(a.sample_batch, 1, 32, 32, device=device)
-    s = net.encode(xs).detach()
-    with torch.no_grad(), autocast(device, prec):
-        t50 = timeit(lambda: ddim_sample(net, xs, s, num_steps=50), device, warmup=1, reps=1)
-        t1000 = timeit(lambda: ddpm_sample(net, xs, s), device, warmup=0, reps=1)
-    res["sampling_s_per_img"] = {"precision": prec, "ddim_50": t50 / a.sample_batch, "ddpm_1000": t1000 / a.sample_batch,
+    s = pipe.encode(xs).s
+    t50 = timeit(lambda: pipe.sample(s, xs, steps=50), device, warmup=1, reps=1)
+    t1000 = timeit(lambda: pipe.sample(s, xs, steps=1000, sampler="ddpm"), device, warmup=0, reps=1)
+    res["sampling_s_per_img"] = {"precision": "fp32", "ddim_50": t50 / a.sample_batch, "ddpm_1000": t1000 / a.sample_batch,
                                  "speedup": t1000 / t50}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))

@@ -1,60 +1,50 @@
 """Emergence over time on the tiny MNIST model: traces re-encode x̂0, edits rise, times are right, figures render."""
 
-import argparse
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torchvision.io import read_image
 
-from patronus.diffusion import ddim_invert, ddim_sample
-from patronus.interpret.emergence import (
-    EmergenceTrace,
-    add_emergence_args,
-    edit_emergence,
-    emergence_curve_plot,
-    emergence_curves,
-    emergence_heatmap,
-    emergence_times,
-    recorded_steps,
-    run_emergence,
-    trace_activations,
-)
-from patronus.sampling import encode_all
+from patronus.cli.analyses import main
+from patronus.edits import set_prototypes
+from patronus.interpret.emergence import edit_emergence, emergence_curves, emergence_times, recorded_steps, trace_activations
+from patronus.plots import emergence_curve_plot, emergence_heatmap
+from patronus.runs import export_model
+from tests.conftest import REPO
 
 STEPS = 10  # DDIM steps: t = 999, 899, ..., 99
 EDIT_STEPS = 20  # inversion of the tiny model needs ~20 steps to come back close to s(x0)
 
 
 @pytest.fixture(scope="module")
-def s_max(tiny_model, mnist_test_images) -> torch.Tensor:
+def s_max(tiny_model, tiny_pipe, mnist_test_images) -> torch.Tensor:
     with torch.no_grad():
-        return torch.quantile(encode_all(tiny_model, mnist_test_images), 0.99, dim=0)
+        return torch.quantile(tiny_pipe.encode(mnist_test_images).s, 0.99, dim=0)
 
 
 @pytest.fixture(scope="module")
-def raised(tiny_model, mnist_test_images, s_max):
+def raised(tiny_model, tiny_pipe, mnist_test_images, s_max):
     """The most variable prototype (the one edits move most on this tiny model), its spread over
     the images, one quiet prototype, and both edits traced."""
     with torch.no_grad():
-        spread = encode_all(tiny_model, mnist_test_images).std(0)
+        spread = tiny_pipe.encode(mnist_test_images).s.std(0)
         j = int(spread.argmax())
         quiet = (j + 1) % tiny_model.config.num_prototypes
-        return j, float(spread[j]), quiet, edit_emergence(tiny_model, mnist_test_images[:8], [j, quiet], s_max, EDIT_STEPS)
+        return j, float(spread[j]), quiet, edit_emergence(tiny_pipe, mnist_test_images[:8], [j, quiet], s_max, EDIT_STEPS)
 
 
 @torch.no_grad()
-def test_trace_re_encodes_the_predicted_clean_image_at_every_step(tiny_model, mnist_test_images):
+def test_trace_re_encodes_the_predicted_clean_image_at_every_step(tiny_model, tiny_pipe, mnist_test_images):
     x0 = mnist_test_images[:4]
     s = tiny_model.encode(x0)
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    trace = trace_activations(tiny_model, x_T, s, num_steps=STEPS)
+    trace = trace_activations(tiny_pipe, x_T, s, num_steps=STEPS)
     assert trace.activations.shape == (STEPS, 4, 8) and trace.timesteps.tolist() == list(range(999, 0, -100))
     # last entry: the decoded image itself (clamped, as every x̂0 is)
-    decoded = ddim_sample(tiny_model, x_T, s, STEPS, clip=False)
+    decoded = tiny_pipe.denoise(x_T, s, STEPS, clip=False)
     torch.testing.assert_close(trace.images, decoded)
     torch.testing.assert_close(trace.activations[-1], tiny_model.encode(decoded.clamp(-1, 1)))
     # first entry: x̂0 = (x_T − √(1−ᾱ) ε) / √ᾱ at t = 999, computed by hand
@@ -64,20 +54,20 @@ def test_trace_re_encodes_the_predicted_clean_image_at_every_step(tiny_model, mn
     torch.testing.assert_close(trace.activations[0], tiny_model.encode(x0_hat), atol=1e-5, rtol=1e-4)
     assert (trace.activations[0] - trace.activations[-1]).abs().max() > 1e-4  # the concept moves over time
     # chunked decoding gives the same trace
-    torch.testing.assert_close(trace_activations(tiny_model, x_T, s, STEPS, batch_size=3).activations, trace.activations)
+    torch.testing.assert_close(trace_activations(tiny_pipe, x_T, s, STEPS, batch_size=3).activations, trace.activations)
 
 
 @torch.no_grad()
-def test_every_k_records_ceil_n_over_k_steps_including_the_last(tiny_model, mnist_test_images):
+def test_every_k_records_ceil_n_over_k_steps_including_the_last(tiny_model, tiny_pipe, mnist_test_images):
     x0 = mnist_test_images[:2]
     s = tiny_model.encode(x0)
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    full = trace_activations(tiny_model, x_T, s, STEPS)
+    full = trace_activations(tiny_pipe, x_T, s, STEPS)
     for every, start in [(3, 0), (4, 2), (1, 5)]:
         steps = recorded_steps(STEPS, every, start)
         assert len(steps) == math.ceil((STEPS - start) / every) and steps[-1] == STEPS - 1
-        x_start = ddim_invert(tiny_model, x0, s, STEPS, stop_step=STEPS - start) if start else x_T
-        sub = trace_activations(tiny_model, x_start, s, STEPS, every=every, start_step=start)
+        x_start = tiny_pipe.invert(x0, s, STEPS, stop_step=STEPS - start) if start else x_T
+        sub = trace_activations(tiny_pipe, x_start, s, STEPS, every=every, start_step=start)
         assert sub.timesteps.tolist() == full.timesteps[steps].tolist()
         if start == 0:  # the same decode, fewer records
             torch.testing.assert_close(sub.activations, full.activations[steps])
@@ -104,13 +94,13 @@ def test_emergence_times_on_curves_with_known_answers():
 def test_curves_are_mean_and_std_of_the_difference_to_the_original():
     acts = torch.tensor([[[1.0, 2.0], [3.0, 2.0]], [[2.0, 2.0], [2.0, 4.0]]])  # (S=2, B=2, K=2)
     s_ref = torch.tensor([[1.0, 2.0], [2.0, 2.0]])  # (B, K)
-    mean, std = emergence_curves(EmergenceTrace(torch.tensor([9, 0]), acts, torch.zeros(2, 1, 2, 2)), s_ref)
+    mean, std = emergence_curves(acts, s_ref)
     torch.testing.assert_close(mean, torch.tensor([[0.5, 0.0], [0.5, 1.0]]))
     torch.testing.assert_close(std, torch.tensor([[2**-0.5, 0.0], [2**-0.5, 2**0.5]]))
 
 
 @torch.no_grad()
-def test_raising_a_prototype_rises_more_than_the_plain_decode(tiny_model, raised, s_max):
+def test_raising_a_prototype_rises_more_than_the_plain_decode(tiny_model, tiny_pipe, raised, s_max):
     j, spread, quiet, res = raised
     S = EDIT_STEPS
     assert res.mean.shape == res.plain_mean.shape == (S, 2) and res.edited.shape == (S, 8, 2)
@@ -124,14 +114,13 @@ def test_raising_a_prototype_rises_more_than_the_plain_decode(tiny_model, raised
 
 
 @torch.no_grad()
-def test_batched_edits_match_one_separate_traced_decode(tiny_model, mnist_test_images, raised, s_max):
+def test_batched_edits_match_one_separate_traced_decode(tiny_model, tiny_pipe, mnist_test_images, raised, s_max):
     j, spread, quiet, res = raised
     x0 = mnist_test_images[:8]
     s = tiny_model.encode(x0)
-    x_T = ddim_invert(tiny_model, x0, s, EDIT_STEPS)
-    s_edit = s.clone()
-    s_edit[:, quiet] = s_max[quiet]
-    alone = trace_activations(tiny_model, x_T, s_edit, EDIT_STEPS)
+    x_T = tiny_pipe.invert(x0, s, EDIT_STEPS)
+    s_edit = set_prototypes(s, [quiet], s_max)
+    alone = trace_activations(tiny_pipe, x_T, s_edit, EDIT_STEPS)
     torch.testing.assert_close(res.edited[:, :, 1], alone.activations[..., quiet], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(res.images[2], alone.images, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(res.s_ref, s)
@@ -148,19 +137,18 @@ def test_heatmap_and_curve_plot_render_and_write_png(tmp_path):
     assert img.dtype == torch.uint8 and img.shape[0] == 3 and (tmp_path / "c.png").stat().st_size > 1000
 
 
-@torch.no_grad()
-def test_run_emergence_writes_figures_tensors_and_json(tiny_model, mnist_test_images, s_max, tmp_path):
-    parser = argparse.ArgumentParser()
-    add_emergence_args(parser)
-    assert parser.parse_args([]).prototypes is None and parser.parse_args(["--every", "2"]).every == 2
-    args = SimpleNamespace(prototypes=None, every=2, steps=STEPS)
-    out = run_emergence(args, tiny_model, mnist_test_images[:4], s_max, tmp_path)
+def test_emergence_command_writes_figures_tensors_and_json(tiny_model, tmp_path, capsys):
+    model_dir = export_model(tiny_model, tmp_path / "model")
+    common = ["--checkpoint", str(model_dir), "--data.dataset", "mnist", "--data.root", str(REPO / "data")]
+    out = main(["emergence", *common, "--num_images", "4", "--every", "2", "--steps", str(STEPS)])
     assert sorted(out["prototypes"]) == list(range(8))  # K ≤ 8: all of them
+    folder = model_dir / "analysis" / "emergence"
     for name in ("emergence_heatmap.png", "emergence_curves.png", "plain_heatmap.png"):
-        assert (tmp_path / name).stat().st_size > 1000
+        assert (folder / name).stat().st_size > 1000
     json.dumps(out, allow_nan=False)  # NaN times become null
     assert len(out["timesteps"]) == 5 and out["timesteps"][-1] == 99
-    saved = load_file(str(tmp_path / "emergence.safetensors"))
+    saved = load_file(str(folder / "emergence.safetensors"))
     assert saved["plain"].shape == (5, 4, 8) and saved["edited"].shape == (5, 4, 8) and saved["mean"].shape == (5, 8)
-    with pytest.raises(SystemExit, match="K=8"):
-        run_emergence(SimpleNamespace(prototypes=[8], every=1, steps=STEPS), tiny_model, mnist_test_images[:2], s_max, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["emergence", *common, "--num_images", "2", "--prototypes", "[8]", "--steps", str(STEPS)])
+    assert exit_info.value.code == 2 and "K=8" in capsys.readouterr().err

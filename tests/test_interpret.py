@@ -198,3 +198,25 @@ def test_prior_samples_match_the_activation_statistics(tiny_model, tmp_path):
     assert torch.equal(again.sample_activations(5, steps=10, seed=3), pipe.sample_activations(5, steps=10, seed=3))
     images, s_gen = again.generate(2, steps=5, seed=1)
     assert images.shape == (2, 1, 32, 32) and torch.equal(s_gen, pipe.sample_activations(2, steps=5, seed=1))
+
+
+def test_analyses_default_to_the_data_the_run_validated_on_holdout_included(tiny_model, tmp_path):
+    """A run that held out part of its training split (CelebA subset, FFHQ) is analysed on exactly those images."""
+    import yaml
+
+    from patronus.cli.common import DataSource, run_dataset
+    from patronus.data.datamodule import PatronusDataModule
+
+    run = tmp_path / "run"
+    export_model(tiny_model, run / "model")
+    data = {"dataset": "mnist", "root": str(REPO / "data"), "train_split": "train", "holdout": 0.05, "val_subset": None}
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": data}))
+    pipe = PatronusPipeline.from_pretrained(run)
+    val = run_dataset(str(run), pipe, DataSource())
+    dm = PatronusDataModule(**data)
+    dm.setup("fit")
+    assert len(val) == len(dm.val_set) == 600 and torch.equal(val.indices, dm.val_set.indices)
+    assert torch.equal(val[3]["image"], dm.val_set[3]["image"])
+    train = run_dataset(str(run), pipe, DataSource(split="training"))
+    assert len(train) == 12000 - 600 and torch.equal(train.indices, dm.train_set.indices)
+    assert len(run_dataset(str(run), pipe, DataSource(split="test"))) == 2000  # a published split by name

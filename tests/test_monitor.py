@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from patronus.training.callbacks import EMA, InterpretMonitor
 from patronus.cli.train import PatronusCLI
 from patronus.data.datamodule import PatronusDataModule
-from patronus.diffusion import ddim_sample
+from patronus.pipeline import PatronusPipeline
 from patronus.interpret.stats import activation_statistics
 from patronus.models.patronus import PatronusModel
 from patronus.training.module import PatronusModule
@@ -64,7 +64,7 @@ def test_heatmap_last_column_is_decoded_minus_reference(monitored_run):
     assert torch.equal(probe["x_T"], torch.randn(probe["x0"].shape, generator=torch.Generator().manual_seed(0)))
     # Independently: decode the same noise under s(x0) with the final (EMA) weights, then re-encode.
     s0 = net.encode(probe["x0"])
-    decoded = ddim_sample(net, probe["x_T"], s0, num_steps=DDIM, clip=False)
+    decoded = PatronusPipeline(model=net).denoise(probe["x_T"], s0, DDIM, clip=False)
     expected = (net.encode(decoded.clamp(-1, 1)) - s0).mean(0)  # (K,)
     torch.testing.assert_close(probe["heatmap"][:, -1], expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(probe["decoded"], decoded, rtol=1e-4, atol=1e-5)

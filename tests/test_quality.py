@@ -5,12 +5,11 @@ import torch
 from torchvision.io import decode_png, read_file
 
 from patronus.runs import export_model
-from patronus.interpret.cli import main
+from patronus.cli.analyses import main
 from patronus.interpret.consistency import prototype_consistency
 from patronus.interpret.generation_metrics import feature_network, fid_kid, to_uint8, write_pngs
 from patronus.interpret.localise import edit_each_prototype
 from patronus.interpret.quality import auroc_matrix, binary_entropy_and_mi, kfold_indices, prototype_quality, tad
-from patronus.sampling import encode_all
 from tests.conftest import REPO
 
 
@@ -77,12 +76,12 @@ def test_probes_are_scored_on_held_out_folds():
 
 
 @torch.no_grad()
-def test_consistency_scores_match_their_definition(tiny_model, mnist_test_images):
-    pool = encode_all(tiny_model, mnist_test_images)
+def test_consistency_scores_match_their_definition(tiny_model, tiny_pipe, mnist_test_images):
+    pool = tiny_pipe.encode(mnist_test_images).s
     s_max = torch.quantile(pool, 0.99, dim=0)
     top = pool.std(0).argsort(descending=True)[:2].tolist()  # prototypes that vary, so raising them shows
-    outcome = edit_each_prototype(tiny_model, mnist_test_images[:8], top, s_max, steps=20)
-    scores = prototype_consistency(tiny_model, outcome)
+    outcome = edit_each_prototype(tiny_pipe, mnist_test_images[:8], top, s_max, steps=20)
+    scores = prototype_consistency(tiny_pipe, outcome)
     rf = tiny_model.encoder.receptive_field()
     for i, c in enumerate(scores):
         keep = outcome.rise[i] > 0
@@ -97,8 +96,8 @@ def test_consistency_scores_match_their_definition(tiny_model, mnist_test_images
         assert c.feature_spread > 0 and c.consistency < 1
     # one image N times: every edit lands on the same patch -> no spread, consistency exactly 1
     b = int(outcome.rise[0].argmax())  # an image where raising top[0] works
-    same = edit_each_prototype(tiny_model, mnist_test_images[b : b + 1].expand(4, -1, -1, -1), top[:1], s_max, steps=20)
-    (c,) = prototype_consistency(tiny_model, same)
+    same = edit_each_prototype(tiny_pipe, mnist_test_images[b : b + 1].expand(4, -1, -1, -1), top[:1], s_max, steps=20)
+    (c,) = prototype_consistency(tiny_pipe, same)
     assert c.images == 4 and c.location_spread_px == pytest.approx(0, abs=1e-9) and c.consistency == pytest.approx(1, abs=1e-4)
 
 
@@ -126,7 +125,7 @@ def test_generated_images_are_kept_as_exact_pngs(tmp_path):
 
 
 def test_feature_networks_need_local_files(tiny_model, tmp_path):
-    with pytest.raises(ValueError, match="--inception-weights"):
+    with pytest.raises(ValueError, match="inception_weights"):
         feature_network("inception", tiny_model)
     with pytest.raises(FileNotFoundError, match="no such file"):
         feature_network("inception", tiny_model, str(tmp_path / "missing.pth"))
@@ -134,7 +133,7 @@ def test_feature_networks_need_local_files(tiny_model, tmp_path):
     torch.save({"weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="not an InceptionV3 state dict"):
         feature_network("inception", tiny_model, str(bad))
-    with pytest.raises(ValueError, match="--feature-weights"):
+    with pytest.raises(ValueError, match="feature_weights"):
         feature_network("timm:resnet18", tiny_model)
     with pytest.raises(ValueError, match="expected inception, encoder or timm"):
         feature_network("clip", tiny_model)
@@ -143,13 +142,13 @@ def test_feature_networks_need_local_files(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_quality_consistency_and_fid_from_the_cli(tiny_model, tmp_path):
     model_dir = export_model(tiny_model, tmp_path / "model")
-    common = ["--checkpoint", str(model_dir), "--dataset", "mnist", "--data-root", str(REPO / "data"), "--steps", "5"]
-    out = main(["quality", *common, "--num-images", "500"])
+    common = ["--checkpoint", str(model_dir), "--data.dataset", "mnist", "--data.root", str(REPO / "data")]
+    out = main(["quality", *common, "--num_images", "500"])
     assert out["images"] == 500 and out["attributes"] == [str(d) for d in range(10)] and out["class_accuracy"]["mean"] > 0.2  # chance: 0.1
     assert (model_dir / "analysis" / "quality" / "auroc_matrix.png").is_file()
-    out = main(["consistency", *common, "--num-images", "4", "--prototypes", "1", "2"])
+    out = main(["consistency", *common, "--num_images", "4", "--prototypes", "[1,2]", "--steps", "5"])
     assert [p["prototype"] for p in out["prototypes"]] == [1, 2]
     assert (model_dir / "analysis" / "consistency" / "consistency.png").is_file()
-    out = main(["fid", *common, "--num-images", "40", "--batch-size", "20"])
+    out = main(["fid", *common, "--num_images", "40", "--batch_size", "20", "--steps", "5"])
     assert out["generated_images"] == 40 and out["fid"] > 0
     assert len(list((model_dir / "analysis" / "fid" / "generated").glob("*.png"))) == 40

@@ -30,7 +30,8 @@ def references(ctx: Context, images: Optional[list[str]], resize: bool, indices:
     bad = [i for i in idx if not 0 <= i < len(ds)]
     if bad:
         raise ValueError(f"indices {bad}: out of range for {ds.source['dataset']} {ds.source['split']} with {len(ds)} images")
-    return torch.stack([ds[i]["image"] for i in idx]), [f"{ds.source['dataset']}:{ds.source['split']}:{i}" for i in idx]
+    split = ds.source["published_split"] + (f"[holdout {ds.source['holdout']}]" if "holdout" in ds.source else "")
+    return torch.stack([ds[i]["image"] for i in idx]), [f"{ds.source['dataset']}:{split}:{i}" for i in idx]
 
 
 def sample(

@@ -75,7 +75,7 @@ class TimmFeatures(nn.Module):
         import timm
 
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"--feature-weights {weights}: no such file (timm:{name} needs local weights)")
+            raise FileNotFoundError(f"feature_weights {weights}: no such file (timm:{name} needs local weights)")
         self.net = timm.create_model(name, pretrained=True, num_classes=0,
                                      pretrained_cfg_overlay=dict(file=str(weights))).eval()
         cfg = self.net.pretrained_cfg
@@ -101,15 +101,15 @@ def checked_inception_weights(path: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(
-            f"--inception-weights {path}: no such file; expected torch-fidelity's pt_inception-2015-12-05 weights "
+            f"inception_weights {path}: no such file; expected torch-fidelity's pt_inception-2015-12-05 weights "
             "(download once from github.com/toshas/torch-fidelity/releases on a machine with internet)"
         )
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"--inception-weights {path}: not a plain state dict of tensors ({e})") from e
+        raise ValueError(f"inception_weights {path}: not a plain state dict of tensors ({e})") from e
     if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
-        raise ValueError(f"--inception-weights {path}: not an InceptionV3 state dict (no 'Conv2d_1a_3x3.conv.weight')")
+        raise ValueError(f"inception_weights {path}: not an InceptionV3 state dict (no 'Conv2d_1a_3x3.conv.weight')")
     return str(p)
 
 
@@ -118,15 +118,15 @@ def feature_network(kind: str, model: PatronusModel, inception_weights: Optional
     """`feature` argument for torchmetrics' FID/KID: 2048 (Inception with a local file) or a module."""
     if kind == "inception":
         if inception_weights is None:
-            raise ValueError("--features inception needs --inception-weights FILE (nothing is downloaded)")
+            raise ValueError("features=inception needs inception_weights FILE (nothing is downloaded)")
         return 2048, {"feature_extractor_weights_path": checked_inception_weights(inception_weights)}
     if kind == "encoder":
         return EncoderFeatures(model), {}
     if kind.startswith("timm:"):
         if feature_weights is None:
-            raise ValueError(f"--features {kind} needs --feature-weights FILE (nothing is downloaded)")
+            raise ValueError(f"features={kind} needs feature_weights FILE (nothing is downloaded)")
         return TimmFeatures(kind.removeprefix("timm:"), feature_weights), {}
-    raise ValueError(f"--features {kind!r}; expected inception, encoder or timm:<model name>")
+    raise ValueError(f"features={kind!r}; expected inception, encoder or timm:<model name>")
 
 
 def _rgb(images: torch.Tensor, kind) -> torch.Tensor:
