@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Literal, Optional, Sequence
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DiffusionPipeline
 
+from patronus import runs
 from patronus.edits import Edit, apply_edits
 from patronus.models.patronus import PatronusModel
 from patronus.models.prior import ActivationPrior
@@ -120,7 +121,6 @@ class PatronusPipeline(DiffusionPipeline):
             scheduler = make_scheduler(model.noise_scheduler().config, "ddim", 50)
         self.register_modules(model=model, scheduler=scheduler, prior=prior)
         self.set_progress_bar_config(disable=True, leave=False)  # the CLI turns bars on
-        self.home: Optional[Path] = None  # the run / model folder it was loaded from (analysis cache)
 
     # --- loading -------------------------------------------------------------------------
 
@@ -128,16 +128,13 @@ class PatronusPipeline(DiffusionPipeline):
     def from_pretrained(cls, path: str | Path, device: Optional[str | torch.device] = None, **kwargs) -> "PatronusPipeline":
         """Load from a saved pipeline (`save_pretrained`), a training run directory, an exported
         model directory or a Lightning `.ckpt`. A run's trained activation prior comes along."""
-        from patronus import runs  # runs imports the models only; kept local so `runs` can stay import-light
-
         p = Path(path)
-        if (p / "model_index.json").is_file():
+        if (p / runs.PIPELINE_INDEX).is_file():
             pipe = super().from_pretrained(p, use_safetensors=True, low_cpu_mem_usage=False, **kwargs)
         else:
             model = runs.load_model(p)
             prior = runs.load_prior(p) if (runs.prior_dir(p) / ActivationPrior.config_name).is_file() else None
             pipe = cls(model=model, prior=prior)
-        pipe.home = runs.home_of(p) if not (p / "model_index.json").is_file() else p
         return pipe.to(device) if device is not None else pipe
 
     # --- small shared pieces ----------------------------------------------------------------

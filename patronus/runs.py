@@ -4,6 +4,8 @@ activation-statistics cache and the activation prior.
     RUN/config.yaml                     resolved training config (LightningCLI)
     RUN/checkpoints/last.ckpt, step*.ckpt
     RUN/model/                          exported model: config.json + safetensors (EMA weights)
+    RUN/samples/step_*.png              sample grids logged during training
+    RUN/interpret/step_*/               the interpretability monitor's probes
     RUN/analysis/<command>/             every analysis' PNGs + JSON
     RUN/analysis/activation_stats/<key>.json   statistics, keyed by the images they were computed on
     RUN/analysis/prior/model/           the activation prior (config.json + safetensors)
@@ -28,7 +30,11 @@ from patronus.models.patronus import PatronusModel
 from patronus.models.prior import ActivationPrior
 
 MODEL_DIR = "model"
-LAST_CKPT = Path("checkpoints") / "last.ckpt"
+PIPELINE_INDEX = "model_index.json"  # what diffusers' save_pretrained writes for a whole pipeline
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = Path(CHECKPOINT_DIR) / "last.ckpt"
+SAMPLES_DIR = "samples"
+MONITOR_DIR = "interpret"
 CONFIG_FILE = "config.yaml"
 ANALYSIS_DIR = "analysis"
 STATS_DIR = Path(ANALYSIS_DIR) / "activation_stats"
@@ -55,9 +61,9 @@ def home_of(checkpoint: str | Path) -> Path:
     """The folder a checkpoint belongs to: its run directory when it has one, else the folder it is in."""
     path = resolve_checkpoint(checkpoint)
     if path.is_file():
-        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    if path.name == MODEL_DIR and (path.parent / CONFIG_FILE).is_file():
-        return path.parent
+        return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+    if path.name == MODEL_DIR and any((path.parent / f).is_file() for f in (CONFIG_FILE, PIPELINE_INDEX)):
+        return path.parent  # a run directory, or a saved PatronusPipeline
     return path
 
 

@@ -5,7 +5,8 @@ import torch
 
 from patronus.data.datasets import LabelledImageDataset
 from patronus.data.registry import build_dataset
-from patronus.data.shortcuts import apply_shortcut, celeba_hair_smile, correlated_subset, main, phi, planted_marker
+from patronus.cli.shortcut_data import main
+from patronus.data.shortcuts import apply_shortcut, celeba_hair_smile, correlated_subset, phi, planted_marker
 from tests.conftest import REPO
 
 
@@ -76,7 +77,7 @@ def test_config_and_cli_entry_points(mnist, capsys):
         apply_shortcut(mnist, 32, {"kind": "watermark"})
     with pytest.raises(ValueError, match="data.shortcut \\(planted_marker\\).*colour"):
         apply_shortcut(mnist, 32, {"kind": "planted_marker", "target": "1", "colour": "red"})
-    out = main(["planted_marker", "--dataset", "mnist", "--root", str(REPO / "data"), "--split", "test", "--params", '{"target": "1", "p": 0.8, "q": 0.1}'])
+    out = main(["planted_marker", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--data.split", "test", "--params", '{"target": "1", "p": 0.8, "q": 0.1}'])
     assert '"phi_target~marker"' in capsys.readouterr().out and out["rows"] == 2000
 
 

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from patronus.data.datamodule import PatronusDataModule
-from patronus.runs import LAST_CKPT, MODEL_DIR, export_model
+from patronus.runs import CHECKPOINT_DIR, LAST_CKPT, MODEL_DIR, export_model
 from patronus.training.callbacks import EMA, InterpretMonitor, SampleGrid, StatusLine
 from patronus.training.module import PatronusModule
 
@@ -78,7 +78,7 @@ class PatronusCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
             }
         )
-        parser.link_arguments("run_dir", "checkpoint.dirpath", compute_fn=lambda d: str(Path(d) / "checkpoints"))
+        parser.link_arguments("run_dir", "checkpoint.dirpath", compute_fn=lambda d: str(Path(d) / CHECKPOINT_DIR))
         parser.link_arguments("run_dir", "trainer.default_root_dir")
         parser.add_lightning_class_args(EMA, "ema", required=False)
         parser.add_lightning_class_args(StatusLine, "status")

@@ -2,19 +2,16 @@
 
 Each builder is a function (dataset in, dataset out, deterministic under `seed`), reports the
 correlations it produced, and is reachable from a config (`data.shortcut: {kind: ..., ...}`)
-and from the command line (`python -m patronus.data.shortcuts --help`).
+and from the command line (`python -m patronus.cli.shortcut_data --help`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 
 from patronus.data.datasets import LabelledImageDataset, SubsetDataset
-from patronus.data.registry import build_dataset
 
 
 def attribute_column(ds: LabelledImageDataset, name: str) -> torch.Tensor:
@@ -203,23 +200,3 @@ def apply_shortcut(ds: LabelledImageDataset, image_size: int, spec: dict[str, An
         return BUILDERS[kind](ds, **spec)
     except TypeError as e:
         raise ValueError(f"data.shortcut ({kind}): {e}") from None
-
-
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m patronus.data.shortcuts", description="Build a shortcut dataset and report its correlations.")
-    p.add_argument("kind", choices=sorted(BUILDERS))
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--root", required=True)
-    p.add_argument("--split", default="train")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--options", default="{}", help="dataset options as JSON, e.g. '{\"partition_file\": null}'")
-    p.add_argument("--params", default="{}", help="builder parameters as JSON, e.g. '{\"target\": \"1\", \"p\": 0.9}'")
-    a = p.parse_args(argv)
-    ds = build_dataset(a.dataset, a.root, a.split, a.image_size, **json.loads(a.options))
-    _, report = apply_shortcut(ds, a.image_size, {"kind": a.kind, **json.loads(a.params)})
-    print(json.dumps(report, indent=2))
-    return report
-
-
-if __name__ == "__main__":
-    main()

@@ -20,6 +20,7 @@ from torchvision.utils import save_image
 
 from patronus import plots
 from patronus.pipeline import PatronusPipeline
+from patronus.runs import MONITOR_DIR, SAMPLES_DIR
 
 if TYPE_CHECKING:
     from patronus.interpret.monitor import ProbeResult
@@ -107,7 +108,7 @@ class SampleGrid(pl.Callback):
         pipe = PatronusPipeline(model=pl_module.net)  # eval, no grad, fp32 (outside the training autocast)
         samples = pipe.sample(pipe.encode(refs).s, pipe.noise(refs.shape, seed=self.seed), steps=self.ddim_steps)
         grid = plots.reference_grid(refs, samples)
-        out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
+        out = Path(trainer.default_root_dir) / SAMPLES_DIR / f"step_{trainer.global_step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, out)
         log_images(trainer, {"samples/reference_vs_ddim": grid})
@@ -241,7 +242,7 @@ class InterpretMonitor(pl.Callback):
         x_T = pipe.noise(probe.shape, seed=self.seed)
         result = run_probe(pipe, probe, x_T, pool, self.ddim_steps, self.top_k, self.bins)
         rf = pipe.model.encoder.receptive_field()
-        out = Path(trainer.default_root_dir) / "interpret" / f"step_{step:07d}"
+        out = Path(trainer.default_root_dir) / MONITOR_DIR / f"step_{step:07d}"
         figures = write_probe(result, pool, probe.cpu(), x_T.cpu(), out, step,
                               {"size": rf.size, "jump": rf.jump, "start": rf.start, "image_size": rf.image_size})
         grid = plots.reference_grid(probe, result.decoded)

@@ -1,0 +1,104 @@
+"""Edit latency: one prototype edit (DDIM inversion + decode) per image, against the paper code's 2000 UNet calls.
+
+    python benchmarks/edit_latency.py --checkpoint runs/mnist_cpu      # ~4 min on 2 CPU cores
+
+1. Quality: reconstruction PSNR of a trained run (default: the default run) for inversion +
+   decoding with N DDIM steps each, N ∈ {1000, 100, 50, 25, 20, 15, 10}. The chosen N is the
+   smallest whose mean PSNR is within 0.5 dB of N = 1000.
+2. Speed, on the paper-sized model (UNet 64·(1,2,4,4), 2 blocks/level, attention at 8×8; weights
+   do not change the cost): the paper code edits one image at a time with 1000 inversion + 1000
+   decoding UNet calls; PatronusPipeline.edit does N + N calls on a batch. Reported per image,
+   fp32, both the pure step-count ratio and the measured wall-clock ratio with batching.
+Writes benchmarks/edit_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from patronus.cli.common import DataSource, first_images, run_dataset
+from patronus.edits import Edit, apply_edits
+from patronus.interpret.generation_metrics import psnr
+from patronus.models.patronus import PatronusModel
+from patronus.pipeline import PatronusPipeline
+
+PAPER = dict(image_size=32, in_channels=1, num_prototypes=30)  # PatronusModel's defaults are the paper's UNet
+STEPS = (1000, 100, 50, 25, 20, 15, 10)
+
+
+def psnr_by_steps(checkpoint: str, images: int) -> dict[int, float]:
+    pipe = PatronusPipeline.from_pretrained(checkpoint)
+    x0 = first_images(run_dataset(checkpoint, pipe, DataSource()), images)
+    out = {}
+    for n in STEPS:
+        t0 = time.perf_counter()
+        _, recon = pipe.reconstruct(x0, n)
+        out[n] = sum(psnr(recon, x0)) / len(x0)
+        print(f"  {n:>4} + {n:<4} DDIM steps: {out[n]:.2f} dB ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
+
+
+def seconds_per_unet_call(net: PatronusModel, batch: int, calls: int) -> float:
+    x = torch.randn(batch, 1, 32, 32)
+    s = torch.rand(batch, net.config.num_prototypes)
+    t = torch.full((batch,), 500)
+    with torch.no_grad():
+        net(x, t, s=s)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            net(x, t, s=s)
+    return (time.perf_counter() - t0) / calls
+
+
+def seconds_per_edit(pipe: PatronusPipeline, batch: int, steps: int) -> float:
+    """Wall time per image of encode + DDIM inversion + decoding under an edited s, `batch` images at once."""
+    x0 = torch.rand(batch, 1, 32, 32) * 2 - 1
+
+    def edit() -> torch.Tensor:
+        s = pipe.encode(x0).s
+        x_T = pipe.invert(x0, s, steps)
+        return pipe.denoise(x_T, apply_edits(s, [Edit(0, "set", 0.2)]), steps, clip=False)
+
+    pipe.invert(x0[:1], None, 2)  # warm-up
+    t0 = time.perf_counter()
+    edit()
+    return (time.perf_counter() - t0) / batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default="runs/mnist_cpu")
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16, help="images edited together by the pipeline")
+    p.add_argument("--out", default=str(Path(__file__).with_name("edit_latency.json")))
+    a = p.parse_args()
+    print(f"reconstruction PSNR of {a.checkpoint} on {a.images} validation images:")
+    quality = psnr_by_steps(a.checkpoint, a.images)
+    chosen = min(n for n in STEPS if quality[n] >= quality[1000] - 0.5)
+    torch.manual_seed(0)
+    net = PatronusModel(**PAPER).eval()
+    pipe = PatronusPipeline(model=net)
+    per_call_b1 = seconds_per_unet_call(net, 1, 10)
+    paper_edit = 2000 * per_call_b1  # one image at a time, 1000 + 1000 calls
+    ours_b1 = seconds_per_edit(pipe, 1, chosen)
+    ours_batched = seconds_per_edit(pipe, a.batch, chosen)
+    res = {
+        "checkpoint": a.checkpoint, "psnr_db_by_steps": quality, "chosen_steps": chosen,
+        "paper_model_params_m": sum(p.numel() for p in net.parameters()) / 1e6, "threads": torch.get_num_threads(),
+        "paper_edit_s_per_image": paper_edit, "unet_call_s_batch1": per_call_b1,
+        "ours_s_per_image_batch1": ours_b1, f"ours_s_per_image_batch{a.batch}": ours_batched,
+        "speedup_step_count": 2000 / (2 * chosen), "speedup_batch1": paper_edit / ours_b1,
+        f"speedup_batch{a.batch}": paper_edit / ours_batched,
+        "speedup_50_steps_step_count": 2000 / 100,
+    }
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
