@@ -22,13 +22,15 @@ def distinct_loss(prototypes: torch.Tensor, margin: float) -> torch.Tensor:
 
 def diffusion_loss(
     model: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, snr_gamma: Optional[float] = None,
-    held: Optional[dict[int, float]] = None,
+    held: Optional[dict[int, float]] = None, condition_dropout: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise-prediction MSE with s = g(x0) from the clean image, gradients into the encoder.
 
     `snr_gamma` turns on Min-SNR-γ weighting (Hang et al. 2023), which converges faster in
     short runs; None is the paper's plain MSE. `held` fixes prototypes at constant values in the
-    condition (shortcut mitigation: the denoiser can no longer use them). Returns (loss, activations s).
+    condition (shortcut mitigation: the denoiser can no longer use them). `condition_dropout`
+    replaces the condition of that share of the images by the model's learned null condition
+    (classifier-free guidance on s; Ho & Salimans 2022). Returns (loss, activations s).
     """
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
@@ -40,7 +42,8 @@ def diffusion_loss(
         values = torch.zeros(s.shape[1], dtype=s.dtype, device=s.device)
         values[list(held)] = torch.tensor(list(held.values()), dtype=s.dtype, device=s.device)
         cond = set_prototypes(s, list(held), values)
-    eps = model(x_t, t, s=cond)
+    null = torch.rand(b, device=x0.device) < condition_dropout if condition_dropout > 0 else None
+    eps = model(x_t, t, s=cond, null=null)
     per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t]

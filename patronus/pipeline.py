@@ -81,6 +81,7 @@ def denoise_loop(
     stop_step: Optional[int] = None,
     callback: Optional[StepCallback] = None,
     progress: Optional[Callable] = None,
+    fixed_point: int = 0,
     **step_kwargs,
 ) -> torch.Tensor:
     """Run `scheduler`'s steps start_step ≤ i < stop_step on x: the one loop of the package.
@@ -88,6 +89,10 @@ def denoise_loop(
     Decoding (DDIM/DDPM), inversion (DDIMInverseScheduler), partial decoding from an
     intermediate x_t and the activation prior all go through here; `step_kwargs` go to
     `scheduler.step` (eta, generator).
+
+    `fixed_point` k > 0 spends k more denoiser calls per step solving the implicit step
+    y = f(x, ε(y, t)) (see `_solve_implicit_step`): for inversion, the exact inverse of the DDIM
+    decoding step that plain inversion approximates with ε(x, t).
     """
     timesteps = scheduler.timesteps
     stop = len(timesteps) if stop_step is None else stop_step
@@ -97,10 +102,32 @@ def denoise_loop(
     for i in progress(steps) if progress is not None else steps:
         t = timesteps[i]
         out = scheduler.step(eps(x, t), t, x, **step_kwargs)
+        if fixed_point:
+            out = _solve_implicit_step(scheduler, eps, x, t, out, fixed_point, step_kwargs)
         x = out.prev_sample
         if callback is not None:
             callback(i, int(t), x, out.pred_original_sample)
     return x
+
+
+def _solve_implicit_step(scheduler, eps: EpsFn, x: torch.Tensor, t: torch.Tensor, out, iterations: int, step_kwargs: dict):
+    """Fixed-point iteration y ← G(y) = step(ε(y, t), t, x) from the explicit step's output,
+    with Anderson(1) acceleration per image (the plain iteration converges linearly and slowly
+    at the large steps of short schedules). Fixed-point inversion as in ReNoise (Garibi et al. 2024)."""
+    y = out.prev_sample
+    prev_y = prev_g = None
+    for _ in range(iterations):
+        out = scheduler.step(eps(y, t), t, x, **step_kwargs)
+        g = out.prev_sample
+        if prev_g is None:
+            new = g
+        else:
+            r, dr = (g - y).flatten(1), ((g - y) - (prev_g - prev_y)).flatten(1)
+            gamma = ((r * dr).sum(1) / (dr * dr).sum(1).clamp_min(1e-20)).view(-1, *[1] * (g.ndim - 1))
+            new = g - gamma * (g - prev_g)
+        prev_y, prev_g, y = y, g, new
+    out.prev_sample = y
+    return out
 
 
 class PatronusPipeline(DiffusionPipeline):
@@ -167,9 +194,23 @@ class PatronusPipeline(DiffusionPipeline):
         gen = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
         return torch.randn(tuple(shape), generator=gen).to(self.device)
 
-    def _eps(self, s: torch.Tensor) -> EpsFn:
+    def _eps(self, s: torch.Tensor, guidance: float = 1.0, guide_from: Optional[torch.Tensor] = None) -> EpsFn:
+        """ε̂(x_t, t, s), or with guidance w ≠ 1: ε̂(base) + w·(ε̂(s) − ε̂(base)) in one batched call.
+
+        base = `guide_from` (edit guidance: the unedited s, so w scales the edit's effect and needs
+        no retraining) or, when None, the learned null condition (classifier-free guidance on s).
+        """
+        if guidance == 1.0:
+            return lambda x, t: self.model(x, t.expand(len(x)).to(x.device), s=s)
+        B = len(s)
+        if guide_from is None:
+            conds, null = torch.cat([s, s]), torch.arange(2 * B, device=s.device) >= B
+        else:
+            conds, null = torch.cat([s, guide_from.to(s)]), None
+
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.model(x, t.expand(len(x)).to(x.device), s=s)
+            cond, base = self.model(torch.cat([x, x]), t.expand(2 * B).to(x.device), s=conds, null=null).chunk(2)
+            return base + guidance * (cond - base)
 
         return eps
 
@@ -203,17 +244,21 @@ class PatronusPipeline(DiffusionPipeline):
         clip: bool = True,
         generator: Optional[torch.Generator] = None,
         callback: Optional[StepCallback] = None,
+        guidance: float = 1.0,
+        guide_from: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Decode x (x_T, or the x_t of step `start_step`) under condition s, steps start..stop.
 
         DDIM (deterministic for eta = 0) or ancestral DDPM. `clip=False` keeps x̂0 unclipped,
-        which exact inversion and reconstruction need.
+        which exact inversion and reconstruction need. `guidance` w ≠ 1 guides towards s:
+        from `guide_from` (edit guidance) or from the null condition (classifier-free guidance).
         """
         x, s = x.to(self.device), s.to(self.device)
         sched = make_scheduler(self.scheduler.config, sampler, steps, clip)
         kwargs = {"eta": eta, "generator": generator} if sampler == "ddim" else {"generator": generator}
         with self.inference():
-            return denoise_loop(sched, x, self._eps(s), start_step, stop_step, callback, self.progress_bar, **kwargs)
+            eps = self._eps(s, guidance, guide_from)
+            return denoise_loop(sched, x, eps, start_step, stop_step, callback, self.progress_bar, **kwargs)
 
     def sample(
         self,
@@ -226,30 +271,37 @@ class PatronusPipeline(DiffusionPipeline):
         sampler: Sampler = "ddim",
         eta: float = 0.0,
         callback: Optional[StepCallback] = None,
+        guidance: float = 1.0,
     ) -> torch.Tensor:
-        """New images (B, C, H, W) with activations s from x_T (drawn from `seed`/`generator` if not given)."""
+        """New images (B, C, H, W) with activations s from x_T (drawn from `seed`/`generator` if not given).
+
+        `guidance` w > 1: classifier-free guidance on s, ε̂(∅) + w·(ε̂(s) − ε̂(∅)) (models trained
+        with condition dropout)."""
         if x_T is None:
             gen = generator if generator is not None else torch.Generator().manual_seed(seed)
             x_T = self.noise((len(s), *self.image_shape()), generator=gen)
             generator = gen  # DDPM's per-step noise continues the same stream
-        return self.denoise(x_T, s, steps, sampler=sampler, eta=eta, generator=generator, callback=callback)
+        return self.denoise(x_T, s, steps, sampler=sampler, eta=eta, generator=generator, callback=callback, guidance=guidance)
 
-    def invert(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50, stop_step: Optional[int] = None) -> torch.Tensor:
+    def invert(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50, stop_step: Optional[int] = None,
+               fixed_point: int = 0) -> torch.Tensor:
         """Deterministic DDIM inversion x0 → x_T under s (default: x0's own), without clipping.
 
         `stop_step` inverts only that many steps: the x_t that `denoise(..., start_step=steps − stop_step)`
-        continues from (partial-noise editing).
+        continues from (partial-noise editing). `fixed_point` k solves each implicit inversion step
+        with k extra denoiser calls (see `denoise_loop`): plain inversion needs ~1000 steps to
+        reconstruct exactly, fixed-point inversion a few tens.
         """
         x0 = x0.to(self.device)
         s = self.encode(x0).s if s is None else s.to(self.device)
         sched = make_scheduler(self.scheduler.config, "inverse", steps, clip=False)
         with self.inference():
-            return denoise_loop(sched, x0, self._eps(s), 0, stop_step, progress=self.progress_bar)
+            return denoise_loop(sched, x0, self._eps(s), 0, stop_step, progress=self.progress_bar, fixed_point=fixed_point)
 
-    def reconstruct(self, x0: torch.Tensor, steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(self, x0: torch.Tensor, steps: int = 50, fixed_point: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Invert x0 under its own s and decode again: (x_T, reconstruction)."""
         s = self.encode(x0.to(self.device)).s
-        x_T = self.invert(x0, s, steps)
+        x_T = self.invert(x0, s, steps, fixed_point=fixed_point)
         return x_T, self.denoise(x_T, s, steps, clip=False)
 
     def edit(
@@ -259,19 +311,25 @@ class PatronusPipeline(DiffusionPipeline):
         steps: int = 50,
         partial_steps: Optional[int] = None,
         levels: Optional[dict[str, torch.Tensor]] = None,
+        guidance: float = 1.0,
+        fixed_point: int = 0,
     ) -> EditResult:
         """Invert x0 (fully, or only `partial_steps` of the `steps` DDIM steps), then decode the same
-        latent under s and under each edited s. `levels` resolves named edit values ('max', ...)."""
+        latent under s and under each edited s. `levels` resolves named edit values ('max', ...).
+
+        `guidance` w > 1 is edit guidance, ε̂(s) + w·(ε̂(s_edit) − ε̂(s)): the edit's effect on the
+        prediction is amplified w times, with no retraining (w = 1: plain decoding under s_edit).
+        `fixed_point` k: fixed-point inversion (see `invert`), for faithful reconstructions in few steps."""
         k = steps if partial_steps is None else partial_steps
         if not 0 < k <= steps:
             raise ValueError(f"partial_steps={partial_steps}; expected 1..steps={steps}")
         x0 = x0.to(self.device)
         s = self.encode(x0).s
-        latent = self.invert(x0, s, steps, stop_step=k)
+        latent = self.invert(x0, s, steps, stop_step=k, fixed_point=fixed_point)
         start = steps - k
         recon = self.denoise(latent, s, steps, start_step=start, clip=False)
         requested = [apply_edits(s, list(e), levels) for e in edits]
-        images = [self.denoise(latent, r, steps, start_step=start, clip=False) for r in requested]
+        images = [self.denoise(latent, r, steps, start_step=start, clip=False, guidance=guidance, guide_from=s) for r in requested]
         return EditResult(latent, s, recon, torch.stack(images) if images else recon.new_zeros(0, *recon.shape),
                           torch.stack(requested) if requested else s.new_zeros(0, *s.shape), start)
 

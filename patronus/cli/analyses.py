@@ -28,6 +28,7 @@ from patronus.cli.common import (
     write_json,
 )
 from patronus.cli.explain import cmd_attribution, cmd_information
+from patronus.cli.faithfulness import cmd_faithfulness
 from patronus.cli.shortcuts import cmd_shortcuts
 from patronus.edits import Edit, most_variable_prototypes
 from patronus.interpret.consistency import prototype_consistency
@@ -331,6 +332,7 @@ COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
     "attribution": (cmd_attribution, "validation"),
     "fid": (cmd_fid, "validation"),
     "shortcuts": (cmd_shortcuts, "validation"),
+    "faithfulness": (cmd_faithfulness, "validation"),
 }
 
 

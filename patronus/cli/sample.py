@@ -42,6 +42,7 @@ def sample(
     sampler: Literal["ddim", "ddpm"] = "ddim",
     steps: int = 50,
     inversion_steps: int = 50,
+    fixed_point: int = 0,
     num_samples: int = 4,
     edit: Union[list[str], str, None] = None,
     edit_top: int = 4,
@@ -56,6 +57,8 @@ def sample(
         sampler: ddim (deterministic) or ddpm (ancestral).
         steps: sampling steps.
         inversion_steps: DDIM steps of inversion, reconstruction and edits.
+        fixed_point: extra denoiser calls per inversion step solving it exactly (fixed-point
+            inversion): faithful reconstructions with far fewer steps (benchmarks/edit_latency.py).
         num_samples: new samples per reference.
         edit: prototype edits, one image row each: 3=max | 7=0 | 5*2 | 2+1.5, comma-joined to combine
             (3=max,7=min); several as a list [3=max,7=0]. Default: the `edit_top` most variable raised to max.
@@ -70,7 +73,7 @@ def sample(
     refs, names = references(ctx, images, resize, indices)
     refs = refs.to(pipe.device)
     summary: dict = {"checkpoint": str(resolve_checkpoint(ctx.checkpoint)), "references": names, "sampler": sampler,
-                     "steps": steps, "seed": ctx.seed, "files": {}}
+                     "steps": steps, "inversion_steps": inversion_steps, "fixed_point": fixed_point, "seed": ctx.seed, "files": {}}
 
     # 1. Conditional samples: same s as each reference, fresh x_T.
     s = pipe.encode(refs).s
@@ -90,7 +93,7 @@ def sample(
         edits = [[Edit(j, "set", "max")] for j in spread.argsort(descending=True)[:edit_top].tolist()]
 
     # 3. DDIM inversion, reconstruction and every edit decoded from the same inverted x_T.
-    res = pipe.edit(refs, edits, inversion_steps, levels=levels)
+    res = pipe.edit(refs, edits, inversion_steps, levels=levels, fixed_point=fixed_point)
     recon = res.reconstruction
     summary["reconstruction_psnr_db"] = psnr(recon, refs)
     summary["reconstruction_psnr_db_mean"] = sum(summary["reconstruction_psnr_db"]) / len(refs)
@@ -138,7 +141,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     def run() -> dict:
         common = {k: options.pop(k) for k in ("checkpoint", "out", "seed", "device", "debug")}
         data = DataSource(**dict(options.pop("data") or {}))
-        torch.manual_seed(common["seed"])
         pipe = load_pipeline(common["checkpoint"], common["device"])
         out = Path(common["out"])
         out.mkdir(parents=True, exist_ok=True)

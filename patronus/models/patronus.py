@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from diffusers import ConfigMixin, DDPMScheduler, ModelMixin
@@ -17,7 +17,10 @@ class PatronusModel(ModelMixin, ConfigMixin):
 
     The constructor arguments are the config schema (LightningCLI reads them from the type
     hints) and are stored with the weights, so `from_pretrained(dir)` needs nothing else.
-    Paper defaults: T=1000, linear β 1e-4→0.02, UNet 64·(1,2,4,4), 2 blocks per level, D=128.
+    Paper defaults: T=1000, linear β 1e-4→0.02, UNet 64·(1,2,4,4), 2 blocks per level, D=128,
+    MLP(s) added to the time embedding (`condition_mode="add"`), no null condition.
+    `condition_mode="scale_shift"` feeds that embedding through AdaGN instead; `null_condition`
+    adds the learned embedding that condition dropout trains and classifier-free guidance uses.
     """
 
     config_name = "config.json"
@@ -39,6 +42,8 @@ class PatronusModel(ModelMixin, ConfigMixin):
         mid_attention: bool = True,
         norm_num_groups: int = 8,
         dropout: float = 0.0,
+        condition_mode: Literal["add", "scale_shift"] = "add",
+        null_condition: bool = False,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,
@@ -72,6 +77,8 @@ class PatronusModel(ModelMixin, ConfigMixin):
             mid_attention=mid_attention,
             norm_num_groups=norm_num_groups,
             dropout=dropout,
+            condition_mode=condition_mode,
+            null_condition=null_condition,
         )
 
     def noise_scheduler(self) -> DDPMScheduler:
@@ -89,6 +96,7 @@ class PatronusModel(ModelMixin, ConfigMixin):
         """Prototype activations s (B, K) of clean images in [-1, 1]."""
         return self.encoder(x0)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor) -> torch.Tensor:
-        """Predicted noise ε_θ(x_t, t, s); `s` is required."""
-        return self.denoiser(x_t, t, s=s)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Predicted noise ε_θ(x_t, t, s); `s` is required. Rows where `null` (B,) is True get the
+        learned null condition (models with `null_condition=True`)."""
+        return self.denoiser(x_t, t, s=s, null=null)

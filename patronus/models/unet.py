@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from diffusers import UNet2DModel
@@ -28,8 +28,12 @@ class ConditionedUNet(nn.Module):
         mid_attention: bool = True,
         norm_num_groups: int = 8,
         dropout: float = 0.0,
+        condition_mode: Literal["add", "scale_shift"] = "add",
+        null_condition: bool = False,
     ):
         super().__init__()
+        if condition_mode not in ("add", "scale_shift"):
+            raise ValueError(f"condition_mode={condition_mode!r}; expected 'add' or 'scale_shift'")
         if len(attention_levels) != len(block_out_channels):
             raise ValueError(
                 f"attention_levels has {len(attention_levels)} entries but block_out_channels has "
@@ -50,6 +54,9 @@ class ConditionedUNet(nn.Module):
             add_attention=mid_attention,
             class_embed_type="identity",
             attention_head_dim=None,
+            # "scale_shift" (AdaGN, as in DiffAE / improved DDPM): the time + condition embedding
+            # scales and shifts every ResBlock's normalised features instead of being added to them.
+            resnet_time_scale_shift="scale_shift" if condition_mode == "scale_shift" else "default",
         )
         emb_dim = block_out_channels[0] * 4  # UNet2DModel's time_embed_dim
         # Per-prototype standardisation first: raw log-similarities sit around 1e-2 with much
@@ -62,12 +69,22 @@ class ConditionedUNet(nn.Module):
             nn.SiLU(),
             nn.Linear(emb_dim, emb_dim),
         )
+        # The "no condition" embedding for condition dropout and classifier-free guidance on s:
+        # learned, and used in place of MLP(s), so no value of s has to stand for "unknown".
+        self.null_embedding = nn.Parameter(torch.zeros(emb_dim)) if null_condition else None
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ε̂(x_t, t, s); rows where `null` (B,) is True use the learned null condition instead of s."""
         if s is None:
             raise ValueError("the denoiser needs the prototype activations s; encode a clean image first")
         if s.ndim != 2 or s.shape[0] != x_t.shape[0]:
             raise ValueError(f"s must have shape (batch={x_t.shape[0]}, K), got {tuple(s.shape)}")
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        return self.unet(x_t, t, class_labels=self.cond_mlp(s)).sample
+        emb = self.cond_mlp(s)
+        if null is not None:
+            if self.null_embedding is None:
+                raise ValueError("this model has no null condition (null_condition=False): it was not trained with "
+                                 "condition dropout, so classifier-free guidance on s is not available; edit guidance is")
+            emb = torch.where(null.to(emb.device)[:, None], self.null_embedding.to(emb.dtype), emb)
+        return self.unet(x_t, t, class_labels=emb).sample

@@ -25,6 +25,8 @@ class PatronusModule(pl.LightningModule):
         distinct_weight: λ for the prototype-distinctness loss.
         distinct_margin: δ, minimum wanted dissimilarity 1−|cos| between any two prototypes.
         snr_gamma: Min-SNR-γ loss weighting; None = the paper's plain MSE.
+        condition_dropout: share of training images whose condition is replaced by the learned null
+            condition (needs `net.null_condition=True`), so sampling can use classifier-free guidance on s.
         held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
             away a shortcut the report flagged; `python -m patronus shortcuts` writes this config).
         init_from: start from the weights of a run / exported model / .ckpt (fine-tuning);
@@ -41,6 +43,7 @@ class PatronusModule(pl.LightningModule):
         distinct_weight: float = 0.1,
         distinct_margin: float = 0.3,
         snr_gamma: Optional[float] = None,
+        condition_dropout: float = 0.0,
         held_prototypes: Optional[dict[int, float]] = None,
         init_from: Optional[str] = None,
     ):
@@ -49,6 +52,10 @@ class PatronusModule(pl.LightningModule):
         bad = [j for j in (held_prototypes or {}) if not 0 <= int(j) < net.config.num_prototypes]
         if bad:
             raise ValueError(f"held_prototypes {bad}: the model has K={net.config.num_prototypes} prototypes")
+        if not 0.0 <= condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout={condition_dropout}; expected a share in [0, 1)")
+        if condition_dropout > 0 and not net.config.null_condition:
+            raise ValueError(f"condition_dropout={condition_dropout} needs a null condition to drop to: set net.null_condition=true")
         self.held = {int(j): float(v) for j, v in (held_prototypes or {}).items()}
         if init_from is not None:
             from patronus.runs import load_model
@@ -58,7 +65,8 @@ class PatronusModule(pl.LightningModule):
         self.scheduler = net.noise_scheduler()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        mse, s = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, self.held)
+        dropout = self.hparams.condition_dropout if self.training else 0.0
+        mse, s = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, self.held, dropout)
         dist = distinct_loss(self.net.encoder.prototypes, self.hparams.distinct_margin)
         return {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
 

@@ -1,0 +1,112 @@
+"""Faithfulness to s across runs and guidance scales: `python -m patronus faithfulness` on a grid.
+
+    python benchmarks/faithfulness.py --runs runs/mnist_cpu runs/mnist_marker_cpu --edit_guidance 1 2 4
+
+For every run directory and every (guidance, edit_guidance) pair, runs the faithfulness command
+(its figures and JSON go to RUN/analysis/faithfulness/g<guidance>_e<edit_guidance>/), prints
+one markdown table and writes benchmarks/faithfulness.json. Classifier-free guidance ≠ 1 is
+skipped (with a note) for runs whose model has no null condition. The judge is retrained for
+every setting from the same seed, so every row of a run is judged by the same classifier.
+Definitions: patronus/interpret/faithfulness.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from patronus import runs
+from patronus.cli.analyses import main as patronus_main
+
+COLUMNS = [
+    ("run", "run"), ("g", "guidance"), ("edit g", "edit_guidance"), ("judge acc", "judge_acc"),
+    ("class agr.", "class_agreement"), ("label agr.", "label_agreement"), ("attr agr.", "attribute_agreement"),
+    ("s cycle", "s_cycle"), ("raise gain", "raise_gain"), ("lower gain", "lower_gain"),
+    ("raise |Δx|", "raise_pixels"), ("lower |Δx|", "lower_pixels"), ("marker drawn", "drawn"), ("marker removed", "removed"),
+    ("s", "seconds"),
+]
+
+
+def row_of(run: str, guidance: float, edit_guidance: float, out: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The table's numbers from one faithfulness result."""
+    marker = out.get("marker") or {}
+    return {
+        "run": run, "guidance": guidance, "edit_guidance": edit_guidance,
+        "judge_acc": out["judge"]["class_accuracy"], "class_agreement": out["agreement"]["class_agreement"],
+        "label_agreement": out["agreement"]["label_agreement"], "attribute_agreement": out["agreement"]["attribute_agreement_mean"],
+        "s_cycle": out["s_cycle"]["mean"],
+        "raise_gain": out["edits"]["raise"]["gain_mean"], "lower_gain": out["edits"]["lower"]["gain_mean"],
+        "raise_pixels": out["edits"]["raise"]["pixel_change_mean"], "lower_pixels": out["edits"]["lower"]["pixel_change_mean"],
+        "drawn": marker.get("drawn_rate"), "removed": marker.get("removed_rate"), "seconds": seconds,
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for _, k in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def has_null_condition(run: str) -> bool:
+    return bool(getattr(runs.load_model(run).config, "null_condition", False))
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", nargs="+", default=["runs/mnist_cpu"], help="run directories (or exported models)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="classifier-free guidance scales of the samples")
+    p.add_argument("--edit_guidance", type=float, nargs="+", default=[1.0], help="edit guidance scales of the edits")
+    p.add_argument("--num_images", type=int, default=256)
+    p.add_argument("--samples_per_ref", type=int, default=1)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--num_edit_prototypes", type=int, default=4)
+    p.add_argument("--partial_steps", type=int, default=None)
+    p.add_argument("--judge_epochs", type=int, default=2)
+    p.add_argument("--judge_images", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=str(Path(__file__).with_name("faithfulness.json")))
+    a = p.parse_args(argv)
+    options = ["--num_images", str(a.num_images), "--samples_per_ref", str(a.samples_per_ref), "--steps", str(a.steps),
+               "--num_edit_prototypes", str(a.num_edit_prototypes), "--judge_epochs", str(a.judge_epochs),
+               "--judge_images", str(a.judge_images), "--seed", str(a.seed)]
+    options += ["--partial_steps", str(a.partial_steps)] if a.partial_steps is not None else []
+    options += ["--device", a.device] if a.device else []
+    rows, results, skipped = [], [], []
+    for run in a.runs:
+        cfg = has_null_condition(run)
+        for g in a.guidance:
+            if g != 1.0 and not cfg:
+                skipped.append({"run": run, "guidance": g, "why": "the model has no null condition (classifier-free guidance)"})
+                print(f"skip {run} guidance={g}: no null condition", flush=True)
+                continue
+            for e in a.edit_guidance:
+                out_dir = runs.analysis_dir(run) / "faithfulness" / f"g{g:g}_e{e:g}"
+                t0 = time.perf_counter()
+                out = patronus_main(["faithfulness", "--checkpoint", run, "--guidance", str(g), "--edit_guidance", str(e),
+                                     "--out", str(out_dir), *options])
+                seconds = time.perf_counter() - t0
+                rows.append(row_of(run, g, e, out, seconds))
+                results.append({"run": run, "guidance": g, "edit_guidance": e, "seconds": seconds, "out": str(out_dir), "result": out})
+                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    table = markdown(rows)
+    print(table)
+    report = {"settings": vars(a), "table": rows, "markdown": table, "skipped": skipped, "results": results}
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {a.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""`python -m patronus faithfulness`: how faithfully the generator follows s, judged from outside the encoder.
+
+The measurements are pure functions in `patronus.interpret.faithfulness` (see its docstring for
+every definition); this module picks the data, trains the judge on the run's training split,
+draws the figures (`patronus.plots`) and returns the numbers (written as faithfulness.json).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from patronus import plots
+from patronus.cli.common import STATS_IMAGES, Context, check_positive
+from patronus.data.datasets import LabelledImageDataset
+from patronus.interpret.faithfulness import (
+    MARKER_AUROC,
+    edit_gain,
+    judge_accuracy,
+    marker_effect,
+    marker_prototypes_by_auroc,
+    sample_agreement,
+    train_judge,
+)
+from patronus.interpret.stats import edit_levels
+
+FIGURE_COLUMNS = 16  # images per row in the figures
+JUDGE_EVAL_IMAGES = 1000  # real held-out images the judge's accuracy is measured on (at least num_images)
+
+
+def _nan_none(v: float) -> Optional[float]:
+    return None if v != v else v
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN -> None everywhere, so faithfulness.json is strict JSON."""
+    if isinstance(value, float):
+        return _nan_none(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def judge_columns(ds: LabelledImageDataset) -> tuple[list[int], list[str]]:
+    """The binary attributes the judge learns: every attribute that is not merely a class indicator
+    (MNIST's one-hot digit columns repeat the label) and has both values somewhere."""
+    classes = set(ds.classes)
+    cols = []
+    for k, name in enumerate(ds.attribute_names):
+        known = ds.attributes[:, k][~ds.attributes[:, k].isnan()]
+        if name not in classes and bool((known == 0).any()) and bool((known == 1).any()):
+            cols.append(k)
+    return cols, [ds.attribute_names[k] for k in cols]
+
+
+def _load(ds: LabelledImageDataset, rows: list[int], masks: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    items = [ds[i] for i in rows]
+    return torch.stack([it["image"] for it in items]), torch.stack([it["marker_mask"] for it in items]) if masks else None
+
+
+def cmd_faithfulness(
+    ctx: Context,
+    num_images: int = 256,
+    samples_per_ref: int = 1,
+    steps: int = 50,
+    guidance: float = 1.0,
+    edit_guidance: float = 1.0,
+    num_edit_prototypes: int = 4,
+    partial_steps: Optional[int] = None,
+    judge_epochs: int = 2,
+    marker_prototypes: Union[list[int], int, None] = None,
+    judge_images: int = 10000,
+) -> dict:
+    """Faithfulness to s: sample agreement by an independent judge, s cycle, edit gain, marker causality.
+
+    Samples from each reference image's s (fresh noise) are judged by a small CNN trained here on
+    the run's real training split (not the Patronus encoder): do they keep the reference's class
+    and binary attributes? The s cycle is the mean over prototypes of the Pearson correlation
+    between s_ref_J and s_J of the re-encoded samples. Edit gain: from the inverted latent, each
+    of the most variable prototypes is set to q99 (raise) or q01 (lower);
+    gain = (s_J(edit) − s_J(recon)) / (target − s_J(recon)), mean over images (1 = reached, 0 =
+    no change). On planted-marker data, the marker prototypes (AUROC ≥ 0.9 for `marker`, else the
+    best one) are raised on unmarked and lowered on marked images together; the marker counts as
+    drawn when the mean intensity inside the fixed marker mask (random positions: the brightest
+    marker-sized window) passes the midpoint between real unmarked and real marked images.
+
+    Args:
+        num_images: reference images (held-out split); also the unmarked and the marked images of the marker check.
+        samples_per_ref: fresh-noise samples per reference.
+        steps: DDIM steps of sampling, inversion and decoding.
+        guidance: classifier-free guidance scale of the samples (> 1 needs a model with a null condition).
+        edit_guidance: edit guidance scale of the edits, ε(s) + w(ε(s_edit) − ε(s)).
+        num_edit_prototypes: the most variable prototypes (std over the statistics) that are raised and lowered.
+        partial_steps: invert only this many of the DDIM steps and edit from there (default: all).
+        judge_epochs: training epochs of the judge.
+        marker_prototypes: marker prototypes moved together, e.g. [3,7] (default: AUROC ≥ 0.9 for `marker`, else the best).
+        judge_images: at most this many training images (a seeded random subset) train the judge.
+    """
+    check_positive(num_images=num_images, samples_per_ref=samples_per_ref, steps=steps, num_edit_prototypes=num_edit_prototypes,
+                   judge_epochs=judge_epochs, judge_images=judge_images, partial_steps=partial_steps)
+    pipe = ctx.pipe
+    if partial_steps is not None and partial_steps > steps:
+        raise ValueError(f"partial_steps={partial_steps}; expected 1..steps={steps}")
+    if guidance != 1.0 and not getattr(pipe.model.config, "null_condition", False):
+        raise ValueError(f"guidance={guidance}: classifier-free guidance needs a model trained with a null condition "
+                         "(model.net.null_condition=true); this one has none")
+    marker_prototypes = ctx.check_prototypes(marker_prototypes, "marker_prototypes")
+    ds, train = ctx.dataset(), ctx.dataset("training")
+    if len(ds) < 2:
+        raise ValueError(f"num_images: the {ds.source['split']} split has {len(ds)} image(s); need at least 2")
+    out = ctx.out
+
+    # 1. the judge, on the run's real training split
+    cols, names = judge_columns(train)
+    n_train = min(judge_images, len(train))
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.seed))[:n_train].sort().values.tolist()
+    x_train, _ = _load(train, rows)
+    has_labels = bool((train.labels >= 0).any())
+    num_classes = (len(train.classes) or int(train.labels.max()) + 1) if has_labels else 0
+    judge = train_judge(x_train, train.labels[rows] if has_labels else None, train.attributes[rows][:, cols] if cols else None,
+                        epochs=judge_epochs, seed=ctx.seed, num_classes=num_classes or None, device=pipe.device)
+    del x_train
+    n_eval = min(len(ds), max(num_images, JUDGE_EVAL_IMAGES))
+    held = ctx.images(n_eval)
+    labels = ds.labels[:n_eval] if bool((ds.labels[:n_eval] >= 0).any()) and has_labels else None
+    same_columns = bool(names) and all(n in ds.attribute_names for n in names)
+    attrs = ds.attributes[:n_eval][:, [ds.attribute_names.index(n) for n in names]] if same_columns else None
+    acc = judge_accuracy(judge, held, labels, attrs)
+    judge_summary = {
+        "training_images": n_train, "epochs": judge_epochs, "training_loss": judge.losses, "held_out_images": n_eval,
+        "class_accuracy": _nan_none(acc.class_accuracy), "attributes": names,
+        "attribute_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_accuracy)},
+        "attribute_balanced_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_balanced_accuracy)},
+    }
+
+    # 2. sample agreement and the s cycle
+    refs = held[: min(num_images, n_eval)]
+    B = len(refs)
+    agree = sample_agreement(pipe, refs, judge, samples_per_ref, steps, guidance, ctx.seed,
+                             labels[:B] if labels is not None else None, attrs[:B] if attrs is not None else None)
+    c = min(B, FIGURE_COLUMNS)
+    plots.save_rows([refs[:c], *agree.samples[: min(samples_per_ref, 4), :c]], out / "agreement.png")
+    attr_agree = agree.attribute_agreement.tolist()
+    agreement_summary = {
+        "class_agreement": _nan_none(agree.class_agreement), "label_agreement": _nan_none(agree.label_agreement),
+        "reference_accuracy": _nan_none(agree.reference_accuracy),
+        "attribute_agreement": {n: _nan_none(v) for n, v in zip(names, attr_agree)},
+        "attribute_agreement_mean": _nan_none(sum(attr_agree) / len(attr_agree)) if attr_agree else None,
+        "attribute_label_agreement": {n: _nan_none(float(v)) for n, v in zip(names, agree.attribute_label_agreement)},
+    }
+
+    # 3. edit gain of the most variable prototypes
+    stats = ctx.statistics()
+    levels = edit_levels(stats)
+    K = pipe.num_prototypes
+    prototypes = torch.tensor(stats["std"]).argsort(descending=True)[: min(num_edit_prototypes, K)].tolist()
+    gain = edit_gain(pipe, refs, prototypes, levels, steps, partial_steps, edit_guidance)
+    for name, d in (("raise", gain.raised), ("lower", gain.lowered)):
+        plots.save_rows([refs[:c], gain.reconstruction[:c], *d.images[:, :c]], out / f"edits_{name}.png")
+
+    result: dict[str, Any] = {
+        "images": B, "samples_per_ref": samples_per_ref, "steps": steps, "guidance": guidance, "edit_guidance": edit_guidance,
+        "partial_steps": partial_steps, "judge": judge_summary, "agreement": agreement_summary,
+        "s_cycle": {"mean": _nan_none(agree.s_cycle), "per_prototype": [_nan_none(v) for v in agree.s_cycle_per_prototype.tolist()]},
+        "edits": {"prototypes": prototypes, "raise": gain.raised.summary(prototypes), "lower": gain.lowered.summary(prototypes)},
+        "marker": None,
+    }
+
+    # 4. marker causality, on data with a planted marker and its masks
+    if "marker" in ds.attribute_names:
+        result["marker"] = (_marker(ctx, ds, num_images, marker_prototypes, levels, steps, partial_steps, edit_guidance)
+                            if "marker_mask" in ds[0]
+                            else {"skipped": "the data has a 'marker' attribute but its items carry no marker_mask"})
+    return _json_safe(result)
+
+
+def _marker(ctx: Context, ds: LabelledImageDataset, num_images: int, prototypes: Optional[list[int]],
+            levels: dict[str, torch.Tensor], steps: int, partial_steps: Optional[int], edit_guidance: float) -> dict[str, Any]:
+    column = ds.attributes[:, ds.attribute_names.index("marker")]
+    unmarked_rows = (column == 0).nonzero().flatten()[:num_images].tolist()
+    marked_rows = (column == 1).nonzero().flatten()[:num_images].tolist()
+    if not unmarked_rows or not marked_rows:
+        return {"skipped": f"the split has {len(unmarked_rows)} unmarked and {len(marked_rows)} marked images; need both"}
+    auroc = None
+    chosen = "given"
+    if prototypes is None:  # over the statistics images
+        n = min(STATS_IMAGES, len(ds))
+        s = ctx.pipe.encode(ctx.images(n)).s.cpu()
+        prototypes, auc = marker_prototypes_by_auroc(s, column[:n], MARKER_AUROC)
+        auroc, chosen = {str(j): _nan_none(float(auc[j])) for j in prototypes}, f"AUROC >= {MARKER_AUROC} for 'marker' (else the best)"
+    unmarked, _ = _load(ds, unmarked_rows)
+    marked, masks = _load(ds, marked_rows, masks=True)
+    eff = marker_effect(ctx.pipe, unmarked, marked, masks, prototypes, levels, steps, partial_steps, edit_guidance)
+    c = min(len(unmarked), len(marked), FIGURE_COLUMNS)
+    plots.save_rows([eff.unmarked[:c], eff.unmarked_reconstruction[:c], eff.raised[:c],
+                     eff.marked[:c], eff.marked_reconstruction[:c], eff.lowered[:c]], ctx.out / "marker.png")
+    det, r = eff.detector, eff.rates
+    return {
+        "prototypes": prototypes, "chosen_by": chosen, "prototype_auroc": auroc,
+        "unmarked_images": len(unmarked), "marked_images": len(marked),
+        "drawn_rate": r.drawn, "removed_rate": r.removed,
+        "drawn_in_reconstruction": r.drawn_in_reconstruction, "kept_in_reconstruction": r.kept_in_reconstruction,
+        "detector": {"rule": det.rule, "window": list(det.window), "polarity": det.polarity, "threshold": det.threshold,
+                     "real_unmarked_score": det.unmarked_score, "real_marked_score": det.marked_score,
+                     "real_accuracy": det.real_accuracy},
+        "s_marker_prototypes": {
+            "unmarked_reconstruction": eff.s_unmarked_reconstruction.mean(0).tolist(), "raised": eff.s_raised.mean(0).tolist(),
+            "marked_reconstruction": eff.s_marked_reconstruction.mean(0).tolist(), "lowered": eff.s_lowered.mean(0).tolist(),
+            "target_raise": levels["max"][prototypes].tolist(), "target_lower": levels["min"][prototypes].tolist(),
+        },
+    }
