@@ -22,7 +22,7 @@ def distinct_loss(prototypes: torch.Tensor, margin: float) -> torch.Tensor:
 
 def diffusion_loss(
     model: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, snr_gamma: Optional[float] = None,
-    held: Optional[dict[int, float]] = None, condition_dropout: float = 0.0,
+    held: Optional[dict[int, float]] = None, condition_dropout: float = 0.0, cycle_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise-prediction MSE with s = g(x0) from the clean image, gradients into the encoder.
 
@@ -30,7 +30,9 @@ def diffusion_loss(
     short runs; None is the paper's plain MSE. `held` fixes prototypes at constant values in the
     condition (shortcut mitigation: the denoiser can no longer use them). `condition_dropout`
     replaces the condition of that share of the images by the model's learned null condition
-    (classifier-free guidance on s; Ho & Salimans 2022). Returns (loss, activations s).
+    (classifier-free guidance on s; Ho & Salimans 2022). `cycle_weight` adds λ·`cycle_loss`:
+    the predicted clean image must carry the activations it was conditioned on. Returns
+    (loss, activations s).
     """
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
@@ -49,4 +51,28 @@ def diffusion_loss(
         alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t]
         snr = alpha_bar / (1 - alpha_bar)
         per_sample = per_sample * snr.clamp(max=snr_gamma) / snr
-    return per_sample.mean(), s
+    loss = per_sample.mean()
+    if cycle_weight > 0:
+        keep = ~null if null is not None else torch.ones(b, dtype=torch.bool, device=x0.device)
+        loss = loss + cycle_weight * cycle_loss(model, scheduler, x_t, t, eps, cond, keep)
+    return loss, s
+
+
+def cycle_loss(model: PatronusModel, scheduler: DDPMScheduler, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+               s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """‖(s(x̂0) − s) / σ_s‖², weighted by ᾱ_t: the denoiser's clean-image estimate must carry the
+    activations it was conditioned on (what steering needs), not only what x_t already shows.
+
+    x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t is re-encoded by the encoder with its weights detached, so
+    the gradient only teaches the denoiser to follow s (the encoder cannot satisfy the loss by
+    changing what s means); σ_s is the batch spread of each prototype; ᾱ_t discounts the noisy
+    steps, whose x̂0 is a blurry mean image.
+    """
+    alpha_bar = scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1, 1, 1)
+    x0_hat = ((x_t.float() - (1 - alpha_bar).sqrt() * eps.float()) / alpha_bar.sqrt()).clamp(-1, 1)
+    params = {k: v.detach() for k, v in model.encoder.named_parameters()}
+    s_hat = torch.func.functional_call(model.encoder, params, (x0_hat,))
+    target = s.detach().float()
+    err = ((s_hat.float() - target) / target.std(0).clamp_min(1e-6)).pow(2).mean(1)  # (B,)
+    w = alpha_bar.view(-1) * keep.float()
+    return (w * err).sum() / keep.float().sum().clamp_min(1.0)

@@ -15,44 +15,50 @@ from typing import Literal, Mapping, Optional, Sequence, Union
 import torch
 
 Op = Literal["set", "scale", "add"]
-# A number, a named level resolved from `levels` ("max", "min", "median", ...), or a tensor of
-# per-image values (B,) / one value (): what an edit sets, multiplies by or adds.
+# A number, a named level resolved from `levels` ("max", "min", "median", "mean", "q95", ...), or a
+# tensor of per-image values (B,) / one value (): what an edit sets, multiplies by or adds.
 Value = Union[float, str, torch.Tensor]
-_SPEC = re.compile(r"^\s*(\d+)\s*(=|\*|\+|-)\s*(max|min|median|[0-9.eE+-]+)\s*$")
+_LEVEL = r"max|min|median|mean|q\d\d"
+_SPEC = re.compile(rf"^\s*(\d+)\s*(=|\*|\+|-)\s*({_LEVEL}|[0-9.eE+-]+?)\s*(sd)?\s*$")
 
 
 @dataclass(frozen=True)
 class Edit:
-    """One change to prototype `prototype`: set to / multiply by / add `value`."""
+    """One change to prototype `prototype`: set to / multiply by / add `value` (× the prototype's
+    own `unit`, e.g. "sd": its standard deviation over the data, so "+2sd" means the same for
+    every prototype whatever its scale)."""
 
     prototype: int
     op: Op
     value: Value
+    unit: Optional[str] = None
 
     def __str__(self) -> str:
         sym = {"set": "=", "scale": "*", "add": "+"}[self.op]
         value = self.value
         if isinstance(value, torch.Tensor):
             value = f"{float(value.float().mean()):.4g}" if value.numel() else "[]"
-        return f"{self.prototype}{sym}{value}"
+        return f"{self.prototype}{sym}{value}{self.unit or ''}"
 
 
 def parse_edit(spec: str, num_prototypes: int) -> list[Edit]:
-    """'3=max' | '7=0' | '5*2' | '2+1.5' | '4-0.5', comma-joined for one combined edit ('3=max,7=min')."""
+    """'3=max' | '3=q95' | '7=0' | '5*2' | '2+1.5' | '4-0.5' | '2+2sd' | '4-1sd', comma-joined for one
+    combined edit ('3=max,7=min'). Levels (max = q99, min = q01, median, mean, qNN) and sd come
+    from the data's activation statistics."""
     edits = []
     for part in spec.split(","):
         m = _SPEC.match(part)
         if not m:
             raise ValueError(
                 f"edit {spec!r}: cannot parse {part!r}; expected J=VALUE, J*FACTOR, J+DELTA or J-DELTA "
-                "with VALUE a number, 'max', 'min' or 'median' (e.g. 3=max,7=0)"
+                "with VALUE a number, max, min, median, mean or qNN, and DELTA a number or Nsd (e.g. 3=max,7=0,5+2sd)"
             )
-        j, sym, raw = int(m.group(1)), m.group(2), m.group(3)
+        j, sym, raw, unit = int(m.group(1)), m.group(2), m.group(3), m.group(4)
         if not 0 <= j < num_prototypes:
             raise ValueError(f"edit {spec!r}: prototype {j} does not exist; the model has K={num_prototypes} (0..{num_prototypes - 1})")
-        if raw in ("max", "min", "median"):
-            if sym != "=":
-                raise ValueError(f"edit {spec!r}: '{raw}' only works with '=' (got {sym!r})")
+        if re.fullmatch(_LEVEL, raw):
+            if sym != "=" or unit:
+                raise ValueError(f"edit {spec!r}: '{raw}' only works with '=' (got {sym!r}{unit or ''})")
             value: Value = raw
         else:
             try:
@@ -60,33 +66,42 @@ def parse_edit(spec: str, num_prototypes: int) -> list[Edit]:
             except ValueError:
                 raise ValueError(f"edit {spec!r}: {raw!r} is not a number") from None
         op: Op = {"=": "set", "*": "scale", "+": "add", "-": "add"}[sym]
+        if unit and op != "add":
+            raise ValueError(f"edit {spec!r}: 'sd' units only work with '+' or '-' (e.g. {j}+2sd)")
         if sym == "-":
             value = -float(value)
-        edits.append(Edit(j, op, value))
+        edits.append(Edit(j, op, value, unit))
     return edits
 
 
-def _resolve(value: Value, j: int, s: torch.Tensor, levels: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:
-    """The value of an edit of prototype j as a (B,) tensor on s's device."""
-    if isinstance(value, str):
-        if not levels or value not in levels:
-            raise ValueError(f"edit value {value!r} needs activation statistics with {value!r} (levels={sorted(levels or {})})")
-        level = levels[value].to(s)
-        return (level[..., j] if level.ndim else level).expand(len(s))
-    if isinstance(value, torch.Tensor):
-        return value.to(s).expand(len(s))
-    return torch.full((len(s),), float(value), dtype=s.dtype, device=s.device)
+def _level(name: str, j: int, s: torch.Tensor, levels: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    if not levels or name not in levels:
+        raise ValueError(f"edit value {name!r} needs activation statistics with {name!r} (levels={sorted(levels or {})})")
+    level = levels[name].to(s)
+    return (level[..., j] if level.ndim else level).expand(len(s))
+
+
+def _resolve(e: Edit, s: torch.Tensor, levels: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """The value of edit e as a (B,) tensor on s's device, in s units."""
+    if isinstance(e.value, str):
+        value = _level(e.value, e.prototype, s, levels)
+    elif isinstance(e.value, torch.Tensor):
+        value = e.value.to(s).expand(len(s))
+    else:
+        value = torch.full((len(s),), float(e.value), dtype=s.dtype, device=s.device)
+    return value * _level(e.unit, e.prototype, s, levels) if e.unit else value
 
 
 def apply_edits(s: torch.Tensor, edits: Sequence[Edit], levels: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
     """New activations (B, K) with every edit applied in order; the input is untouched.
 
-    `levels` resolves named values: {"max": q99, "min": q01, "median": q50, ...}, each (K,) or (B, K).
+    `levels` resolves named values and units: {"max": q99, "min": q01, "median": q50, "sd": std,
+    ...}, each (K,) or (B, K) (`patronus.interpret.stats.edit_levels`).
     Differentiable in s (training holds prototypes through it).
     """
     s = s.clone()
     for e in edits:
-        value = _resolve(e.value, e.prototype, s, levels)
+        value = _resolve(e, s, levels)
         if e.op == "set":
             target = value
         elif e.op == "scale":
@@ -113,6 +128,41 @@ def one_edit_each(s: torch.Tensor, prototypes: Sequence[int], values: torch.Tens
 
 
 @torch.no_grad()
+def redundant_groups(activations: torch.Tensor, threshold: float = 0.9) -> list[list[int]]:
+    """Groups of prototypes whose activations over a dataset (N, K) correlate at ≥ `threshold`
+    (connected components): prototypes that carry the same pattern and must move together, or an
+    edit of one is undone by the others still holding the pattern in s."""
+    corr = torch.corrcoef(activations.double().T).nan_to_num(0.0)
+    linked = corr >= threshold
+    groups, seen = [], set()
+    for j in range(len(corr)):
+        if j in seen:
+            continue
+        group, frontier = {j}, [j]
+        while frontier:
+            k = frontier.pop()
+            for m in linked[k].nonzero().flatten().tolist():
+                if m not in group:
+                    group.add(m)
+                    frontier.append(m)
+        seen |= group
+        groups.append(sorted(group))
+    return groups
+
+
+def joint(edits: Sequence[Edit], groups: Sequence[Sequence[int]]) -> list[Edit]:
+    """Every edit applied to each prototype of its prototype's group as well (named levels and
+    units resolve per prototype, so "3=max" sets each member to its own max)."""
+    group_of = {j: list(g) for g in groups for j in g}
+    out, done = [], set()
+    for e in edits:
+        for m in group_of.get(e.prototype, [e.prototype]):
+            if (m, e.op) not in done:
+                out.append(Edit(m, e.op, e.value, e.unit))
+                done.add((m, e.op))
+    return out
+
+
 def activation_range(activations: torch.Tensor, low: float = 0.01, high: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prototype quantiles of activations (N, K): robust 'min'/'max' rather than one outlier."""
     q = torch.quantile(activations.float(), torch.tensor([low, high]), dim=0)

@@ -148,6 +148,11 @@ class PatronusPipeline(DiffusionPipeline):
             scheduler = make_scheduler(model.noise_scheduler().config, "ddim", 50)
         self.register_modules(model=model, scheduler=scheduler, prior=prior)
         self.set_progress_bar_config(disable=True, leave=False)  # the CLI turns bars on
+        # Defaults for every call that does not pass its own (the CLI's --guidance / --edit_guidance),
+        # so each analysis that samples or edits honours them: classifier-free guidance of `sample`
+        # and `generate`, edit guidance of `edit` and of `decode_edited`.
+        self.guidance = 1.0
+        self.edit_guidance = 1.0
 
     # --- loading -------------------------------------------------------------------------
 
@@ -271,17 +276,18 @@ class PatronusPipeline(DiffusionPipeline):
         sampler: Sampler = "ddim",
         eta: float = 0.0,
         callback: Optional[StepCallback] = None,
-        guidance: float = 1.0,
+        guidance: Optional[float] = None,
     ) -> torch.Tensor:
         """New images (B, C, H, W) with activations s from x_T (drawn from `seed`/`generator` if not given).
 
         `guidance` w > 1: classifier-free guidance on s, ε̂(∅) + w·(ε̂(s) − ε̂(∅)) (models trained
-        with condition dropout)."""
+        with condition dropout); default `self.guidance`."""
         if x_T is None:
             gen = generator if generator is not None else torch.Generator().manual_seed(seed)
             x_T = self.noise((len(s), *self.image_shape()), generator=gen)
             generator = gen  # DDPM's per-step noise continues the same stream
-        return self.denoise(x_T, s, steps, sampler=sampler, eta=eta, generator=generator, callback=callback, guidance=guidance)
+        w = self.guidance if guidance is None else guidance
+        return self.denoise(x_T, s, steps, sampler=sampler, eta=eta, generator=generator, callback=callback, guidance=w)
 
     def invert(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50, stop_step: Optional[int] = None,
                fixed_point: int = 0) -> torch.Tensor:
@@ -311,14 +317,15 @@ class PatronusPipeline(DiffusionPipeline):
         steps: int = 50,
         partial_steps: Optional[int] = None,
         levels: Optional[dict[str, torch.Tensor]] = None,
-        guidance: float = 1.0,
+        guidance: Optional[float] = None,
         fixed_point: int = 0,
     ) -> EditResult:
         """Invert x0 (fully, or only `partial_steps` of the `steps` DDIM steps), then decode the same
         latent under s and under each edited s. `levels` resolves named edit values ('max', ...).
 
         `guidance` w > 1 is edit guidance, ε̂(s) + w·(ε̂(s_edit) − ε̂(s)): the edit's effect on the
-        prediction is amplified w times, with no retraining (w = 1: plain decoding under s_edit).
+        prediction is amplified w times, with no retraining (w = 1: plain decoding under s_edit;
+        default `self.edit_guidance`).
         `fixed_point` k: fixed-point inversion (see `invert`), for faithful reconstructions in few steps."""
         k = steps if partial_steps is None else partial_steps
         if not 0 < k <= steps:
@@ -329,9 +336,16 @@ class PatronusPipeline(DiffusionPipeline):
         start = steps - k
         recon = self.denoise(latent, s, steps, start_step=start, clip=False)
         requested = [apply_edits(s, list(e), levels) for e in edits]
-        images = [self.denoise(latent, r, steps, start_step=start, clip=False, guidance=guidance, guide_from=s) for r in requested]
+        images = [self.decode_edited(latent, r, s, steps, start_step=start, guidance=guidance) for r in requested]
         return EditResult(latent, s, recon, torch.stack(images) if images else recon.new_zeros(0, *recon.shape),
                           torch.stack(requested) if requested else s.new_zeros(0, *s.shape), start)
+
+    def decode_edited(self, x: torch.Tensor, s_edit: torch.Tensor, s: torch.Tensor, steps: int = 50, *, start_step: int = 0,
+                      guidance: Optional[float] = None, callback: Optional[StepCallback] = None) -> torch.Tensor:
+        """Decode x (an inverted or fresh latent) under edited activations s_edit, with edit guidance
+        ε̂(s) + w·(ε̂(s_edit) − ε̂(s)) relative to the unedited s (default w: `self.edit_guidance`)."""
+        w = self.edit_guidance if guidance is None else guidance
+        return self.denoise(x, s_edit, steps, start_step=start_step, clip=False, guidance=w, guide_from=s, callback=callback)
 
     def sample_activations(self, n: int, steps: int = 50, seed: int = 0) -> torch.Tensor:
         """n activation vectors (n, K) from the diffusion prior over standardised s (Patronus §3.4)."""
@@ -343,7 +357,7 @@ class PatronusPipeline(DiffusionPipeline):
             z = denoise_loop(sched, z, lambda x, t: self.prior(x, t.to(x.device)), progress=self.progress_bar)
         return self.prior.to_activations(z)
 
-    def generate(self, n: int, steps: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, n: int, steps: int = 50, seed: int = 0, guidance: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Unconditional images: activations from the prior, decoded by the image model → (images, s)."""
         s = self.sample_activations(n, steps, seed)
-        return self.sample(s, seed=seed + 1, steps=steps), s
+        return self.sample(s, seed=seed + 1, steps=steps, guidance=guidance), s

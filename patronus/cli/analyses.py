@@ -17,6 +17,7 @@ from jsonargparse import ArgumentParser
 
 from patronus import plots, runs
 from patronus.cli.common import (
+    COMMON,
     STATS_IMAGES,
     Context,
     DataSource,
@@ -351,10 +352,10 @@ def build_parser() -> ArgumentParser:
 def run_command(name: str, options: dict[str, Any]) -> dict:
     """Run analysis `name` with parsed options; writes RUN/analysis/<name>/<name>.json (or --out)."""
     fn, default_split = COMMANDS[name]
-    common = {k: options.pop(k) for k in ("checkpoint", "out", "seed", "device", "debug")}
+    common = {k: options.pop(k) for k in COMMON}
     data = options.pop("data")
     data = data if isinstance(data, DataSource) else DataSource(**dict(data or {}))
-    pipe = load_pipeline(common["checkpoint"], common["device"])
+    pipe = load_pipeline(common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"])
     out = Path(common["out"]) if common["out"] else runs.analysis_dir(common["checkpoint"]) / name
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(pipe, common["checkpoint"], out, common["seed"], data, default_split)

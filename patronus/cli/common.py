@@ -140,12 +140,24 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
     parser.add_argument("--out", type=Optional[str], default=default_out, help="output folder (default: RUN/analysis/<command>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (noise, splits)")
     parser.add_argument("--device", type=Optional[str], default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance on s for every sample, ε(∅) + w(ε(s) − ε(∅)) (models with a null condition)")
+    parser.add_argument("--edit_guidance", type=float, default=1.0,
+                        help="edit guidance for every edit, ε(s) + w(ε(s_edit) − ε(s)) (any model)")
     parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
 
 
-def load_pipeline(checkpoint: str, device: Optional[str]) -> PatronusPipeline:
+COMMON = ("checkpoint", "out", "seed", "device", "debug", "guidance", "edit_guidance")
+
+
+def load_pipeline(checkpoint: str, device: Optional[str], guidance: float = 1.0, edit_guidance: float = 1.0) -> PatronusPipeline:
+    """The pipeline of a checkpoint on `device`, with the command's guidance scales as its defaults."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = PatronusPipeline.from_pretrained(checkpoint, device=device)
+    if guidance != 1.0 and not pipe.model.config.null_condition:
+        raise ValueError(f"guidance={guidance}: classifier-free guidance needs a model trained with a null condition "
+                         "(model.net.null_condition=true, model.condition_dropout > 0); use edit_guidance for edits")
+    pipe.guidance, pipe.edit_guidance = guidance, edit_guidance
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False)
     return pipe
 

@@ -66,8 +66,6 @@ def cmd_faithfulness(
     num_images: int = 256,
     samples_per_ref: int = 1,
     steps: int = 50,
-    guidance: float = 1.0,
-    edit_guidance: float = 1.0,
     num_edit_prototypes: int = 4,
     partial_steps: Optional[int] = None,
     judge_epochs: int = 2,
@@ -91,8 +89,6 @@ def cmd_faithfulness(
         num_images: reference images (held-out split); also the unmarked and the marked images of the marker check.
         samples_per_ref: fresh-noise samples per reference.
         steps: DDIM steps of sampling, inversion and decoding.
-        guidance: classifier-free guidance scale of the samples (> 1 needs a model with a null condition).
-        edit_guidance: edit guidance scale of the edits, ε(s) + w(ε(s_edit) − ε(s)).
         num_edit_prototypes: the most variable prototypes (std over the statistics) that are raised and lowered.
         partial_steps: invert only this many of the DDIM steps and edit from there (default: all).
         judge_epochs: training epochs of the judge.
@@ -102,11 +98,9 @@ def cmd_faithfulness(
     check_positive(num_images=num_images, samples_per_ref=samples_per_ref, steps=steps, num_edit_prototypes=num_edit_prototypes,
                    judge_epochs=judge_epochs, judge_images=judge_images, partial_steps=partial_steps)
     pipe = ctx.pipe
+    guidance, edit_guidance = pipe.guidance, pipe.edit_guidance  # the common --guidance / --edit_guidance
     if partial_steps is not None and partial_steps > steps:
         raise ValueError(f"partial_steps={partial_steps}; expected 1..steps={steps}")
-    if guidance != 1.0 and not getattr(pipe.model.config, "null_condition", False):
-        raise ValueError(f"guidance={guidance}: classifier-free guidance needs a model trained with a null condition "
-                         "(model.net.null_condition=true); this one has none")
     marker_prototypes = ctx.check_prototypes(marker_prototypes, "marker_prototypes")
     ds, train = ctx.dataset(), ctx.dataset("training")
     if len(ds) < 2:

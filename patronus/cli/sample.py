@@ -10,9 +10,20 @@ import torch
 from jsonargparse import ArgumentParser
 
 from patronus import plots
-from patronus.cli.common import Context, DataSource, add_common_arguments, check_positive, load_pipeline, report_user_errors, wants_debug, write_json
+from patronus.cli.common import (
+    COMMON,
+    STATS_IMAGES,
+    Context,
+    DataSource,
+    add_common_arguments,
+    check_positive,
+    load_pipeline,
+    report_user_errors,
+    wants_debug,
+    write_json,
+)
 from patronus.data.images import read_image
-from patronus.edits import Edit, parse_edit
+from patronus.edits import Edit, joint, parse_edit, redundant_groups
 from patronus.interpret.generation_metrics import psnr
 from patronus.interpret.stats import activation_statistics, edit_levels
 from patronus.runs import resolve_checkpoint
@@ -46,6 +57,7 @@ def sample(
     num_samples: int = 4,
     edit: Union[list[str], str, None] = None,
     edit_top: int = 4,
+    joint_correlation: Optional[float] = None,
     unconditional: int = 0,
 ) -> dict:
     """Conditional sampling, DDIM inversion and prototype-guided editing from a Patronus checkpoint.
@@ -60,9 +72,12 @@ def sample(
         fixed_point: extra denoiser calls per inversion step solving it exactly (fixed-point
             inversion): faithful reconstructions with far fewer steps (benchmarks/edit_latency.py).
         num_samples: new samples per reference.
-        edit: prototype edits, one image row each: 3=max | 7=0 | 5*2 | 2+1.5, comma-joined to combine
-            (3=max,7=min); several as a list [3=max,7=0]. Default: the `edit_top` most variable raised to max.
+        edit: prototype edits, one image row each: 3=max | 3=q95 | 7=0 | 5*2 | 2+1.5 | 2+2sd (in units of the
+            prototype's spread), comma-joined to combine (3=max,7=min); several as a list [3=max,7=0].
+            Default: the `edit_top` most variable raised to max.
         edit_top: without `edit`: raise the N most variable prototypes to their max.
+        joint_correlation: move every edited prototype together with the prototypes whose activation
+            correlates with it at least this much over the data (redundant prototypes carrying one pattern).
         unconditional: also decode N samples of the trained activation prior.
     """
     check_positive(steps=steps, inversion_steps=inversion_steps, num_samples=num_samples)
@@ -73,7 +88,8 @@ def sample(
     refs, names = references(ctx, images, resize, indices)
     refs = refs.to(pipe.device)
     summary: dict = {"checkpoint": str(resolve_checkpoint(ctx.checkpoint)), "references": names, "sampler": sampler,
-                     "steps": steps, "inversion_steps": inversion_steps, "fixed_point": fixed_point, "seed": ctx.seed, "files": {}}
+                     "steps": steps, "inversion_steps": inversion_steps, "fixed_point": fixed_point, "guidance": pipe.guidance,
+                     "edit_guidance": pipe.edit_guidance, "seed": ctx.seed, "files": {}}
 
     # 1. Conditional samples: same s as each reference, fresh x_T.
     s = pipe.encode(refs).s
@@ -91,6 +107,10 @@ def sample(
     if not edits and edit_top > 0:
         spread = torch.tensor(stats["std"])
         edits = [[Edit(j, "set", "max")] for j in spread.argsort(descending=True)[:edit_top].tolist()]
+    if joint_correlation is not None and edits:
+        groups = redundant_groups(pipe.encode(ctx.images(STATS_IMAGES)).s, joint_correlation)
+        edits = [joint(e, groups) for e in edits]
+        summary["joint_groups"] = [g for g in groups if len(g) > 1]
 
     # 3. DDIM inversion, reconstruction and every edit decoded from the same inverted x_T.
     res = pipe.edit(refs, edits, inversion_steps, levels=levels, fixed_point=fixed_point)
@@ -139,9 +159,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     options = build_parser().parse_args(argv).as_dict()
 
     def run() -> dict:
-        common = {k: options.pop(k) for k in ("checkpoint", "out", "seed", "device", "debug")}
+        common = {k: options.pop(k) for k in COMMON}
         data = DataSource(**dict(options.pop("data") or {}))
-        pipe = load_pipeline(common["checkpoint"], common["device"])
+        pipe = load_pipeline(common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"])
         out = Path(common["out"])
         out.mkdir(parents=True, exist_ok=True)
         return sample(Context(pipe, common["checkpoint"], out, common["seed"], data), **options)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from einops import rearrange, repeat
@@ -50,10 +50,13 @@ def trace_activations(
     every: int = 1,
     start_step: int = 0,
     batch_size: int = 256,
+    s_plain: Optional[torch.Tensor] = None,
 ) -> EmergenceTrace:
     """Decode x_T under s with DDIM and record s(x̂0(t)) every `every` steps (the last step always).
 
     Chunks of ≤ `batch_size` images are decoded one after another, so many edits can share a call.
+    With `s_plain` (the unedited activations of each row), s is an edit decoded with the
+    pipeline's edit guidance relative to it.
     """
     keep = set(recorded_steps(num_steps, every, start_step))
     timesteps: list[int] = []
@@ -69,8 +72,11 @@ def trace_activations(
         # The last step is always kept, and with ᾱ_final = 1 its x̂0 *is* the decoded image, so the
         # last entry is s(decoded image): clamped like every other entry (unclamped decodes of a
         # small model overshoot [-1, 1] enough to move s by as much as the whole curve).
-        images.append(pipe.denoise(x_T[i : i + batch_size], s[i : i + batch_size], num_steps, start_step=start_step,
-                                   clip=False, callback=record))
+        rows = slice(i, i + batch_size)
+        if s_plain is None:
+            images.append(pipe.denoise(x_T[rows], s[rows], num_steps, start_step=start_step, clip=False, callback=record))
+        else:
+            images.append(pipe.decode_edited(x_T[rows], s[rows], s_plain[rows], num_steps, start_step=start_step, callback=record))
         acts.append(torch.stack(chunk))  # (S, B, K)
     return EmergenceTrace(torch.tensor(timesteps, dtype=torch.long), torch.cat(acts, dim=1), torch.cat(images))
 
@@ -161,7 +167,7 @@ def edit_emergence(
     # 3. Decode and trace everything at once.
     trace = trace_activations(
         pipe, repeat(x_T, "b ... -> (n b) ...", n=n), rearrange(conds, "n b k -> (n b) k"), num_steps, every,
-        batch_size=batch_size,
+        batch_size=batch_size, s_plain=repeat(s, "b k -> (n b) k", n=n),
     )
     acts = rearrange(trace.activations, "s (n b) k -> s n b k", n=n)
     plain = acts[:, 0]  # (S, B, K)

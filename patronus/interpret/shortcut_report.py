@@ -194,16 +194,16 @@ class CausalEffect:
     locality: float  # share of |x_high − x_low| inside J's receptive-field box in x_high
 
 
-def sample_unclipped(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, steps: int) -> torch.Tensor:
-    """DDIM-decode x_T under s without clipping x̂0 on the way, the result clamped to [-1, 1]
-    (the report's one way to turn activations into images)."""
-    return pipe.denoise(x_T, s, steps, clip=False).clamp(-1, 1)
+def sample_unclipped(pipe: PatronusPipeline, x_T: torch.Tensor, s_edit: torch.Tensor, s: torch.Tensor, steps: int) -> torch.Tensor:
+    """DDIM-decode x_T under edited activations s_edit (with the pipeline's edit guidance relative to
+    the unedited s), the result clamped to [-1, 1]: the report's one way to turn edits into images."""
+    return pipe.decode_edited(x_T, s_edit, s, steps).clamp(-1, 1)
 
 
 def causal_effect(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, j: int, low: float, high: float,
                   probes: Sequence[Optional[LinearProbe]], steps: int) -> tuple[CausalEffect, torch.Tensor, torch.Tensor]:
     """Sample the same x_T with s_J = low and = high; probe both. Returns the effect and the two samples."""
-    x_low, x_high = (sample_unclipped(pipe, x_T, apply_edits(s, [Edit(j, "set", v)]), steps) for v in (low, high))
+    x_low, x_high = (sample_unclipped(pipe, x_T, apply_edits(s, [Edit(j, "set", v)]), s, steps) for v in (low, high))
     s_low, acts_high = pipe.encode(x_low).s, pipe.encode(x_high)
     s_high, where = acts_high.s, acts_high.where
     delta = (probe_predictions(probes, s_high.cpu()) - probe_predictions(probes, s_low.cpu())).mean(0)
@@ -280,7 +280,7 @@ def mask_coverage(maps: torch.Tensor, masks: torch.Tensor) -> tuple[float, float
 def neutralised_decode(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, prototypes: Sequence[int],
                        median: torch.Tensor, steps: int) -> torch.Tensor:
     """Sample x_T with the flagged prototypes held at their dataset median: the image without the shortcut."""
-    return sample_unclipped(pipe, x_T, set_prototypes(s, prototypes, median), steps)
+    return sample_unclipped(pipe, x_T, set_prototypes(s, prototypes, median), s, steps)
 
 
 def finetune_config(prototypes: Sequence[int], median: torch.Tensor, init_from: str) -> str:

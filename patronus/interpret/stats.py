@@ -32,6 +32,10 @@ def activation_statistics(activations: torch.Tensor, quantiles: Sequence[float] 
 
 
 def edit_levels(stats: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Named per-prototype values (K,) that edits and baselines refer to: max (q99), min (q01), median."""
-    return {"max": torch.tensor(stats["max"]), "min": torch.tensor(stats["min"]),
-            "median": torch.tensor(stats["quantiles"]["0.5"])}
+    """Named per-prototype values (K,) that edits and baselines refer to: max (q99), min (q01),
+    median, mean, every stored quantile as qNN (q05, q95, ...) and the unit sd."""
+    levels = {"max": torch.tensor(stats["max"]), "min": torch.tensor(stats["min"]),
+              "median": torch.tensor(stats["quantiles"]["0.5"]), "mean": torch.tensor(stats["mean"]),
+              "sd": torch.tensor(stats["std"])}
+    levels |= {f"q{round(float(q) * 100):02d}": torch.tensor(v) for q, v in stats["quantiles"].items()}
+    return levels

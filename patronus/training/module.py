@@ -27,6 +27,8 @@ class PatronusModule(pl.LightningModule):
         snr_gamma: Min-SNR-γ loss weighting; None = the paper's plain MSE.
         condition_dropout: share of training images whose condition is replaced by the learned null
             condition (needs `net.null_condition=True`), so sampling can use classifier-free guidance on s.
+        cycle_weight: λ of the cycle loss: the denoiser's x̂0, re-encoded, must carry the s it was
+            conditioned on (`patronus.diffusion.cycle_loss`); 0 = the paper's objective.
         held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
             away a shortcut the report flagged; `python -m patronus shortcuts` writes this config).
         init_from: start from the weights of a run / exported model / .ckpt (fine-tuning);
@@ -44,6 +46,7 @@ class PatronusModule(pl.LightningModule):
         distinct_margin: float = 0.3,
         snr_gamma: Optional[float] = None,
         condition_dropout: float = 0.0,
+        cycle_weight: float = 0.0,
         held_prototypes: Optional[dict[int, float]] = None,
         init_from: Optional[str] = None,
     ):
@@ -66,7 +69,8 @@ class PatronusModule(pl.LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dropout = self.hparams.condition_dropout if self.training else 0.0
-        mse, s = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, self.held, dropout)
+        cycle = self.hparams.cycle_weight if self.training else 0.0
+        mse, s = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, self.held, dropout, cycle)
         dist = distinct_loss(self.net.encoder.prototypes, self.hparams.distinct_margin)
         return {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
 
