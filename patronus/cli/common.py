@@ -133,7 +133,7 @@ def check_positive(**values: int) -> None:
             raise ValueError(f"{name}={v}; expected at least 1")
 
 
-def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = None) -> None:
+def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = None, default_edit_guidance: float = 1.0) -> None:
     """--checkpoint, --data.*, --out, --seed, --device, --debug: the same names in every command."""
     parser.add_argument("--checkpoint", type=str, required=True, help="run directory, exported model directory, saved pipeline or .ckpt")
     parser.add_class_arguments(DataSource, "data")
@@ -142,7 +142,7 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
     parser.add_argument("--device", type=Optional[str], default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="classifier-free guidance on s for every sample, ε(∅) + w(ε(s) − ε(∅)) (models with a null condition)")
-    parser.add_argument("--edit_guidance", type=float, default=1.0,
+    parser.add_argument("--edit_guidance", type=float, default=default_edit_guidance,
                         help="edit guidance for every edit, ε(s) + w(ε(s_edit) − ε(s)) (any model)")
     parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
 
