@@ -9,7 +9,6 @@ figures come from `patronus.plots`. `python -m patronus <command> --help` lists 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -17,13 +16,11 @@ from jsonargparse import ArgumentParser
 
 from patronus import plots, runs
 from patronus.cli.common import (
-    COMMON,
     STATS_IMAGES,
     Context,
-    DataSource,
     add_common_arguments,
     check_positive,
-    load_pipeline,
+    open_context,
     report_user_errors,
     wants_debug,
     write_json,
@@ -352,27 +349,18 @@ def build_parser() -> ArgumentParser:
 def run_command(name: str, options: dict[str, Any]) -> dict:
     """Run analysis `name` with parsed options; writes RUN/analysis/<name>/<name>.json (or --out)."""
     fn, default_split = COMMANDS[name]
-    common = {k: options.pop(k) for k in COMMON}
-    data = options.pop("data")
-    data = data if isinstance(data, DataSource) else DataSource(**dict(data or {}))
-    pipe = load_pipeline(common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"])
-    out = Path(common["out"]) if common["out"] else runs.analysis_dir(common["checkpoint"]) / name
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(pipe, common["checkpoint"], out, common["seed"], data, default_split)
+    ctx = open_context(options, lambda checkpoint: runs.analysis_dir(checkpoint) / name, default_split)
     result = fn(ctx, **options)
-    write_json(result, out / f"{name}.json")
-    print(f"wrote {out}")
+    write_json(result, ctx.out / f"{name}.json")
+    print(f"wrote {ctx.out}")
     return result
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     debug = wants_debug(argv)
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
+    cfg = build_parser().parse_args(argv)
     name = cfg.command
-    options = dict(vars(cfg[name])) if not hasattr(cfg[name], "as_dict") else cfg[name].as_dict()
-    options["data"] = DataSource(**dict(options.get("data") or {}))
-    return report_user_errors(lambda: run_command(name, options), debug)
+    return report_user_errors(lambda: run_command(name, cfg[name].as_dict()), debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -162,6 +162,18 @@ def load_pipeline(checkpoint: str, device: Optional[str], guidance: float = 1.0,
     return pipe
 
 
+def open_context(options: dict[str, Any], out: Callable[[str], Path], default_split: str = "validation") -> Context:
+    """The command's Context from parsed options: the common ones are popped (the rest are the
+    command's own), the pipeline is loaded with the guidance scales as its defaults, and the output
+    folder (`--out`, else `out(checkpoint)`) is created."""
+    common = {k: options.pop(k) for k in COMMON}
+    data = DataSource(**dict(options.pop("data") or {}))
+    pipe = load_pipeline(common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"])
+    folder = Path(common["out"]) if common["out"] else out(common["checkpoint"])
+    folder.mkdir(parents=True, exist_ok=True)
+    return Context(pipe, common["checkpoint"], folder, common["seed"], data, default_split)
+
+
 def write_json(result: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -11,13 +11,11 @@ from jsonargparse import ArgumentParser
 
 from patronus import plots
 from patronus.cli.common import (
-    COMMON,
     STATS_IMAGES,
     Context,
-    DataSource,
     add_common_arguments,
     check_positive,
-    load_pipeline,
+    open_context,
     report_user_errors,
     wants_debug,
     write_json,
@@ -30,6 +28,7 @@ from patronus.runs import resolve_checkpoint
 
 
 EDIT_GUIDANCE = 4.0
+DEFAULT_OUT = "outputs/sample"
 
 
 def references(ctx: Context, images: Optional[list[str]], resize: bool, indices: Optional[list[int]]) -> tuple[torch.Tensor, list[str]]:
@@ -153,7 +152,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="sample.py", description=(sample.__doc__ or "").strip().splitlines()[0])
     # Edit guidance 4: on the default run it takes an edit from ~1/4 to ~0.87 of the requested
     # change (README, "Steering"); the analyses keep 1 unless asked.
-    add_common_arguments(parser, default_out="outputs/sample", default_edit_guidance=EDIT_GUIDANCE)
+    add_common_arguments(parser, default_out=DEFAULT_OUT, default_edit_guidance=EDIT_GUIDANCE)
     parser.add_function_arguments(sample, skip={"ctx"}, fail_untyped=True)
     return parser
 
@@ -163,15 +162,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     debug = wants_debug(argv)
     options = build_parser().parse_args(argv).as_dict()
 
-    def run() -> dict:
-        common = {k: options.pop(k) for k in COMMON}
-        data = DataSource(**dict(options.pop("data") or {}))
-        pipe = load_pipeline(common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"])
-        out = Path(common["out"])
-        out.mkdir(parents=True, exist_ok=True)
-        return sample(Context(pipe, common["checkpoint"], out, common["seed"], data), **options)
-
-    return report_user_errors(run, debug)
+    return report_user_errors(lambda: sample(open_context(options, lambda checkpoint: Path(DEFAULT_OUT)), **options), debug)
 
 
 if __name__ == "__main__":  # pragma: no cover
