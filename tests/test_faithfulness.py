@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.nn.functional import one_hot as F_one_hot
 
 from patronus.cli.analyses import main
 from patronus.data.registry import build_dataset
@@ -19,7 +20,9 @@ from patronus.interpret.faithfulness import (
     marker_prototypes_by_auroc,
     marker_rates,
     pearson_per_column,
+    s_class_probe,
     sample_agreement,
+    sample_quality,
     s_cycle,
     train_judge,
 )
@@ -58,6 +61,33 @@ def test_the_judge_classifies_real_held_out_digits(judge, mnist):
         train_judge(x[:10], y[:9], epochs=1)
     with pytest.raises(ValueError, match="judge_epochs"):
         train_judge(x[:10], y[:10], epochs=0)
+
+
+def test_s_class_probe_reads_the_class_only_where_s_carries_it():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 4
+    informative = F_one_hot(y, 4) * 3 + torch.randn(400, 4, generator=g) * 0.3  # class written into s
+    noise = torch.randn(400, 6, generator=g)
+    assert s_class_probe(torch.cat([informative, noise], 1), y) > 0.95
+    assert s_class_probe(noise, y) < 0.4  # chance: 0.25
+    y_unknown = y.clone()
+    y_unknown[:100] = -1  # unlabelled rows are left out
+    assert s_class_probe(torch.cat([informative, noise], 1), y_unknown) > 0.95
+    with pytest.raises(ValueError, match="labels"):
+        s_class_probe(noise, torch.zeros(400, dtype=torch.long))
+
+
+def test_sample_quality_separates_real_digits_from_noise(judge, mnist):
+    _, test = mnist
+    real = test.images[:600]
+    noise = torch.rand(100, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    good = sample_quality(judge, test.images[600:700], real)
+    bad = sample_quality(judge, noise, real)
+    assert good["real_images"] == 500 and good["generated_images"] == 100
+    assert good["judge_fid_real"] == pytest.approx(bad["judge_fid_real"])  # the floor does not depend on the samples
+    assert good["judge_fid"] < 2 * good["judge_fid_real"] + 1 < bad["judge_fid"] / 5
+    with pytest.raises(ValueError, match="real"):
+        sample_quality(judge, noise, real[:101])
 
 
 def test_pearson_and_s_cycle_match_numpy_and_skip_constant_prototypes():
@@ -211,6 +241,9 @@ def test_faithfulness_command_end_to_end(tiny_model, tmp_path, capsys):
     assert j["class_accuracy"] > 0.8 and j["attribute_accuracy"]["marker"] > 0.9
     a = out["agreement"]
     assert out["images"] == 16 and 0 <= a["class_agreement"] <= 1 and 0 <= a["attribute_agreement"]["marker"] <= 1
+    assert 0 <= a["s_class_probe"] <= 1
+    q = out["sample_quality"]
+    assert q["generated_images"] == 16 and q["real_images"] == 1000 - 16 and q["judge_fid"] > 0 and q["judge_fid_real"] > 0
     assert -1 <= out["s_cycle"]["mean"] <= 1 and len(out["s_cycle"]["per_prototype"]) == 8
     assert len(out["edits"]["prototypes"]) == 2 and set(out["edits"]["raise"]["gain"]) == {str(j) for j in out["edits"]["prototypes"]}
     m = out["marker"]

@@ -20,7 +20,9 @@ from patronus.interpret.faithfulness import (
     judge_accuracy,
     marker_effect,
     marker_prototypes_by_auroc,
+    s_class_probe,
     sample_agreement,
+    sample_quality,
     train_judge,
 )
 from patronus.interpret.stats import edit_levels
@@ -144,7 +146,11 @@ def cmd_faithfulness(
         "attribute_agreement": {n: _nan_none(v) for n, v in zip(names, attr_agree)},
         "attribute_agreement_mean": _nan_none(sum(attr_agree) / len(attr_agree)) if attr_agree else None,
         "attribute_label_agreement": {n: _nan_none(float(v)) for n, v in zip(names, agree.attribute_label_agreement)},
+        # the ceiling: how much of the class s carries on real held-out images (linear probe, 5 folds)
+        "s_class_probe": s_class_probe(pipe.encode(held).s, labels) if labels is not None and len(held) >= 20 else None,
     }
+    samples = agree.samples.flatten(0, 1)
+    quality = sample_quality(judge, samples, held) if len(held) >= len(samples) + 2 else None  # else too few real images
 
     # 3. edit gain of the most variable prototypes
     stats = ctx.statistics()
@@ -158,6 +164,7 @@ def cmd_faithfulness(
     result: dict[str, Any] = {
         "images": B, "samples_per_ref": samples_per_ref, "steps": steps, "guidance": guidance, "edit_guidance": edit_guidance,
         "partial_steps": partial_steps, "judge": judge_summary, "agreement": agreement_summary,
+        "sample_quality": quality,
         "s_cycle": {"mean": _nan_none(agree.s_cycle), "per_prototype": [_nan_none(v) for v in agree.s_cycle_per_prototype.tolist()]},
         "edits": {"prototypes": prototypes, "raise": gain.raised.summary(prototypes), "lower": gain.lowered.summary(prototypes)},
         "marker": None,

@@ -9,6 +9,13 @@ Four measurements, each a pure function (pipeline, tensors) -> dataclass:
        label agreement     = P[judge(sample) = true label of the reference]
        attribute agreement = P[judge_a(sample) = judge_a(reference)]   per attribute a
    The judge's own accuracy on real held-out images (`judge_accuracy`) says how far to trust it.
+   Two numbers to read it against: `s_class_probe`, the held-out accuracy of a linear probe
+   from s to the true class on real images (how much of the class s carries at all: a
+   generator that follows s perfectly cannot agree more often than s determines the class),
+   and `sample_quality`, the Fréchet distance between the samples and real held-out images in
+   the judge's pooled features (`JudgeFeatures`; guidance that buys agreement with broken
+   images shows up here), beside the same distance between two sets of real images of the same
+   size (the floor at that sample count).
 2. s cycle (same call): re-encode the samples;
        s_cycle = mean_J Pearson_i(s_ref[i, J], s_gen[i, J])
    over all (reference, sample) pairs (a reference with R samples counts R times); prototypes
@@ -51,7 +58,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from patronus.edits import Edit
-from patronus.interpret.quality import auroc_matrix
+from patronus.interpret.generation_metrics import fid_kid, to_uint8
+from patronus.interpret.quality import auroc_matrix, fit_logistic, kfold_indices, predict_proba, standardise
 from patronus.pipeline import PatronusPipeline
 
 MARKER_AUROC = 0.9  # a prototype with at least this AUROC for the marker attribute is a marker prototype
@@ -220,6 +228,53 @@ def judge_accuracy(judge: Judge, images: torch.Tensor, labels: Optional[torch.Te
 
 
 # --- 1 + 2. sample agreement and the s cycle ---------------------------------------------------
+
+
+def s_class_probe(s: torch.Tensor, labels: torch.Tensor, folds: int = 5, seed: int = 0) -> float:
+    """k-fold held-out accuracy of a linear (multinomial logistic) probe from s (N, K) to the class
+    (N,): how much of the class s carries — the ceiling of class agreement for any generator."""
+    keep = labels >= 0
+    s, y = s[keep].float().cpu(), labels[keep].long().cpu()
+    if len(y) < folds or y.unique().numel() < 2:
+        raise ValueError(f"labels: {len(y)} labelled images of {y.unique().numel()} class(es); the probe needs ≥ {folds} and ≥ 2")
+    n_cls, right = int(y.max()) + 1, 0
+    for train, held in kfold_indices(len(y), folds, seed):
+        s_tr, s_te = standardise(s[train], s[held])
+        w = fit_logistic(s_tr, y[train], n_cls)
+        right += int((predict_proba(w, s_te).argmax(1) == y[held]).sum())
+    return right / len(y)
+
+
+class JudgeFeatures(nn.Module):
+    """uint8 images -> the judge's pooled features (the `feature` of torchmetrics' FID): a Fréchet
+    distance in a space trained on this data, with nothing to download."""
+
+    def __init__(self, judge: "Judge"):
+        super().__init__()
+        self.net = judge.net
+        self.num_features = self.net.head.in_features
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        was = self.net.training
+        self.net.eval()
+        try:
+            x = images.to(next(self.net.parameters()).device).float() / 127.5 - 1
+            return self.net.features(x).double().cpu()
+        finally:
+            self.net.train(was)
+
+
+def sample_quality(judge: "Judge", samples: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    """Fréchet distance (judge features) of the samples (N, C, H, W) to `real` images, and of an
+    equally large set of real images (`real`'s first N rows) to the rest of `real` — the floor."""
+    n = len(samples)
+    if len(real) < n + 2:
+        raise ValueError(f"real: {len(real)} images; sample quality needs at least {n + 2} (the samples' count + 2)")
+    feature = JudgeFeatures(judge)
+    fake = fid_kid(to_uint8(real[n:]), to_uint8(samples), feature)
+    floor = fid_kid(to_uint8(real[n:]), to_uint8(real[:n]), feature)
+    return {"judge_fid": fake["fid"], "judge_fid_real": floor["fid"], "real_images": len(real) - n, "generated_images": n}
 
 
 def pearson_per_column(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
