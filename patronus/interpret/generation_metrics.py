@@ -104,12 +104,19 @@ def checked_inception_weights(path: str) -> str:
             f"inception_weights {path}: no such file; expected torch-fidelity's pt_inception-2015-12-05 weights "
             "(download once from github.com/toshas/torch-fidelity/releases on a machine with internet)"
         )
+    from patronus.runs import load_torch_file
+
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"inception_weights {path}: not a plain state dict of tensors ({e})") from e
+        state = load_torch_file(p, "inception_weights file")
+    except ValueError as e:
+        raise ValueError(f"inception_weights {e}; expected a plain state dict of tensors") from None
     if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
         raise ValueError(f"inception_weights {path}: not an InceptionV3 state dict (no 'Conv2d_1a_3x3.conv.weight')")
+    try:  # build the network now, so a file that does not fit fails before any sample is generated
+        FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(p))
+    except (ImportError, RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"inception_weights {path}: cannot build the FID InceptionV3 from it "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from None
     return str(p)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from patronus.diffusion import diffusion_loss, distinct_loss
 from patronus.models.patronus import PatronusModel
+from patronus.training.checkpointing import check_finite_loss
 
 
 class PatronusModule(pl.LightningModule):
@@ -76,6 +77,7 @@ class PatronusModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)
+        check_finite_loss(self, out["loss"])  # before backward: a NaN step never reaches the weights
         # sync_dist: one all-reduce of a few scalars per step, so every rank logs the global mean.
         self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, sync_dist=True)
