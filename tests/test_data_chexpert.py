@@ -177,10 +177,14 @@ def test_skip_drops_bad_rows_with_one_warning(root):
 
 
 def test_corrupt_or_colour_image_names_file_and_csv_line(root):
-    (root / ROWS[3][0]).write_bytes((root / ROWS[3][0]).read_bytes()[:100])  # truncated JPEG
     ds = chexpert(str(root), "train", 32)
+    good = (root / ROWS[3][0]).read_bytes()
+    (root / ROWS[3][0]).write_bytes(good[:100])  # truncated after the dataset was built: found when decoded
     with pytest.raises(ValueError, match=r"patient00003/study1/view1_frontal\.jpg: cannot decode image.*train\.csv line 5"):
         ds[2]
+    with pytest.raises(ValueError, match=r"patient00003/study1/view1_frontal\.jpg: cannot open image.*train\.csv line 5"):
+        chexpert(str(root), "train", 32)  # and up front when it is built
+    (root / ROWS[3][0]).write_bytes(good)
     rgb = np.zeros((48, 40, 3), np.uint8)
     rgb[..., 0] = 255  # red: really colour, not a grey image stored as RGB
     Image.fromarray(rgb, "RGB").save(root / ROWS[0][0])

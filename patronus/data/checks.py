@@ -10,12 +10,14 @@ from typing import Literal, Optional, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from patronus.data.images import MODES
+from patronus.data.images import MODES, read_image
 
 OnError = Literal["raise", "skip"]
+Verify = Literal["header", "decode"]  # how far every image file is checked up front
 
 # Channels read_image produces for each PIL mode (it converts RGBA/P to RGB and LA/I/F/1 to L).
-MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "F": 1, "P": 3, "RGB": 3, "RGBA": 3, "YCbCr": 3}
+MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "La": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "I;16N": 1, "F": 1,
+                 "P": 3, "RGB": 3, "RGBA": 3, "YCbCr": 3, "CMYK": 3}
 
 
 @dataclass
@@ -26,9 +28,24 @@ class Problem:
     message: str
 
 
-def check_on_error(on_error: str) -> None:
+def check_on_error(on_error: str, verify: str = "header") -> None:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
+    if verify not in ("header", "decode"):
+        raise ValueError(f"verify={verify!r}; expected 'header' (fast) or 'decode' (every image read in full)")
+
+
+def image_problem(path: Path, channels: int, verify: Verify = "header") -> Optional[str]:
+    """Why `path` cannot be read as a `channels`-channel image: from its header, or (verify="decode")
+    by reading it in full as training will, which also finds truncated bodies and NaN pixels."""
+    why = header_problem(path, channels)
+    if why or verify == "header":
+        return why
+    try:
+        read_image(path, channels)
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
 
 
 def header_problem(path: Path, channels: int) -> Optional[str]:
@@ -56,6 +73,8 @@ def resolve_problems(problems: Sequence[Problem], on_error: OnError, what: str, 
     if not problems:
         return
     more = len(problems) - 1
+    if on_error == "skip" and total and len(problems) >= total:
+        raise problems[0].kind(f"{what}: all {total} {unit} are bad, nothing is left to use; first: {problems[0].message}")
     if on_error == "raise":
         hint = f" (and {more} more bad row(s); on_error='skip' drops them with a warning)" if more else ""
         raise problems[0].kind(problems[0].message + hint)

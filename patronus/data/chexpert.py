@@ -18,6 +18,7 @@ from typing import Literal, Optional
 import torch
 
 from patronus.data.datasets import LabelledImageDataset
+from patronus.data.checks import image_problem
 from patronus.data.images import read_image
 
 FOLDER = "CheXpert-v1.0-small"
@@ -130,6 +131,7 @@ def chexpert(
     uncertainty: Literal["ones", "zeros", "ignore"] = "zeros",
     pacemaker_csv: Optional[str] = None,
     on_error: Literal["raise", "skip"] = "raise",
+    verify: Literal["header", "decode"] = "header",
 ) -> CheXpertDataset:
     """CheXpert split "train" or "valid" from `ROOT/CheXpert-v1.0-small/<split>.csv`, 1-channel images.
 
@@ -138,7 +140,8 @@ def chexpert(
     `pacemaker_csv` (rows: image path as in `Path`, PM 0/1) adds a `Pacemaker` attribute, NaN
     for images it does not list. Every row is checked up front (label values, image file exists):
     `on_error="raise"` stops at the first bad row, "skip" drops bad rows with one warning.
-    Corrupt JPEGs are only found when decoded and then raise, naming the file and its CSV line.
+    Every kept image's header is read too (unreadable files are bad rows); verify="decode" reads
+    every image in full instead, which also finds truncated JPEG bodies.
     """
     if download:
         raise ValueError(
@@ -148,7 +151,7 @@ def chexpert(
     if split not in CSV_FILES:
         raise ValueError(f"split={split!r}; CheXpert-v1.0-small splits are {list(CSV_FILES)}")
     choices = {"view": (view, ("frontal", "lateral", "all")), "uncertainty": (uncertainty, tuple(UNCERTAIN)),
-               "on_error": (on_error, ("raise", "skip"))}
+               "on_error": (on_error, ("raise", "skip")), "verify": (verify, ("header", "decode"))}
     for option, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{option}={value!r}; expected one of {list(allowed)}")
@@ -213,6 +216,18 @@ def chexpert(
             lines.append(reader.line_num)
             keys.append(path_key(rel))
             table.append(values)  # type: ignore[arg-type]  # no None left here
+
+    good = []
+    for i, full in enumerate(files):
+        why = image_problem(Path(full), 1, verify)
+        if why is None:
+            good.append(i)
+        elif on_error == "raise":
+            raise ValueError(f"{why} (listed in {csv_path} line {lines[i]}); pass on_error='skip' to drop such rows")
+        else:
+            problems.append(f"{why} (line {lines[i]})")
+    if len(good) < len(files):
+        files, lines, keys, table = ([seq[i] for i in good] for seq in (files, lines, keys, table))
 
     names = list(FINDINGS)
     attributes = torch.tensor(table, dtype=torch.float32).reshape(len(table), len(FINDINGS))

@@ -13,6 +13,28 @@ from patronus.models.patronus import PatronusModel
 from patronus.training.checkpointing import check_finite_loss
 
 
+def _init_weights(init_from: str, net: PatronusModel) -> dict[str, torch.Tensor]:
+    """The weights of `init_from` for `net`; every error names the option (not a sampling command's --checkpoint)."""
+    from patronus.runs import load_model
+
+    try:
+        source = load_model(init_from)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"model.init_from={init_from}: {str(e.args[0]) if e.args else e}") from None
+    ours, theirs = dict(net.config), dict(source.config)
+    diff = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in sorted(ours)
+            if not k.startswith("_") and k in theirs and list(np_tuple(theirs[k])) != list(np_tuple(ours[k]))]
+    if diff:
+        raise ValueError(f"model.init_from={init_from}: a different architecture than model.net ({'; '.join(diff)}); "
+                         "fine-tuning needs the same model.net settings")
+    return source.state_dict()
+
+
+def np_tuple(v: Any) -> tuple:
+    """Config values compared as tuples (lists and tuples alike)."""
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
 class PatronusModule(pl.LightningModule):
     """Trains ε_θ and the prototype encoder jointly: loss = noise MSE + λ·L_distinct (Patronus Eq. 4).
 
@@ -62,9 +84,7 @@ class PatronusModule(pl.LightningModule):
             raise ValueError(f"condition_dropout={condition_dropout} needs a null condition to drop to: set net.null_condition=true")
         self.held = {int(j): float(v) for j, v in (held_prototypes or {}).items()}
         if init_from is not None:
-            from patronus.runs import load_model
-
-            net.load_state_dict(load_model(init_from).state_dict())
+            net.load_state_dict(_init_weights(init_from, net))
         self.net = net
         self.scheduler = net.noise_scheduler()
 
