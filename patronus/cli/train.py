@@ -167,7 +167,9 @@ def _check_config_files(args: Optional[list[str]]) -> None:
         try:
             yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise ValueError(f"--config {f}: not valid YAML: {' '.join(str(e).split())}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"--config {f}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
 
 
 def train_main(args: Optional[list[str]] = None) -> PatronusCLI:

@@ -88,6 +88,21 @@ class PatronusModule(pl.LightningModule):
         self.net = net
         self.scheduler = net.noise_scheduler()
 
+    def setup(self, stage: str) -> None:
+        """Check one training image against the model before any step: a channel or size mismatch
+        otherwise surfaces as a convolution error deep inside the first batch."""
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        images = getattr(data, "train_set", None) if stage == "fit" else None
+        if not images:
+            return
+        got, c = tuple(images[0]["image"].shape), self.net.config
+        want = (c.in_channels, c.image_size, c.image_size)
+        if got != want:
+            name = getattr(data, "hparams", {}).get("dataset", "?")
+            raise ValueError(f"data.dataset={name!r} gives {got[0]}-channel {got[2]}x{got[1]} images, but the model expects "
+                             f"model.net.in_channels={c.in_channels} and model.net.image_size={c.image_size}; set "
+                             f"model.net.in_channels={got[0]} (data.channels and data.image_size follow the model)")
+
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dropout = self.hparams.condition_dropout if self.training else 0.0
         cycle = self.hparams.cycle_weight if self.training else 0.0
