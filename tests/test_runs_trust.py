@@ -5,9 +5,11 @@ import csv
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,14 +28,15 @@ QUIET = ["--trainer.limit_val_batches", "0", "--interpret_monitor.every_n_steps"
          "--trainer.enable_model_summary", "false", "--data.root", str(REPO / "data")]
 
 
-def other_filesystem_tmp(tmp_path: Path) -> Path:
+@pytest.fixture
+def other_tmp(tmp_path: Path):
     """A temporary folder on another filesystem than the run (/dev/shm), as on clusters with node-local /tmp."""
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
         pytest.skip("no second filesystem (/dev/shm) for the temporary folder")
-    d = shm / f"patronus-test-{os.getpid()}-{tmp_path.name}"
-    d.mkdir(exist_ok=True)
-    return d
+    d = Path(tempfile.mkdtemp(prefix="patronus-test-", dir=shm))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def fake_ckpt(path: Path, step: int, value: float = 1.0) -> bytes:
@@ -63,14 +66,14 @@ def test_resume_picks_newest_loadable_and_moves_truncated_aside(tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["corrupt", "nan.ckpt", "step0000020.ckpt"]
 
 
-def test_kill_mid_write_keeps_the_old_file_and_leaks_no_temporary(tmp_path):
+def test_kill_mid_write_keeps_the_old_file_and_leaks_no_temporary(tmp_path, other_tmp):
     target = tmp_path / "checkpoints" / "last.ckpt"
     target.parent.mkdir()
     old = fake_ckpt(target, 20)
     child = ("import sys, time\nfrom patronus.runs import atomic_write\n"
              "def slow(fh):\n    for _ in range(1000):\n        fh.write(b'x' * 4096); fh.flush(); time.sleep(0.01)\n"
              f"atomic_write({str(target)!r}, slow)\n")
-    env = {**os.environ, "TMPDIR": str(other_filesystem_tmp(tmp_path)), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "TMPDIR": str(other_tmp), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", child], env=env, cwd=REPO)
     deadline = time.time() + 60
     while time.time() < deadline and not any(p.stat().st_size > 40_000 for p in target.parent.glob(".tmp-*")):
@@ -99,11 +102,11 @@ class Tail:
 
 
 @pytest.mark.slow
-def test_killed_at_random_moments_every_rerun_resumes_within_one_interval(tmp_path):
+def test_killed_at_random_moments_every_rerun_resumes_within_one_interval(tmp_path, other_tmp):
     run, every, max_steps = tmp_path / "run", 5, 30
     args = [str(REPO / "train.py"), "--config", TINY, "--run_dir", str(run), "--logger", "csv", *QUIET,
             "--trainer.max_steps", str(max_steps), "--checkpoint.every_n_train_steps", str(every), "--status.every_n_steps", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(other_filesystem_tmp(tmp_path))}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(other_tmp)}
     rng = random.Random(13)
     resumed_from = []
     for kill in range(3):
