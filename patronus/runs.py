@@ -10,7 +10,7 @@ activation-statistics cache and the activation prior.
     RUN/analysis/activation_stats/<key>.json   statistics, keyed by the images they were computed on
     RUN/analysis/prior/model/           the activation prior (config.json + safetensors)
 
-Models load safely: safetensors, or Lightning checkpoints with `torch.load(weights_only=True)`;
+Models load safely: safetensors, or Lightning checkpoints with `torch.load(weights_only=True)` (safe_load.py);
 nothing is ever unpickled, and weights that are not finite (a diverged run) are refused.
 Every file written here goes to a temporary file in the SAME folder, is fsynced, then renamed:
 a kill leaves the old file or the new one, never a truncated one (a temporary folder on another
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import yaml
 
 from patronus.models.patronus import PatronusModel
 from patronus.models.prior import ActivationPrior
+from patronus.safe_load import load_torch_file
 
 MODEL_DIR = "model"
 PIPELINE_INDEX = "model_index.json"  # what diffusers' save_pretrained writes for a whole pipeline
@@ -99,35 +99,6 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return stale
-
-
-def _load_reason(e: BaseException) -> str:
-    """The useful part of torch.load's error, WITHOUT its advice to retry unsafely: a user must never
-    unpickle an untrusted file to "fix" a refused load."""
-    msg = str(e)
-    if "WeightsUnpickler error:" in msg:
-        msg = msg.split("WeightsUnpickler error:", 1)[1].split(". Please use", 1)[0].strip()
-        return f"it holds objects a safe load refuses ({msg})"
-    if "central directory" in msg or "zip archive" in msg or "_use_new_zipfile_serialization" in msg:
-        return "truncated or not a torch checkpoint (incomplete zip archive)"
-    msg = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
-    return re.sub(r"\s*Re-running `torch.load`.*", "", msg)
-
-
-def load_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
-    """`torch.load(weights_only=True)` with one-line errors that name the file and never suggest an unsafe load."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path}: no such file")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:  # mmap needs the zip format: an old-format file is read whole
-            if not (mmap and "_use_new_zipfile_serialization" in str(e)):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
-        raise ValueError(f"{path}: not a readable {what}: {_load_reason(e)}") from None
 
 
 def non_finite(tensors: Mapping[str, Any]) -> list[str]:

@@ -5,6 +5,7 @@ import gzip
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,12 @@ from PIL import Image, PngImagePlugin
 from patronus.cli.train import train_main
 from patronus.data.datasets import image_folder
 from patronus.data.folders import attribute_folder
-from patronus.data.images import read_image
+from patronus.data.images import Intensity, read_image
 from patronus.data.medmnist import medmnist
 from patronus.data.registry import build_dataset
 from patronus.interpret.generation_metrics import checked_inception_weights
 from patronus.models.patronus import PatronusModel
+from patronus.models.prototypes import PrototypeEncoder
 from patronus.runs import export_model, load_model
 from patronus.training.module import PatronusModule
 from tests.conftest import REPO, TINY_NET
@@ -71,6 +73,52 @@ def test_32_bit_integer_and_float_tiffs(tmp_path):
     Image.fromarray(np.array([[0.0, 300.0]] * 2, np.float32)).save(tmp_path / "hu.tif")
     with pytest.raises(ValueError, match=r"hu\.tif: float pixels range over \[0, 300\]; expected float images in \[0, 1\]"):
         read_image(tmp_path / "hu.tif", 1)
+
+
+def xray_folder(root: Path, top: int = 4095) -> Path:
+    """ROOT/train with two 16-bit PNGs holding 12-bit data and NO sBIT chunk, as most DICOM exporters write."""
+    (root / "train").mkdir(parents=True)
+    for i in range(2):
+        png16(root / "train" / f"{i}.png", np.linspace(0, top, 16).round().reshape(4, 4))
+    return root / "train"
+
+
+@pytest.mark.parametrize("builder", [image_folder, attribute_folder], ids=["image_folder", "attribute_folder"])
+def test_12_bit_data_without_sbit_warns_and_bit_depth_reads_it_as_it_looks(tmp_path, builder):
+    folder = xray_folder(tmp_path)
+    with pytest.warns(UserWarning, match=re.escape(str(folder)) + r": .*reach at most 4095 of 65535.*set bit_depth: 12"):
+        dark = builder(str(tmp_path), "train", 4, channels=1)[0]["image"]
+    assert float(dark.max()) < -0.85  # what the warning is about: nearly black
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the stated depth silences the warning
+        ds = builder(str(tmp_path), "train", 4, channels=1, bit_depth=12)
+        x = ds[0]["image"]
+        assert float(x.min()) == pytest.approx(-1) and float(x.max()) == pytest.approx(1)
+        flipped = builder(str(tmp_path), "train", 4, channels=1, bit_depth=12, invert=True)[0]["image"]  # MONOCHROME1
+    assert torch.allclose(flipped, -x) and float(flipped[0, 0, 0]) == pytest.approx(1)  # 0 is white there
+
+
+def test_full_range_16_bit_data_does_not_warn(tmp_path):
+    xray_folder(tmp_path, top=65535)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image_folder(str(tmp_path), "train", 4, channels=1)
+
+
+def test_values_above_the_stated_bit_depth_name_the_file(tmp_path):
+    folder = xray_folder(tmp_path)
+    bad = png16(folder / "1.png", np.full((4, 4), 4096))
+    msg = re.escape(str(bad)) + r": pixel value 4096 is above 4095, the largest 12-bit value \(bit_depth=12\)"
+    ds = image_folder(str(tmp_path), "train", 4, channels=1, bit_depth=12)  # header check: found when read
+    with pytest.raises(ValueError, match=msg):
+        ds[1]
+    with pytest.raises(ValueError, match=msg):  # or up front
+        image_folder(str(tmp_path), "train", 4, channels=1, bit_depth=12, verify="decode")
+    with pytest.raises(ValueError, match=r"bit_depth='12'; expected the bits stored per pixel, an integer 1\.\.32"):
+        build_dataset("image_folder", str(tmp_path), "train", 4, channels=1, bit_depth="12")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "8bit.png")
+    with pytest.raises(ValueError, match=r"8bit\.png: holds 8-bit pixels, fewer than bit_depth=12"):
+        read_image(folder / "8bit.png", 1, intensity=Intensity(bit_depth=12))
 
 
 # Every dataset checks its files up front ---------------------------------------------------------
@@ -198,3 +246,25 @@ def test_fid_inception_weights_are_checked_before_sampling(tmp_path):
     with pytest.raises(ValueError, match=r"^inception_weights .*pt_inception\.pth: not a readable") as e:
         checked_inception_weights(str(bogus))
     assert "False" not in str(e.value)
+
+
+class Payload:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('arbitrary code ran')",))
+
+
+def test_bad_backbone_weights_name_the_file_without_unsafe_advice(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": Payload()}, evil)
+    cut = tmp_path / "cut.pth"
+    torch.save({"conv1.weight": torch.zeros(8)}, cut)
+    cut.write_bytes(cut.read_bytes()[:100])
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"garbage")
+    for bad, why in [(evil, "objects a safe load refuses"), (cut, "truncated"), (broken, "header")]:
+        with pytest.raises(ValueError, match=re.escape(str(bad)) + r": not a readable backbone_weights file: .*" + why) as e:
+            PrototypeEncoder(in_channels=1, image_size=32, num_prototypes=4, backbone="resnet10t", backbone_weights=str(bad))
+        assert "weights_only" not in str(e.value) and "False" not in str(e.value)
+    torch.save({"epoch": 3}, evil)
+    with pytest.raises(ValueError, match=re.escape(str(evil)) + r": not a backbone_weights file: expected a state dict of tensors"):
+        PrototypeEncoder(in_channels=1, image_size=32, num_prototypes=4, backbone="resnet10t", backbone_weights=str(evil))

@@ -10,7 +10,7 @@ from typing import Literal, Optional, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from patronus.data.images import MODES, read_image
+from patronus.data.images import AS_STORED, MODES, Intensity, read_image, unscaled_range
 
 OnError = Literal["raise", "skip"]
 Verify = Literal["header", "decode"]  # how far every image file is checked up front
@@ -35,14 +35,15 @@ def check_on_error(on_error: str, verify: str = "header") -> None:
         raise ValueError(f"verify={verify!r}; expected 'header' (fast) or 'decode' (every image read in full)")
 
 
-def image_problem(path: Path, channels: int, verify: Verify = "header") -> Optional[str]:
+def image_problem(path: Path, channels: int, verify: Verify = "header", intensity: Intensity = AS_STORED) -> Optional[str]:
     """Why `path` cannot be read as a `channels`-channel image: from its header, or (verify="decode")
-    by reading it in full as training will, which also finds truncated bodies and NaN pixels."""
+    by reading it in full as training will, which also finds truncated bodies, NaN pixels and values
+    above the stated bit depth."""
     why = header_problem(path, channels)
     if why or verify == "header":
         return why
     try:
-        read_image(path, channels)
+        read_image(path, channels, intensity=intensity)
     except (ValueError, OSError) as e:
         return str(e)
     return None
@@ -66,6 +67,38 @@ def header_problem(path: Path, channels: int) -> Optional[str]:
     if got is None or (channels == 3 and got == 1):
         return f"{path}: expected {channels} channel(s) ({MODES.get(channels, channels)}), got mode {mode}"
     return None
+
+
+def warn_if_few_bits_used(files: Sequence[Path], intensity: Intensity, what: str, sample: int = 16) -> None:
+    """Warn ONCE when deep integer images without sBIT (and no bit_depth stated) use far fewer bits
+    than their type: 12-bit X-rays in 16-bit PNGs would otherwise train nearly black, silently.
+    Up to `sample` files spread over the dataset are looked at; only 16/32-bit ones are decoded."""
+    if intensity.bit_depth is not None or not files:
+        return
+    picked = [files[i * len(files) // min(sample, len(files))] for i in range(min(sample, len(files)))]
+    found: list[tuple[int, int]] = []
+    for f in picked:
+        try:
+            r = unscaled_range(f)
+        except (OSError, SyntaxError, ValueError):
+            continue  # unreadable files are the up-front checks' business
+        if r is not None:
+            found.append(r)
+    if not found:
+        return
+    bits = max(b for b, _ in found)
+    top = max(t for _, t in found)
+    if top >= 2 ** (bits - 2):  # at least the top two bits are used somewhere: plausibly full-range data
+        return
+    guess = max(8, top.bit_length() + top.bit_length() % 2)  # 12-bit and 14-bit are the usual DICOM depths
+    warnings.warn(
+        f"{what}: the {len(found)} {bits}-bit image(s) checked have no sBIT chunk and reach at most {top} of "
+        f"{2**bits - 1}, so they would train nearly black; if they hold {guess}-bit data (a DICOM export, e.g. an "
+        f"X-ray), set bit_depth: {guess} in data.options (then {2**guess - 1} is white), and invert: true for "
+        f"MONOCHROME1; bit_depth: {bits} keeps the full range and silences this warning",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def resolve_problems(problems: Sequence[Problem], on_error: OnError, what: str, total: int, unit: str = "rows", shown: int = 5) -> None:

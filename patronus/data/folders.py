@@ -11,9 +11,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from patronus.data.checks import OnError, Problem, Verify, check_on_error, image_problem, resolve_problems
+from patronus.data.checks import (OnError, Problem, Verify, check_on_error, image_problem, resolve_problems,
+                                  warn_if_few_bits_used)
 from patronus.data.datasets import LabelledImageDataset
-from patronus.data.images import list_images, read_image
+from patronus.data.images import AS_STORED, Intensity, list_images, read_image
 
 SPLIT_NAMES = ("train", "valid", "val", "test")  # folders that mark ROOT as split into subfolders
 
@@ -32,13 +33,15 @@ class AttributeFolderDataset(LabelledImageDataset):
         attributes: torch.Tensor,
         attribute_names: Sequence[str],
         classes: Sequence[str] = (),
+        intensity: Intensity = AS_STORED,
     ):
         self.files, self.image_size, self.channels = list(files), image_size, channels
         self.labels, self.attributes = labels, attributes
         self.attribute_names, self.classes = list(attribute_names), list(classes)
+        self.intensity = intensity
 
     def load_image(self, i: int) -> torch.Tensor:
-        return read_image(self.files[i], self.channels, resize_to=self.image_size)
+        return read_image(self.files[i], self.channels, resize_to=self.image_size, intensity=self.intensity)
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -175,6 +178,8 @@ def attribute_folder(
     path_column: str = "image",
     on_error: OnError = "raise",
     verify: Verify = "header",
+    bit_depth: Optional[int] = None,
+    invert: bool = False,
 ) -> AttributeFolderDataset:
     """Images under ROOT/<split>/ (nested folders allowed, sorted), with optional per-image attributes.
 
@@ -191,8 +196,10 @@ def attribute_folder(
     (unreadable, or grayscale when channels=3), or every image read in full with verify="decode"
     (finds truncated bodies). on_error="raise" raises on the first, naming the file and row; "skip"
     drops them (a dropped CSV row leaves its image with unknown attributes) and warns once with the count.
+    bit_depth / invert: see `Intensity` (12-bit DICOM exports in 16-bit PNGs, MONOCHROME1).
     """
     check_on_error(on_error, verify)
+    intensity = Intensity(bit_depth, invert)
     if download:
         raise ValueError("dataset 'attribute_folder' cannot be downloaded; point data.root at your image folder")
     base = Path(root)
@@ -202,7 +209,7 @@ def attribute_folder(
     table = _read_attributes_csv(base / attributes_csv, base, folder, path_column, problems) if attributes_csv else None
     kept: list[Path] = []
     for f in files:
-        why = image_problem(f, channels, verify)
+        why = image_problem(f, channels, verify, intensity)
         if why:
             problems.append(Problem(ValueError, why))
         else:
@@ -211,6 +218,7 @@ def attribute_folder(
     resolve_problems(problems, on_error, what, (table.count if table else 0) + len(files), unit="CSV rows and image files")
     if not kept:
         raise ValueError(f"{what}: all {len(files)} image files were skipped (on_error='skip'); nothing to train on")
+    warn_if_few_bits_used(kept, intensity, what)
 
     names = list(table.attribute_names) if table else []
     rows = [table.rows.get(f.relative_to(base).as_posix()) if table else None for f in kept]
@@ -226,7 +234,7 @@ def attribute_folder(
             names = list(classes)
             onehot = F.one_hot(labels.clamp_min(0), max(len(classes), 1)).float()[:, : len(classes)]
             attributes = torch.where((labels >= 0)[:, None], onehot, torch.full_like(onehot, math.nan))
-    return AttributeFolderDataset(kept, image_size, channels, labels, attributes, names, classes)
+    return AttributeFolderDataset(kept, image_size, channels, labels, attributes, names, classes, intensity)
 
 
 def ffhq(

@@ -23,6 +23,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.io import write_png
 
 from patronus.models.patronus import PatronusModel
+from patronus.safe_load import load_torch_file
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -104,8 +105,6 @@ def checked_inception_weights(path: str) -> str:
             f"inception_weights {path}: no such file; expected torch-fidelity's pt_inception-2015-12-05 weights "
             "(download once from github.com/toshas/torch-fidelity/releases on a machine with internet)"
         )
-    from patronus.runs import load_torch_file
-
     try:
         state = load_torch_file(p, "inception_weights file")
     except ValueError as e:
