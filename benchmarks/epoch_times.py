@@ -30,7 +30,7 @@ PRESETS: dict[str, list[str]] = {
     # stand-in for the speed; the epoch is then CheXpert-small's frontal training set.
     # No FFHQ here: the CelebA subset's face folder, read as a plain FFHQ-style folder, stands in.
     "ffhq_cpu": ["--data.root", "{shared}/celeba_subset/img_align_celeba_89x109"],
-    "chexpert_cpu": ["--data.dataset", "image_folder", "--data.root", "{shared}/nih_cxr1000_64px", "--data.channels", "1",
+    "chexpert_cpu": ["--data.dataset", "image_folder", "--data.root", "{shared}/nih_cxr1000_64px",  # data.channels follows model.net.in_channels (1)
                      "--data.options", "{}", "--data.val_split", "valid"],
 }
 EPOCH_IMAGES = {"chexpert_cpu": 191_027, "ffhq_cpu": 70_000}  # CheXpert-small frontal train images; FFHQ

@@ -10,35 +10,109 @@ activation-statistics cache and the activation prior.
     RUN/analysis/activation_stats/<key>.json   statistics, keyed by the images they were computed on
     RUN/analysis/prior/model/           the activation prior (config.json + safetensors)
 
-Models load safely: safetensors, or Lightning checkpoints with `torch.load(weights_only=True)`;
-nothing is ever unpickled.
+Models load safely: safetensors, or Lightning checkpoints with `torch.load(weights_only=True)` (safe_load.py);
+nothing is ever unpickled, and weights that are not finite (a diverged run) are refused.
+Every file written here goes to a temporary file in the SAME folder, is fsynced, then renamed:
+a kill leaves the old file or the new one, never a truncated one (a temporary folder on another
+filesystem would turn the rename into a copy that a kill can cut short).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Mapping, Optional
 
 import torch
 import yaml
 
 from patronus.models.patronus import PatronusModel
 from patronus.models.prior import ActivationPrior
+from patronus.safe_load import load_torch_file
 
 MODEL_DIR = "model"
 PIPELINE_INDEX = "model_index.json"  # what diffusers' save_pretrained writes for a whole pipeline
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = Path(CHECKPOINT_DIR) / "last.ckpt"
+CORRUPT_DIR = "corrupt"  # RUN/checkpoints/corrupt/: unreadable checkpoints are moved here, never deleted
+TMP_PREFIX = ".tmp-"  # temporary files of atomic writes: RUN/checkpoints/.tmp-<name>-<random>
 SAMPLES_DIR = "samples"
 MONITOR_DIR = "interpret"
 CONFIG_FILE = "config.yaml"
 ANALYSIS_DIR = "analysis"
 STATS_DIR = Path(ANALYSIS_DIR) / "activation_stats"
 PRIOR_DIR = Path(ANALYSIS_DIR) / "prior" / "model"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """`write(fh)` into a temporary file beside `path`, fsync, then `os.replace`: readers see the old
+    file or the complete new one. The temporary file is removed on any error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; readable as an ordinary file would be
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and folders our own atomic writes left when a run was killed
+    (only names starting with TMP_PREFIX or `.model-`, which nothing else writes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX) or p.name.startswith(f".{MODEL_DIR}-")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
+
+
+def non_finite(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf (a diverged run)."""
+    return [k for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(tensors: Mapping[str, Any], where: str) -> None:
+    """ValueError naming `where` when any weight is NaN/inf: such a model samples noise, silently."""
+    bad = non_finite(tensors)
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} of {len(tensors)} tensors hold NaN/inf (e.g. {bad[:3]}): the training "
+                         "run diverged; use an earlier checkpoint, or retrain with a lower model.lr")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -84,31 +158,52 @@ def run_config(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def export_model(net: PatronusModel, out_dir: str | Path) -> Path:
-    """`save_pretrained` into a temporary sibling, then swap it in: a crash leaves the old export."""
+    """`save_pretrained` into a temporary sibling, fsync, then swap it in: a crash leaves the old
+    export. Non-finite weights are refused: a diverged model is never exported."""
     out_dir = Path(out_dir)
+    check_finite(net.state_dict(), f"export to {out_dir} refused")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     net.save_pretrained(tmp, safe_serialization=True)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
     old = out_dir.with_name(f".{out_dir.name}-old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         out_dir.rename(old)
     tmp.rename(out_dir)
+    _fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
-def _from_lightning_ckpt(path: Path) -> PatronusModel:
+def _net_from_config(config: dict[str, Any], where: Path) -> PatronusModel:
+    """PatronusModel(**config) with a wrong field or type reported against the file it came from."""
+    _, unused, _ = PatronusModel.extract_init_dict(dict(config))
+    unknown = [k for k in unused if not k.startswith("_")]
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)} for PatronusModel")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: not a readable Lightning checkpoint (weights_only load failed: {e})") from e
-    if "net_config" not in ckpt or "state_dict" not in ckpt:
+        return PatronusModel.from_config(dict(config))
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{where}: the model config does not build a PatronusModel ({type(e).__name__}: {e})") from None
+
+
+def _from_lightning_ckpt(path: Path) -> PatronusModel:
+    ckpt = load_torch_file(path, "Lightning checkpoint (safe weights_only load)")
+    if not isinstance(ckpt, dict) or "net_config" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path}: checkpoint has no 'net_config'/'state_dict'; was it written by patronus?")
-    net = PatronusModel.from_config(ckpt["net_config"])
+    net = _net_from_config(ckpt["net_config"], path)
     # With EMA on, Lightning's WeightAveraging stores the averaged weights as "state_dict".
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
+    check_finite(state, str(path))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit its own net_config ({str(e).splitlines()[-1].strip()})") from None
     return net
 
 
@@ -116,12 +211,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Patronus
     """A model for sampling/analysis from a run dir, an exported dir or a .ckpt file (eval mode)."""
     path = resolve_checkpoint(path)
     if path.is_dir():
-        config = json.loads((path / PatronusModel.config_name).read_text())
-        _, unused, _ = PatronusModel.extract_init_dict(config)
-        unknown = [k for k in unused if not k.startswith("_")]
-        if unknown:
-            raise ValueError(f"{path / PatronusModel.config_name}: unknown fields {sorted(unknown)} for PatronusModel")
-        net = PatronusModel.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
+        config_file = path / PatronusModel.config_name
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e}); expected the model config save_pretrained writes") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file}: expected a JSON object of model fields, got {type(config).__name__}")
+        _net_from_config(config, config_file)  # names a wrong field or type before diffusers sees it
+        try:
+            net = PatronusModel.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
+        except (OSError, EnvironmentError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: cannot load the exported weights ({str(e).strip().splitlines()[0]})") from None
+        weights = next(path.glob("*.safetensors"), path)
+        check_finite(net.state_dict(), str(weights))
     else:
         net = _from_lightning_ckpt(path)
     return net.to(device).eval()
@@ -165,3 +268,63 @@ def cached_statistics(checkpoint: str | Path, source: dict[str, Any], compute: C
     tmp.write_text(json.dumps(stats, indent=1))
     tmp.replace(cache)
     return stats
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a re-run continues from, and what was passed over on the way (for the log)."""
+
+    path: Optional[Path]  # None: start from scratch
+    step: int = 0
+    net_config: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # one "FILE: why" per checkpoint not taken
+
+    def describe(self) -> str:
+        head = f"resuming from {self.path} (step {self.step})" if self.path else "no loadable checkpoint: starting from step 0"
+        return head + "".join(f"\n  skipped {s}" for s in self.skipped)
+
+
+def _move_aside(path: Path) -> Path:
+    """Move an unreadable checkpoint to checkpoints/corrupt/ (a new name if taken): out of the way of
+    Lightning and of the next resume, but kept for the user to inspect."""
+    target_dir = path.parent / CORRUPT_DIR
+    target_dir.mkdir(exist_ok=True)
+    target, n = target_dir / path.name, 1
+    while target.exists():
+        target, n = target_dir / f"{path.stem}.{n}{path.suffix}", n + 1
+    os.replace(path, target)
+    return target
+
+
+def find_resume_point(run_dir: str | Path) -> ResumePoint:
+    """The newest checkpoint of RUN/checkpoints that loads (weights_only, finite weights).
+
+    "Newest" is the highest global step, not the name: a kill between writing step*.ckpt and
+    updating last.ckpt leaves the step file ahead. Unreadable files (a kill during a copy) are
+    moved to checkpoints/corrupt/; stale temporary files of killed writes are removed.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    remove_stale_temporaries(folder)
+    remove_stale_temporaries(Path(run_dir))
+    found: list[tuple[int, bool, Path, dict[str, Any]]] = []
+    skipped: list[str] = []
+    for path in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
+        try:
+            ckpt = load_torch_file(path, "checkpoint", mmap=True)
+            if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
+                raise ValueError(f"{path}: not a Lightning training checkpoint (no global_step/state_dict)")
+            bad = non_finite({**ckpt["state_dict"], **ckpt.get("current_model_state", {})})
+            if bad:
+                skipped.append(f"{path}: holds NaN/inf weights ({len(bad)} tensors), kept in place")
+                continue
+        except ValueError as e:
+            skipped.append(f"{str(e)}; moved to {_move_aside(path)}")
+            continue
+        found.append((int(ckpt["global_step"]), path.name == LAST_CKPT.name, path, dict(ckpt.get("net_config") or {})))
+        del ckpt
+    if not found:
+        return ResumePoint(None, skipped=skipped)
+    found.sort(key=lambda f: (f[0], f[1]))  # highest step; on a tie last.ckpt
+    step, _, path, config = found[-1]
+    skipped += [f"{p}: older (step {s})" for s, _, p, _ in found[:-1] if s < step]
+    return ResumePoint(path, step, config, skipped)

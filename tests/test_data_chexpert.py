@@ -177,10 +177,14 @@ def test_skip_drops_bad_rows_with_one_warning(root):
 
 
 def test_corrupt_or_colour_image_names_file_and_csv_line(root):
-    (root / ROWS[3][0]).write_bytes((root / ROWS[3][0]).read_bytes()[:100])  # truncated JPEG
     ds = chexpert(str(root), "train", 32)
+    good = (root / ROWS[3][0]).read_bytes()
+    (root / ROWS[3][0]).write_bytes(good[:100])  # truncated after the dataset was built: found when decoded
     with pytest.raises(ValueError, match=r"patient00003/study1/view1_frontal\.jpg: cannot decode image.*train\.csv line 5"):
         ds[2]
+    with pytest.raises(ValueError, match=r"patient00003/study1/view1_frontal\.jpg: cannot open image.*train\.csv line 5"):
+        chexpert(str(root), "train", 32)  # and up front when it is built
+    (root / ROWS[3][0]).write_bytes(good)
     rgb = np.zeros((48, 40, 3), np.uint8)
     rgb[..., 0] = 255  # red: really colour, not a grey image stored as RGB
     Image.fromarray(rgb, "RGB").save(root / ROWS[0][0])
@@ -236,3 +240,19 @@ def test_preset_data_section_builds_batches(root):
     assert len(dm.train_set) == 4 and len(dm.val_set) == 1
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 1, 64, 64) and batch["attributes"].shape == (2, 14)
+
+
+def test_dicom_derived_16_bit_pngs_with_bit_depth_and_invert(tmp_path):
+    """A re-export from DICOM: 12-bit values in 16-bit PNGs without sBIT, MONOCHROME1 (inverted)."""
+    rel = f"{TRAIN}/patient00001/study1/view1_frontal.png"
+    (tmp_path / rel).parent.mkdir(parents=True)
+    Image.fromarray(np.linspace(0, 4095, 16).round().reshape(4, 4).astype(np.uint16)).save(tmp_path / rel)
+    csv_path = write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", [row(rel)])
+    with pytest.warns(UserWarning, match=f"CheXpert train \\({csv_path}\\): .*set bit_depth: 12"):
+        chexpert(str(tmp_path), "train", 4)
+    x = chexpert(str(tmp_path), "train", 4, bit_depth=12)[0]["image"]
+    assert float(x.min()) == pytest.approx(-1) and float(x.max()) == pytest.approx(1)
+    flipped = chexpert(str(tmp_path), "train", 4, bit_depth=12, invert=True)[0]["image"]
+    assert float(flipped[0, 0, 0]) == pytest.approx(1) and float(flipped[0, -1, -1]) == pytest.approx(-1)
+    with pytest.raises(ValueError, match=r"view1_frontal\.png: pixel value 4095 is above 1023,.*line 2"):
+        chexpert(str(tmp_path), "train", 4, bit_depth=10, verify="decode")

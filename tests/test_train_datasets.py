@@ -29,7 +29,7 @@ def test_two_training_steps_on_real_files(shared_datasets, tmp_path, dataset, fo
     train_split = "test" if dataset == "cifar10" else "train"  # the shared CIFAR copy has only its test split
     args = ["--config", TINY, "--logger", "none", "--run_dir", str(tmp_path), "--data.dataset", dataset,
             "--data.root", str(shared_datasets / folder), "--data.options", json.dumps(options),
-            "--data.channels", str(channels), "--model.net.in_channels", str(channels),
+            "--model.net.in_channels", str(channels),  # data.channels follows (linked)
             "--data.train_split", train_split, *(["--data.val_split", val_split] if val_split else ["--data.holdout", "0.05"]),
             "--trainer.fast_dev_run", "2", "--trainer.precision", "32"]
     cli = PatronusCLI(args=args)

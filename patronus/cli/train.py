@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from patronus.cli.common import report_user_errors
 from patronus.data.datamodule import PatronusDataModule
-from patronus.runs import CHECKPOINT_DIR, LAST_CKPT, MODEL_DIR, export_model
+from patronus.runs import CHECKPOINT_DIR, CONFIG_FILE, MODEL_DIR, ResumePoint, atomic_write, export_model, find_resume_point, load_model
 from patronus.training.callbacks import EMA, InterpretMonitor, SampleGrid, StatusLine
+from patronus.training.checkpointing import AtomicCheckpointIO, RunCheckpoint
+from patronus.training.logs import AppendingCSVLogger
 from patronus.training.module import PatronusModule
 
 LoggerKind = Literal["wandb", "csv", "tensorboard", "none"]
 
 
 class SaveConfigToLoggers(SaveConfigCallback):
-    """Writes RUN/config.yaml (the resolved config) and sends the same config to the loggers."""
+    """Writes RUN/config.yaml (the resolved config, atomically) and sends it to the loggers — only
+    once training starts, i.e. after a resume restored its checkpoint: a re-run that fails (say, on
+    a changed architecture) leaves the run's config as it was."""
 
-    def save_config(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pass  # deferred to on_train_start
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            text = self.parser.dump(self.config, skip_none=False)
+            atomic_write(Path(self.config["run_dir"]) / CONFIG_FILE, lambda fh: fh.write(text.encode()))
         for logger in trainer.loggers:
             logger.log_hyperparams(self.config.clone().as_dict())
 
@@ -32,7 +44,7 @@ def make_logger(kind: LoggerKind, run_dir: str, project: str, online: bool) -> O
     if kind == "wandb":
         return WandbLogger(save_dir=run_dir, project=project, offline=not online, log_model=False)
     if kind == "csv":
-        return CSVLogger(save_dir=run_dir, name="", version="")
+        return AppendingCSVLogger(save_dir=run_dir, name="", version="")
     if kind == "tensorboard":
         return TensorBoardLogger(save_dir=run_dir, name="", version="")
     return None
@@ -68,7 +80,8 @@ class PatronusCLI(LightningCLI):
         parser.add_argument("--logger", type=LoggerKind, default="wandb", help="wandb (offline), csv, tensorboard, none")
         parser.add_argument("--wandb_project", type=str, default="patronus")
         parser.add_argument("--wandb_online", type=bool, default=False, help="stream to wandb (needs an account)")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.filename": "step{step:07d}",
@@ -80,6 +93,9 @@ class PatronusCLI(LightningCLI):
         )
         parser.link_arguments("run_dir", "checkpoint.dirpath", compute_fn=lambda d: str(Path(d) / CHECKPOINT_DIR))
         parser.link_arguments("run_dir", "trainer.default_root_dir")
+        # The data is read at the size and channels the model is built for: one value, no mismatch.
+        parser.link_arguments("model.net.init_args.image_size", "data.image_size")
+        parser.link_arguments("model.net.init_args.in_channels", "data.channels")
         parser.add_lightning_class_args(EMA, "ema", required=False)
         parser.add_lightning_class_args(StatusLine, "status")
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
@@ -102,21 +118,68 @@ class PatronusCLI(LightningCLI):
         c = self.config_init
         if c["trainer"].get("logger") in (None, True):  # not set explicitly in the config
             kwargs["logger"] = make_logger(c["logger"], c["run_dir"], c["wandb_project"], c["wandb_online"]) or False
+        if not c["trainer"].get("plugins"):  # atomic checkpoint writes on the run's own filesystem
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
-def train_main(args: Optional[list[str]] = None) -> PatronusCLI:
-    """`python train.py --config configs/X.yaml [overrides]`; re-running the same command resumes."""
-    cli = PatronusCLI(args=args)
+def check_same_model(resume: ResumePoint, net_config: dict[str, Any]) -> None:
+    """A re-run must build the model its checkpoint was trained as; name the fields that differ."""
+    ours = {k: (list(v) if isinstance(v, tuple) else v) for k, v in net_config.items() if not k.startswith("_")}
+    diff = [f"model.net.{k}: checkpoint {resume.net_config[k]!r}, this command {ours[k]!r}"
+            for k in sorted(ours) if k in resume.net_config and resume.net_config[k] != ours[k]]
+    if diff:
+        raise ValueError(f"{resume.path} was trained with a different model ({'; '.join(diff)}); re-run with the run's "
+                         "own config.yaml, or train the new model in a new --run_dir (nothing was changed)")
+
+
+def _train(cli: PatronusCLI) -> None:
     run_dir = Path(cli.config_init["run_dir"])
-    last = run_dir / LAST_CKPT
-    ckpt = str(last) if last.is_file() else None
-    if ckpt:
-        rank_zero_info(f"resuming from {ckpt}")
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
+    resume = find_resume_point(run_dir)
+    if resume.path or resume.skipped:
+        rank_zero_info(resume.describe())
+    if resume.path:
+        check_same_model(resume, dict(cli.model.net.config))
+    max_steps = cli.trainer.max_steps
+    if resume.path and 0 < max_steps <= resume.step:
+        if (run_dir / MODEL_DIR).is_dir():
+            rank_zero_info(f"run {run_dir} already finished at step {resume.step} (trainer.max_steps={max_steps}): "
+                           f"nothing to do; raise trainer.max_steps to train on")
+            return
+        if cli.trainer.is_global_zero:  # finished, but killed before its export: export the checkpoint
+            rank_zero_info(f"exported model to {export_model(load_model(resume.path), run_dir / MODEL_DIR)}")
+        return
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(resume.path) if resume.path else None, weights_only=True)
     if cli.trainer.is_global_zero:
         out = export_model(cli.model.net, run_dir / MODEL_DIR)
         rank_zero_info(f"exported model to {out}")
+
+
+def _check_config_files(args: Optional[list[str]]) -> None:
+    """A YAML syntax error in a --config file, reported with the file named (jsonargparse does not)."""
+    argv = sys.argv[1:] if args is None else args
+    files = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    files += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {f}: no such file")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"--config {f}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+
+
+def train_main(args: Optional[list[str]] = None) -> PatronusCLI:
+    """`python train.py --config configs/X.yaml [overrides]`; re-running the same command resumes
+    from the newest checkpoint that loads, and a finished run re-run unchanged does nothing."""
+    argv = sys.argv[1:] if args is None else args
+    debug = any(a in ("--debug", "--debug=true", "--debug=True") for a in argv)
+    report_user_errors(lambda: _check_config_files(args), debug)
+    cli = PatronusCLI(args=args)
+    report_user_errors(lambda: _train(cli), cli.config_init["debug"])
     return cli
 
 

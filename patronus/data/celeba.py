@@ -18,7 +18,7 @@ import torch
 from torchvision.transforms.functional import resize
 
 from patronus.data.datasets import LabelledImageDataset
-from patronus.data.checks import OnError, Problem, check_on_error, header_problem, resolve_problems
+from patronus.data.checks import OnError, Problem, Verify, check_on_error, image_problem, resolve_problems
 from patronus.data.images import read_image
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -173,6 +173,7 @@ def celeba(
     attr_file: str = "list_attr_celeba.txt",
     partition_file: Optional[str] = "list_eval_partition.txt",
     on_error: OnError = "raise",
+    verify: Verify = "header",
 ) -> CelebADataset:
     """CelebA split "train"/"valid"/"test"/"all": attributes = the 40 attributes as 1/0 (from ±1), labels -1.
 
@@ -188,9 +189,9 @@ def celeba(
     header does not open as RGB, missing from the partition file) raise with the file and line
     under on_error="raise"; "skip" drops them and warns once with the count and first offenders.
     Reading every image header up front costs about 10 s for the 202,599 images of full CelebA;
-    a truncated image body is found when it is decoded (read_image's error names the file).
+    a truncated image body is found then only with verify="decode" (every image read in full).
     """
-    check_on_error(on_error)
+    check_on_error(on_error, verify)
     if split not in (*SPLITS, "all"):
         raise ValueError(f"CelebA split {split!r} is unknown; expected one of {[*SPLITS, 'all']}")
     if crop not in ("center", "squash"):
@@ -216,7 +217,7 @@ def celeba(
         if name not in present:
             problems.append(Problem(FileNotFoundError, f"{images / name}: listed on line {line} of {attr_path} but the image does not exist"))
             continue
-        why = header_problem(images / name, 3)
+        why = image_problem(images / name, 3, verify)
         if why:
             problems.append(Problem(ValueError, f"{why} (line {line} of {attr_path})"))
             continue

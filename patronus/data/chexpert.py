@@ -18,7 +18,8 @@ from typing import Literal, Optional
 import torch
 
 from patronus.data.datasets import LabelledImageDataset
-from patronus.data.images import read_image
+from patronus.data.checks import image_problem, warn_if_few_bits_used
+from patronus.data.images import AS_STORED, Intensity, read_image
 
 FOLDER = "CheXpert-v1.0-small"
 CSV_FILES = {"train": "train.csv", "valid": "valid.csv"}
@@ -107,15 +108,16 @@ class CheXpertDataset(LabelledImageDataset):
     """
 
     def __init__(self, csv_path: Path, files: list[str], csv_lines: list[int], attributes: torch.Tensor,
-                 attribute_names: list[str], image_size: int):
+                 attribute_names: list[str], image_size: int, intensity: Intensity = AS_STORED):
         self.csv_path, self.files, self.csv_lines, self.image_size = csv_path, files, csv_lines, image_size
+        self.intensity = intensity
         self.attributes, self.attribute_names, self.classes = attributes, attribute_names, []
         self.labels = torch.full((len(files),), -1, dtype=torch.long)
         self.shortcut_attributes = [a for a in SHORTCUTS if a in attribute_names]
 
     def load_image(self, i: int) -> torch.Tensor:
         try:
-            return read_image(self.files[i], 1, resize_to=self.image_size)
+            return read_image(self.files[i], 1, resize_to=self.image_size, intensity=self.intensity)
         except (OSError, ValueError) as e:  # add where the file came from; read_image already names the file
             raise type(e)(f"{e} (listed in {self.csv_path} line {self.csv_lines[i]})") from e
 
@@ -130,6 +132,9 @@ def chexpert(
     uncertainty: Literal["ones", "zeros", "ignore"] = "zeros",
     pacemaker_csv: Optional[str] = None,
     on_error: Literal["raise", "skip"] = "raise",
+    verify: Literal["header", "decode"] = "header",
+    bit_depth: Optional[int] = None,
+    invert: bool = False,
 ) -> CheXpertDataset:
     """CheXpert split "train" or "valid" from `ROOT/CheXpert-v1.0-small/<split>.csv`, 1-channel images.
 
@@ -138,7 +143,9 @@ def chexpert(
     `pacemaker_csv` (rows: image path as in `Path`, PM 0/1) adds a `Pacemaker` attribute, NaN
     for images it does not list. Every row is checked up front (label values, image file exists):
     `on_error="raise"` stops at the first bad row, "skip" drops bad rows with one warning.
-    Corrupt JPEGs are only found when decoded and then raise, naming the file and its CSV line.
+    Every kept image's header is read too (unreadable files are bad rows); verify="decode" reads
+    every image in full instead, which also finds truncated JPEG bodies. bit_depth / invert: see
+    `Intensity`, for images re-exported from DICOM (12-bit data in 16-bit PNGs, MONOCHROME1).
     """
     if download:
         raise ValueError(
@@ -148,10 +155,11 @@ def chexpert(
     if split not in CSV_FILES:
         raise ValueError(f"split={split!r}; CheXpert-v1.0-small splits are {list(CSV_FILES)}")
     choices = {"view": (view, ("frontal", "lateral", "all")), "uncertainty": (uncertainty, tuple(UNCERTAIN)),
-               "on_error": (on_error, ("raise", "skip"))}
+               "on_error": (on_error, ("raise", "skip")), "verify": (verify, ("header", "decode"))}
     for option, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{option}={value!r}; expected one of {list(allowed)}")
+    intensity = Intensity(bit_depth, invert)
     base = Path(root)
     csv_path = base / FOLDER / CSV_FILES[split]
     if not csv_path.is_file():
@@ -214,6 +222,18 @@ def chexpert(
             keys.append(path_key(rel))
             table.append(values)  # type: ignore[arg-type]  # no None left here
 
+    good = []
+    for i, full in enumerate(files):
+        why = image_problem(Path(full), 1, verify, intensity)
+        if why is None:
+            good.append(i)
+        elif on_error == "raise":
+            raise ValueError(f"{why} (listed in {csv_path} line {lines[i]}); pass on_error='skip' to drop such rows")
+        else:
+            problems.append(f"{why} (line {lines[i]})")
+    if len(good) < len(files):
+        files, lines, keys, table = ([seq[i] for i in good] for seq in (files, lines, keys, table))
+
     names = list(FINDINGS)
     attributes = torch.tensor(table, dtype=torch.float32).reshape(len(table), len(FINDINGS))
     if pacemaker is not None:
@@ -233,4 +253,5 @@ def chexpert(
         warnings.warn(f"CheXpert {split}: {' and '.join(what)}: {shown}", stacklevel=2)
     if not files:
         raise ValueError(f"{csv_path}: no usable rows (view={view!r}, {n_rows} rows read, {len(problems)} bad)")
-    return CheXpertDataset(csv_path, files, lines, attributes, names, image_size)
+    warn_if_few_bits_used([Path(f) for f in files], intensity, f"CheXpert {split} ({csv_path})")
+    return CheXpertDataset(csv_path, files, lines, attributes, names, image_size, intensity)

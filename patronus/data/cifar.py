@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from patronus.data.datasets import LabelledImageDataset, to_model_range
-from patronus.data.checks import OnError, Problem, check_on_error, header_problem, resolve_problems
+from patronus.data.checks import OnError, Problem, Verify, check_on_error, image_problem, resolve_problems
 from patronus.data.folders import AttributeFolderDataset
 from patronus.data.images import list_images
 
@@ -51,7 +51,7 @@ def _python_layout(root: Path, split: str, image_size: int, download: bool) -> U
     return UInt8ImageDataset(images, torch.tensor(ds.targets, dtype=torch.long), CLASSES, image_size)
 
 
-def _folder_layout(root: Path, split: str, image_size: int, on_error: OnError) -> AttributeFolderDataset:
+def _folder_layout(root: Path, split: str, image_size: int, on_error: OnError, verify: Verify) -> AttributeFolderDataset:
     """ROOT/<split>/<class>/*.jpg|png with the 10 CIFAR class names as folders (decoded lazily)."""
     folder = root / split
     if not folder.is_dir():
@@ -68,7 +68,7 @@ def _folder_layout(root: Path, split: str, image_size: int, on_error: OnError) -
     problems: list[Problem] = []
     kept = []
     for f in files:
-        why = header_problem(f, 3)
+        why = image_problem(f, 3, verify)
         if why:
             problems.append(Problem(ValueError, why))
         else:
@@ -86,6 +86,7 @@ def cifar10(
     *,
     layout: Layout = "auto",
     on_error: OnError = "raise",
+    verify: Verify = "header",
 ) -> LabelledImageDataset:
     """CIFAR-10 split ("train"/"test"; any folder name for the folders layout): labels = class index,
     classes = airplane..truck (CIFAR's order, also alphabetical), attributes = one-hot classes.
@@ -94,9 +95,10 @@ def cifar10(
     layout="folders": ROOT/<split>/<class>/*.jpg, e.g. ../shared/datasets/cifar10_jpeg (lossy JPEGs:
     fine for training, not for FID against published numbers). layout="auto": the python batches if
     present, else the split folder, else download if asked, else an error naming both layouts.
-    on_error applies to the folders layout (unreadable or grayscale files): raise, or skip with a warning.
+    on_error applies to the folders layout (unreadable or grayscale files, and with verify="decode"
+    truncated ones): raise, or skip with a warning that counts them.
     """
-    check_on_error(on_error)
+    check_on_error(on_error, verify)
     base = Path(root)
     if layout not in ("auto", "python", "folders"):
         raise ValueError(f"CIFAR-10 layout={layout!r}; expected 'auto', 'python' or 'folders'")
@@ -114,4 +116,4 @@ def cifar10(
         return _python_layout(base, split, image_size, download)
     if download:
         raise ValueError("CIFAR-10 layout='folders' cannot be downloaded; use layout='python' (or 'auto') with download=true")
-    return _folder_layout(base, split, image_size, on_error)
+    return _folder_layout(base, split, image_size, on_error, verify)

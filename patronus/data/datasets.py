@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from patronus.data.images import list_images, read_image
+from patronus.data.checks import (OnError, Problem, Verify, check_on_error, image_problem, resolve_problems,
+                                  warn_if_few_bits_used)
+from patronus.data.images import AS_STORED, Intensity, list_images, read_image
 
 
 class LabelledImageDataset(Dataset):
@@ -74,7 +77,10 @@ class TensorImageDataset(LabelledImageDataset):
 
 def read_idx(path: Path) -> np.ndarray:
     """An idx file (MNIST's format), gzipped or not."""
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot decompress it (corrupt or truncated .gz: {e}); replace the file") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
         raise ValueError(f"{path}: not an unsigned-byte idx file (bad magic number)")
     ndim = raw[3]
@@ -131,9 +137,11 @@ def idx_dataset(
 class ImageFolderDataset(LabelledImageDataset):
     """ROOT/<split>/<class>/*.png (or ROOT/<split>/*.png without classes), decoded lazily."""
 
-    def __init__(self, root: str, split: str, image_size: int, channels: int):
+    def __init__(self, root: str, split: str, image_size: int, channels: int, files: Optional[Sequence[Path]] = None,
+                 intensity: Intensity = AS_STORED):
         folder = Path(root) / split
-        self.files = list_images(folder)
+        self.intensity = intensity
+        self.files = list(files) if files is not None else list_images(folder)
         self.classes = sorted({p.parent.name for p in self.files if p.parent != folder})
         self.image_size, self.channels = image_size, channels
         index = {c: i for i, c in enumerate(self.classes)}
@@ -143,13 +151,29 @@ class ImageFolderDataset(LabelledImageDataset):
         self.attributes = onehot * (self.labels >= 0)[:, None]
 
     def load_image(self, i: int) -> torch.Tensor:
-        return read_image(self.files[i], self.channels, resize_to=self.image_size)
+        return read_image(self.files[i], self.channels, resize_to=self.image_size, intensity=self.intensity)
 
 
-def image_folder(root: str, split: str, image_size: int, download: bool = False, channels: int = 3) -> ImageFolderDataset:
+def image_folder(root: str, split: str, image_size: int, download: bool = False, channels: int = 3,
+                 on_error: OnError = "raise", verify: Verify = "header", bit_depth: Optional[int] = None,
+                 invert: bool = False) -> ImageFolderDataset:
+    """Every image file is checked up front (header, or a full decode with verify="decode"):
+    on_error="raise" stops at the first bad file, naming it; "skip" drops bad files with one warning.
+    bit_depth / invert: see `Intensity` (12-bit DICOM exports in 16-bit PNGs, MONOCHROME1)."""
+    check_on_error(on_error, verify)
+    intensity = Intensity(bit_depth, invert)
     if download:
         raise ValueError("dataset 'image_folder' cannot be downloaded; point data.root at your folder")
-    return ImageFolderDataset(root, split, image_size, channels)
+    folder = Path(root) / split
+    files = list_images(folder)
+    checked = [(f, image_problem(f, channels, verify, intensity)) for f in files]
+    problems = [Problem(ValueError, why) for _, why in checked if why]
+    resolve_problems(problems, on_error, f"image_folder {folder}", len(files), unit="image files")
+    kept = [f for f, why in checked if not why]
+    if not kept:
+        raise ValueError(f"image_folder {folder}: all {len(files)} image files were skipped (on_error='skip'); nothing to train on")
+    warn_if_few_bits_used(kept, intensity, f"image_folder {folder}")
+    return ImageFolderDataset(root, split, image_size, channels, kept, intensity)
 
 
 DIGITS = [str(i) for i in range(10)]

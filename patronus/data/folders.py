@@ -11,9 +11,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from patronus.data.checks import OnError, Problem, check_on_error, header_problem, resolve_problems
+from patronus.data.checks import (OnError, Problem, Verify, check_on_error, image_problem, resolve_problems,
+                                  warn_if_few_bits_used)
 from patronus.data.datasets import LabelledImageDataset
-from patronus.data.images import list_images, read_image
+from patronus.data.images import AS_STORED, Intensity, list_images, read_image
 
 SPLIT_NAMES = ("train", "valid", "val", "test")  # folders that mark ROOT as split into subfolders
 
@@ -32,13 +33,15 @@ class AttributeFolderDataset(LabelledImageDataset):
         attributes: torch.Tensor,
         attribute_names: Sequence[str],
         classes: Sequence[str] = (),
+        intensity: Intensity = AS_STORED,
     ):
         self.files, self.image_size, self.channels = list(files), image_size, channels
         self.labels, self.attributes = labels, attributes
         self.attribute_names, self.classes = list(attribute_names), list(classes)
+        self.intensity = intensity
 
     def load_image(self, i: int) -> torch.Tensor:
-        return read_image(self.files[i], self.channels, resize_to=self.image_size)
+        return read_image(self.files[i], self.channels, resize_to=self.image_size, intensity=self.intensity)
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -174,6 +177,9 @@ def attribute_folder(
     attributes_csv: Optional[str] = None,
     path_column: str = "image",
     on_error: OnError = "raise",
+    verify: Verify = "header",
+    bit_depth: Optional[int] = None,
+    invert: bool = False,
 ) -> AttributeFolderDataset:
     """Images under ROOT/<split>/ (nested folders allowed, sorted), with optional per-image attributes.
 
@@ -187,11 +193,13 @@ def attribute_folder(
     CSV has a class column but no attribute columns, the attributes are the one-hot classes.
     Images missing from the CSV get NaN attributes and label -1. Rows naming files that do not exist,
     duplicates and non-binary values are bad rows; every image file's header is checked too
-    (unreadable, or grayscale when channels=3). on_error="raise" raises on the first, naming the
-    file and row; "skip" drops them (a dropped CSV row leaves its image with unknown attributes)
-    and warns once.
+    (unreadable, or grayscale when channels=3), or every image read in full with verify="decode"
+    (finds truncated bodies). on_error="raise" raises on the first, naming the file and row; "skip"
+    drops them (a dropped CSV row leaves its image with unknown attributes) and warns once with the count.
+    bit_depth / invert: see `Intensity` (12-bit DICOM exports in 16-bit PNGs, MONOCHROME1).
     """
-    check_on_error(on_error)
+    check_on_error(on_error, verify)
+    intensity = Intensity(bit_depth, invert)
     if download:
         raise ValueError("dataset 'attribute_folder' cannot be downloaded; point data.root at your image folder")
     base = Path(root)
@@ -201,13 +209,16 @@ def attribute_folder(
     table = _read_attributes_csv(base / attributes_csv, base, folder, path_column, problems) if attributes_csv else None
     kept: list[Path] = []
     for f in files:
-        why = header_problem(f, channels)
+        why = image_problem(f, channels, verify, intensity)
         if why:
             problems.append(Problem(ValueError, why))
         else:
             kept.append(f)
     what = f"attribute_folder {folder}" + (f" with {base / attributes_csv}" if table else "")
     resolve_problems(problems, on_error, what, (table.count if table else 0) + len(files), unit="CSV rows and image files")
+    if not kept:
+        raise ValueError(f"{what}: all {len(files)} image files were skipped (on_error='skip'); nothing to train on")
+    warn_if_few_bits_used(kept, intensity, what)
 
     names = list(table.attribute_names) if table else []
     rows = [table.rows.get(f.relative_to(base).as_posix()) if table else None for f in kept]
@@ -223,7 +234,7 @@ def attribute_folder(
             names = list(classes)
             onehot = F.one_hot(labels.clamp_min(0), max(len(classes), 1)).float()[:, : len(classes)]
             attributes = torch.where((labels >= 0)[:, None], onehot, torch.full_like(onehot, math.nan))
-    return AttributeFolderDataset(kept, image_size, channels, labels, attributes, names, classes)
+    return AttributeFolderDataset(kept, image_size, channels, labels, attributes, names, classes, intensity)
 
 
 def ffhq(
@@ -236,6 +247,7 @@ def ffhq(
     attributes_csv: Optional[str] = None,
     path_column: str = "image",
     on_error: OnError = "raise",
+    verify: Verify = "header",
 ) -> AttributeFolderDataset:
     """FFHQ (NVlabs/ffhq-dataset): point ROOT at `images1024x1024/` or `thumbnails128x128/` (its
     00000/..69000/ subfolders are read in sorted order) and use split "train" — FFHQ has no official
@@ -247,7 +259,8 @@ def ffhq(
             "point data.root at the images1024x1024/ or thumbnails128x128/ folder"
         )
     return attribute_folder(
-        root, split, image_size, channels=channels, attributes_csv=attributes_csv, path_column=path_column, on_error=on_error
+        root, split, image_size, channels=channels, attributes_csv=attributes_csv, path_column=path_column, on_error=on_error,
+        verify=verify,
     )
 
 

@@ -163,6 +163,8 @@ def _label_table(
         names = known or [f"class_{i}" for i in range(int(good_values.max()) + 1 if len(good_values) else 0)]
         expected = f"a class index 0..{len(names) - 1}" if known is not None else "a class index >= 0"
     keep = ~bad
+    if bad.all() and len(bad):
+        raise ValueError(f"{path}: all {len(labels)} rows of {key} are bad (not {expected}); nothing is left to use")
     if bad.any():
         rows = np.flatnonzero(bad)
         shown = "; ".join(f"row {r}: {labels[r].tolist()}" for r in rows[:5])

@@ -23,6 +23,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.io import write_png
 
 from patronus.models.patronus import PatronusModel
+from patronus.safe_load import load_torch_file
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -105,11 +106,16 @@ def checked_inception_weights(path: str) -> str:
             "(download once from github.com/toshas/torch-fidelity/releases on a machine with internet)"
         )
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"inception_weights {path}: not a plain state dict of tensors ({e})") from e
+        state = load_torch_file(p, "inception_weights file")
+    except ValueError as e:
+        raise ValueError(f"inception_weights {e}; expected a plain state dict of tensors") from None
     if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
         raise ValueError(f"inception_weights {path}: not an InceptionV3 state dict (no 'Conv2d_1a_3x3.conv.weight')")
+    try:  # build the network now, so a file that does not fit fails before any sample is generated
+        FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(p))
+    except (ImportError, RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"inception_weights {path}: cannot build the FID InceptionV3 from it "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from None
     return str(p)
 
 

@@ -50,6 +50,10 @@ class PatronusModel(ModelMixin, ConfigMixin):
         beta_end: float = 0.02,
     ):
         super().__init__()
+        for name, value in (("image_size", image_size), ("in_channels", in_channels), ("num_prototypes", num_prototypes),
+                            ("prototype_dim", prototype_dim), ("num_train_timesteps", num_train_timesteps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.net.{name}={value!r}; expected an integer >= 1")
         if image_size % 2 ** (len(block_out_channels) - 1):
             raise ValueError(
                 f"image_size={image_size} must be divisible by 2**(len(block_out_channels)-1)="

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patronus.safe_load import load_state_dict_file
+
 
 @dataclass(frozen=True)
 class ConvLayout:
@@ -75,10 +77,8 @@ class TimmFeatures(nn.Module):
         self.body = timm.create_model(
             name, pretrained=False, features_only=True, in_chans=in_channels, out_indices=(out_index,)
         )
-        if weights is not None:  # a local file only: nothing is downloaded
-            from safetensors.torch import load_file
-
-            state = load_file(weights) if weights.endswith(".safetensors") else torch.load(weights, weights_only=True)
+        if weights is not None:  # a local file only: nothing is downloaded, nothing unpickled
+            state = load_state_dict_file(weights, "backbone_weights file")
             missing, _ = self.body.load_state_dict(state, strict=False)
             if len(missing) == len(self.body.state_dict()):
                 raise ValueError(f"backbone_weights {weights!r}: no tensor matches timm model {name!r}")

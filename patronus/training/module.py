@@ -10,6 +10,29 @@ import torch
 
 from patronus.diffusion import diffusion_loss, distinct_loss
 from patronus.models.patronus import PatronusModel
+from patronus.training.checkpointing import check_finite_loss
+
+
+def _init_weights(init_from: str, net: PatronusModel) -> dict[str, torch.Tensor]:
+    """The weights of `init_from` for `net`; every error names the option (not a sampling command's --checkpoint)."""
+    from patronus.runs import load_model
+
+    try:
+        source = load_model(init_from)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"model.init_from={init_from}: {str(e.args[0]) if e.args else e}") from None
+    ours, theirs = dict(net.config), dict(source.config)
+    diff = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in sorted(ours)
+            if not k.startswith("_") and k in theirs and list(np_tuple(theirs[k])) != list(np_tuple(ours[k]))]
+    if diff:
+        raise ValueError(f"model.init_from={init_from}: a different architecture than model.net ({'; '.join(diff)}); "
+                         "fine-tuning needs the same model.net settings")
+    return source.state_dict()
+
+
+def np_tuple(v: Any) -> tuple:
+    """Config values compared as tuples (lists and tuples alike)."""
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 class PatronusModule(pl.LightningModule):
@@ -61,11 +84,24 @@ class PatronusModule(pl.LightningModule):
             raise ValueError(f"condition_dropout={condition_dropout} needs a null condition to drop to: set net.null_condition=true")
         self.held = {int(j): float(v) for j, v in (held_prototypes or {}).items()}
         if init_from is not None:
-            from patronus.runs import load_model
-
-            net.load_state_dict(load_model(init_from).state_dict())
+            net.load_state_dict(_init_weights(init_from, net))
         self.net = net
         self.scheduler = net.noise_scheduler()
+
+    def setup(self, stage: str) -> None:
+        """Check one training image against the model before any step: a channel or size mismatch
+        otherwise surfaces as a convolution error deep inside the first batch."""
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        images = getattr(data, "train_set", None) if stage == "fit" else None
+        if not images:
+            return
+        got, c = tuple(images[0]["image"].shape), self.net.config
+        want = (c.in_channels, c.image_size, c.image_size)
+        if got != want:
+            name = getattr(data, "hparams", {}).get("dataset", "?")
+            raise ValueError(f"data.dataset={name!r} gives {got[0]}-channel {got[2]}x{got[1]} images, but the model expects "
+                             f"model.net.in_channels={c.in_channels} and model.net.image_size={c.image_size}; set "
+                             f"model.net.in_channels={got[0]} (data.channels and data.image_size follow the model)")
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dropout = self.hparams.condition_dropout if self.training else 0.0
@@ -76,6 +112,7 @@ class PatronusModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)
+        check_finite_loss(self, out["loss"])  # before backward: a NaN step never reaches the weights
         # sync_dist: one all-reduce of a few scalars per step, so every rank logs the global mean.
         self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, sync_dist=True)
