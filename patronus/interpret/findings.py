@@ -17,15 +17,14 @@ A shortcut is "not H0a and not H0b"; requiring both rejections (an intersection-
 the report's false-alarm rate at most `alpha`: with probability ≥ 1 − alpha nothing is flagged on
 data without a shortcut. The p-value of J is the larger of its two adjusted p-values.
 
-Flagged prototypes that carry the same confounder at the same place (their closest cells within
-one feature cell of each other on the images carrying it) or that fire together (activations
-correlated) form one finding: the unit the causal check and the mitigation act on, since one
+Flagged prototypes that carry the same confounder, or that fire together at the same place
+(activations correlated, closest cells within one feature cell of each other) form one finding: the unit the causal check and the mitigation act on, since one
 prototype of a redundant group moved alone is undone by the others.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -159,16 +158,18 @@ class Finding:
     confounder: int  # index into the candidate confounders
     score: float  # the best member's explained-away score
     p_value: float  # the smallest member p-value (family-wise adjusted)
+    same_place: list[int] = field(default_factory=list)  # members whose closest cell is within one cell of the best one's
 
 
 def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor, score: torch.Tensor,
                    p_value: torch.Tensor, target_of: torch.Tensor, confounder_of: torch.Tensor,
                    confounders: torch.Tensor, grid_width: int, min_same_place: float = 0.5,
                    min_correlation: float = 0.5) -> list[Finding]:
-    """Flagged prototypes → findings (connected components): j and k are linked when they fire at
-    the same place (≥ `min_same_place` of the images carrying j's confounder, or of their top
-    activating images) and either carry the same confounder or have activations correlated at
-    ≥ `min_correlation`. Findings are ordered by their best score."""
+    """Flagged prototypes → findings (connected components): j and k are linked when they carry the
+    same confounder (one finding per confounder), or when their activations correlate at
+    ≥ `min_correlation` and they fire at the same place (≥ `min_same_place` of their top
+    activating images). Each finding records which members fire where its best one does.
+    Findings are ordered by their best score."""
     flagged = list(flagged)
     if not flagged:
         return []
@@ -184,10 +185,9 @@ def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor,
 
     def linked(a: int, b: int) -> bool:
         j, k = flagged[a], flagged[b]
-        same_conf = int(confounder_of[j]) == int(confounder_of[k])
-        if not (same_conf or corr[a, b] >= min_correlation):
-            return False
-        return same_place(where, j, k, rows_for(j, k), grid_width) >= min_same_place
+        if confounders.shape[1] and int(confounder_of[j]) == int(confounder_of[k]):
+            return True  # one finding per confounder, wherever its carriers look (their places are reported)
+        return corr[a, b] >= min_correlation and same_place(where, j, k, rows_for(j, k), grid_width) >= min_same_place
 
     parent = list(range(len(flagged)))
 
@@ -208,8 +208,11 @@ def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor,
     for members in groups.values():
         members = sorted(members, key=lambda j: -float(score[j]))
         best = members[0]
+        rows = (confounders[:, int(confounder_of[best])] == 1).nonzero().flatten() if confounders.shape[1] else \
+            s[:, best].topk(n_top).indices
+        at_place = [j for j in members if same_place(where, best, j, rows, grid_width) >= min_same_place]
         findings.append(Finding(members, int(target_of[best]), int(confounder_of[best]), float(score[best]),
-                                float(min(float(p_value[j]) for j in members))))
+                                float(min(float(p_value[j]) for j in members)), at_place))
     return sorted(findings, key=lambda f: -f.score)
 
 

@@ -139,8 +139,8 @@ def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounde
     if findings_out:
         f = findings_out[0]
         protos = ", ".join(f"p{j}" for j in f["prototypes"])
-        more = f" ({len(findings_out)} findings in all; the strongest:)" if len(findings_out) > 1 else ""
-        return (f"Shortcut found{more} {f['target']} is predicted through {f['confounder']}, carried by {protos} "
+        more = f" ({len(findings_out)} findings; the strongest)" if len(findings_out) > 1 else ""
+        return (f"Shortcut found{more}: {f['target']} is predicted through {f['confounder']}, carried by {protos} "
                 f"(p = {f['p_value']:.3g}; false-alarm rate of this report ≤ {alpha:.0%}).")
     if unexplained:
         u = unexplained[0]
@@ -265,7 +265,7 @@ def build_report(
         group_score = ((s[:, f.prototypes] - s[:, f.prototypes].mean(0)) / s[:, f.prototypes].std(0).clamp_min(1e-8)).mean(1)
         out: dict[str, Any] = {
             "prototypes": f.prototypes, "target": t_names[f.target], "confounder": c_names[f.confounder],
-            "score": f.score, "p_value": f.p_value, "alpha": alpha, "permutations": permutations,
+            "same_place": f.same_place, "score": f.score, "p_value": f.p_value, "alpha": alpha, "permutations": permutations,
             "sure": f"p = {f.p_value:.3g} from {permutations} permutations (family-wise over all prototypes, targets and "
                     f"confounders): on data without a shortcut a finding this strong turns up with probability ≤ {f.p_value:.3g}",
             "auroc_confounder_best": float(assoc.confounder_auroc[f.confounder, f.prototypes[0]]),
