@@ -42,7 +42,7 @@ def write_attribute_folder(splits: Mapping[str, LabelledImageDataset], out: str 
     if not splits:
         raise ValueError("splits: nothing to write (expected at least one split)")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"out_dir {out} is not empty; choose a new folder or pass overwrite")
+        raise ValueError(f"out_dir {out} is not empty; choose a new folder or pass --overwrite true")
     first = next(iter(splits.values()))
     names = [n for n in first.attribute_names if n not in first.classes]
     cols = [first.attribute_names.index(n) for n in names]
