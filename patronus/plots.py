@@ -422,7 +422,7 @@ def worst_group_figure(labels: Sequence[str], before: Sequence[float], after: Se
                                               (balanced, "group-balanced training", "tab:blue"))):
         ax.bar((x + (k - 1) * 0.27).tolist(), list(vals), width=0.27, label=name, color=colour)
     ax.set_xticks(x.tolist(), list(labels), fontsize=7)
-    ax.set(ylim=(0, 1), ylabel="worst-group accuracy", title="mitigation (group-balanced held-out set)")
+    ax.set(ylim=(0, 1), ylabel="worst-group accuracy", title="mitigation: worst group of target × confounder (held-out)")
     ax.legend(fontsize=6)
     return render(fig, path)
 

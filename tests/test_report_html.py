@@ -35,7 +35,7 @@ def test_report_html_is_self_contained_and_renders_in_a_headless_browser(tmp_pat
     shutil.move(page, moved)
     text = moved.read_text()
     assert text.count("data:image/png;base64,") == 2 and 'src="causal.png"' not in text
-    assert text.index(VERDICT.split(":")[0]) < text.index("<h1>")  # the verdict leads
+    assert text.index(VERDICT.split(":")[0]) < text.index("<h1>") and text.count(VERDICT.split(":")[0]) == 1  # leads, once
     profile = tmp_path / "profile"
     dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                           f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", moved.as_uri()],

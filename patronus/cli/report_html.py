@@ -43,6 +43,9 @@ def _embed(page: str, folder: Path) -> str:
 
 def write_html(markdown_text: str, verdict: str, folder: Path, title: str, clear: bool = False) -> Path:
     """folder/report.html from the report's Markdown (images it names are read from `folder`)."""
+    lead = f"**{verdict}**"
+    if markdown_text.startswith(lead):  # the verdict box below says it once, first
+        markdown_text = markdown_text[len(lead):]
     body = _embed(markdown.markdown(markdown_text, extensions=["tables"]), folder)
     page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style><script>{COUNT_IMAGES}</script></head><body>"
