@@ -341,11 +341,15 @@ class PatronusPipeline(DiffusionPipeline):
                           torch.stack(requested) if requested else s.new_zeros(0, *s.shape), start)
 
     def decode_edited(self, x: torch.Tensor, s_edit: torch.Tensor, s: torch.Tensor, steps: int = 50, *, start_step: int = 0,
-                      guidance: Optional[float] = None, callback: Optional[StepCallback] = None) -> torch.Tensor:
+                      guidance: Optional[float] = None, callback: Optional[StepCallback] = None,
+                      clip: bool = False) -> torch.Tensor:
         """Decode x (an inverted or fresh latent) under edited activations s_edit, with edit guidance
-        ε̂(s) + w·(ε̂(s_edit) − ε̂(s)) relative to the unedited s (default w: `self.edit_guidance`)."""
+        ε̂(s) + w·(ε̂(s_edit) − ε̂(s)) relative to the unedited s (default w: `self.edit_guidance`).
+
+        `clip=False` (default) suits an inverted latent, which must reproduce its image; pass
+        `clip=True` for a fresh x_T, as `sample` does (unclipped x̂0 from noise can run out of range)."""
         w = self.edit_guidance if guidance is None else guidance
-        return self.denoise(x, s_edit, steps, start_step=start_step, clip=False, guidance=w, guide_from=s, callback=callback)
+        return self.denoise(x, s_edit, steps, start_step=start_step, clip=clip, guidance=w, guide_from=s, callback=callback)
 
     def sample_activations(self, n: int, steps: int = 50, seed: int = 0) -> torch.Tensor:
         """n activation vectors (n, K) from the diffusion prior over standardised s (Patronus §3.4)."""

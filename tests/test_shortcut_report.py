@@ -164,8 +164,14 @@ def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run)
         assert (marker_run / "analysis" / "shortcuts" / f"{name}.png").is_file()
     held = yaml.safe_load((marker_run / "analysis" / "shortcuts" / "finetune_held.yaml").read_text())
     assert first["prototype"] in held["model"]["held_prototypes"] and held["run_dir"] == f"{marker_run}_held"
-    m = out["mitigation"]  # samples from marked images' s, flagged prototypes at their median: less marker
+    m = out["mitigation"]  # samples from marked images' s, the finding at its neutral value: less marker
     assert m["images"] > 0 and m["confounder_intensity_after"] < m["confounder_intensity_before"]
+    f = out["findings"][0]  # one finding for the marker, its carriers together, calibrated
+    assert first["prototype"] in f["prototypes"] and f["confounder"] == "marker" and f["p_value"] <= 0.05
+    assert out["verdict"].startswith("Shortcut found") and "marker" in out["verdict"]
+    assert f["neutral_from"].endswith("without the confounder") and 0 <= f["worst_group"]["before"] <= 1
+    html = (marker_run / "analysis" / "shortcuts" / "report.html").read_text()
+    assert html.index(out["verdict"][:20]) < html.index("<h1>") and "data:image/png;base64," in html
     assert json.loads((marker_run / "analysis" / "shortcuts" / "shortcuts.json").read_text())["flagged"] == out["flagged"]
     assert out["report"] == str(marker_run / "analysis" / "shortcuts" / "report.md") and out["wandb_dir"] is None
 

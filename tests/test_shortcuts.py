@@ -121,3 +121,55 @@ def test_hair_smile_recipe_gives_the_papers_61214_rows_on_full_celeba_attributes
     assert table.rows == 202599
     sub, report = celeba_hair_smile(AttributesOnly(table.names, table.values))
     assert len(sub) == 61214 == report["rows"]  # the count the paper's recipe gives on full CelebA
+
+
+@pytest.mark.parametrize("shape", ["square", "disc", "ring", "cross", "line", "glyph"])
+def test_every_marker_shape_stays_in_its_region_and_is_recorded_in_the_mask(mnist, shape):
+    ds, report = planted_marker(mnist, 32, target="3", p=1.0, q=0.0, shape=shape, size=8, position="random",
+                                region=[16, 0, 32, 16], seed=1)
+    threes = (mnist.labels == 3).nonzero().flatten()[:10]
+    masks = torch.stack([ds[int(i)]["marker_mask"] for i in threes])
+    assert bool((masks[:, :, :16].sum() == 0) and (masks[:, :, :, 16:].sum() == 0))  # inside rows 16.., cols ..16
+    area = int(masks[0].sum())
+    assert 0 < area <= 64 and (area == 64) == (shape == "square")
+    assert len({tuple(ds.corners[int(i)].tolist()) for i in threes}) > 3
+    item = ds[int(threes[0])]
+    assert torch.equal(item["image"][0][item["marker_mask"][0] == 1], torch.ones(area))
+
+
+def test_blended_marker_mixes_with_the_image(mnist):
+    ds, _ = planted_marker(mnist, 32, target="1", p=1.0, q=0.0, size=6, position=(0, 0), intensity=1.0, opacity=0.5)
+    i = int((mnist.labels == 1).nonzero()[0])
+    x, base = ds[i]["image"][0, :6, :6], mnist[i]["image"][0, :6, :6]
+    torch.testing.assert_close(x, 0.5 * base + 0.5)
+    marked, clean = ds.with_and_without(i)
+    assert torch.equal(marked, ds[i]["image"]) and torch.equal(clean, mnist[i]["image"])
+
+
+def test_marker_options_name_the_bad_field(mnist):
+    for bad, field in (({"shape": "star"}, "shape"), ({"opacity": 1.5}, "opacity"), ({"intensity": 3.0}, "intensity"),
+                       ({"shape": "glyph", "size": 3}, "size"), ({"shape": "glyph", "text": "Q"}, "text"),
+                       ({"shape": "ring", "thickness": 0}, "thickness"),
+                       ({"position": "random", "region": [0, 0, 4, 40]}, "region"),
+                       ({"position": [1, 1], "region": [0, 0, 8, 8]}, "region")):
+        with pytest.raises(ValueError, match=f"shortcut.{field}"):
+            planted_marker(mnist, 32, target="1", **{"size": 8, **bad})
+
+
+def test_a_built_dataset_written_to_disk_reads_back_as_an_attribute_folder_with_masks(tmp_path, capsys):
+    params = '{"target": "1", "p": 0.9, "q": 0.05, "shape": "cross", "size": 7, "position": "random", "seed": 2}'
+    out = main(["planted_marker", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--splits", "[test]",
+                "--params", params, "--out_dir", str(tmp_path / "built")])
+    assert out["written"] == {"test": 2000} and out["read_with"]["options"] == {"attributes_csv": "attributes.csv", "masks": "masks"}
+    back = build_dataset("attribute_folder", str(tmp_path / "built"), "test", 32, channels=1, **out["read_with"]["options"])
+    orig, _ = apply_shortcut(build_dataset("mnist", str(REPO / "data"), "test", 32), 32, {"kind": "planted_marker", **__import__("json").loads(params)})
+    assert back.attribute_names == ["marker"] and back.classes == orig.classes
+    assert torch.equal(back.labels, orig.labels) and torch.equal(back.attributes[:, 0], orig.has_marker.float())
+    for i in (int(orig.has_marker.nonzero()[0]), int((~orig.has_marker).nonzero()[0])):
+        a, b = back[i], orig[i]
+        assert (a["image"] - b["image"]).abs().max() < 1 / 127  # 8-bit PNG
+        assert torch.equal(a["marker_mask"], b["marker_mask"])
+    with pytest.raises(SystemExit):  # refuses to overwrite a dataset by accident
+        main(["planted_marker", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--splits", "[test]",
+              "--params", params, "--out_dir", str(tmp_path / "built")])
+    assert "not empty" in capsys.readouterr().err

@@ -1,5 +1,7 @@
-"""`python -m patronus.cli.shortcut_data KIND --data.dataset NAME --data.root PATH [--params '{...}']`:
-build a shortcut dataset (patronus.data.shortcuts) and print the correlations it produced."""
+"""`python -m patronus.cli.shortcut_data KIND --data.dataset NAME --data.root PATH [--params '{...}'] [--out_dir DIR]`:
+build a shortcut dataset (patronus.data.shortcuts) and print the correlations it produced; with
+`--out_dir`, also write every split of `--splits` in the `attribute_folder` layout
+(patronus.data.export), images + masks + attributes.csv, so it trains like any user folder."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any, Optional
 from jsonargparse import ArgumentParser
 
 from patronus.cli.common import DataSource, report_user_errors, wants_debug
+from patronus.data.export import CSV_NAME, MASKS, write_attribute_folder
 from patronus.data.registry import build_dataset
 from patronus.data.shortcuts import BUILDERS, apply_shortcut
 
@@ -20,6 +23,9 @@ def build_parser() -> ArgumentParser:
     p.add_class_arguments(DataSource, "data")
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--params", type=dict, default={}, help='builder parameters, e.g. \'{"target": "1", "p": 0.9}\'')
+    p.add_argument("--out_dir", type=Optional[str], default=None, help="write the built splits here (attribute_folder layout)")
+    p.add_argument("--splits", type=list[str], default=["train", "test"], help="splits written with --out_dir")
+    p.add_argument("--overwrite", type=bool, default=False, help="let --out_dir be a non-empty folder")
     p.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
     return p
 
@@ -32,8 +38,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         d = a.data
         if not (d.dataset and d.root):
             raise ValueError("data: pass --data.dataset and --data.root")
-        ds = build_dataset(d.dataset, d.root, d.split or "train", a.image_size, **(d.options or {}))
-        _, report = apply_shortcut(ds, a.image_size, {"kind": a.kind, **dict(a.params)})
+        spec = {"kind": a.kind, **dict(a.params)}
+        build = lambda split: apply_shortcut(  # noqa: E731
+            build_dataset(d.dataset, d.root, split, a.image_size, **(d.options or {})), a.image_size, spec)
+        if a.out_dir is None:
+            _, report = build(d.split or "train")
+        else:
+            if not a.splits:
+                raise ValueError("splits: expected at least one split to write")
+            built = {split: build(split) for split in a.splits}
+            counts = write_attribute_folder({s: b[0] for s, b in built.items()}, a.out_dir, a.overwrite)
+            report = {"splits": {s: b[1] for s, b in built.items()}, "written": counts, "out_dir": str(a.out_dir),
+                      "read_with": {"dataset": "attribute_folder", "root": str(a.out_dir),
+                                    "options": {"attributes_csv": CSV_NAME, "masks": MASKS}}}
         print(json.dumps(report, indent=2))
         return report
 

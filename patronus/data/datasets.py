@@ -52,6 +52,9 @@ class SubsetDataset(LabelledImageDataset):
     def load_image(self, i: int) -> torch.Tensor:
         return self.base.load_image(int(self.indices[i]))
 
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.base[int(self.indices[i])]  # keeps what the base items carry beyond the image (marker masks)
+
 
 def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(train rows, held-out rows), both sorted: a fixed, seeded `fraction` of n rows held out, for

@@ -34,14 +34,29 @@ class AttributeFolderDataset(LabelledImageDataset):
         attribute_names: Sequence[str],
         classes: Sequence[str] = (),
         intensity: Intensity = AS_STORED,
+        mask_files: Optional[Sequence[Path]] = None,
     ):
         self.files, self.image_size, self.channels = list(files), image_size, channels
         self.labels, self.attributes = labels, attributes
         self.attribute_names, self.classes = list(attribute_names), list(classes)
         self.intensity = intensity
+        self.mask_files = list(mask_files) if mask_files is not None else None
 
     def load_image(self, i: int) -> torch.Tensor:
         return read_image(self.files[i], self.channels, resize_to=self.image_size, intensity=self.intensity)
+
+    def load_mask(self, i: int) -> torch.Tensor:
+        """(1, H, W) 0/1 confounder mask of image i (all zeros where its mask file is absent)."""
+        f = self.mask_files[i]
+        if not f.is_file():
+            return torch.zeros(1, self.image_size, self.image_size)
+        return (read_image(f, 1, resize_to=self.image_size) > 0).float()
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        if self.mask_files is not None:
+            item["marker_mask"] = self.load_mask(i)
+        return item
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -180,6 +195,7 @@ def attribute_folder(
     verify: Verify = "header",
     bit_depth: Optional[int] = None,
     invert: bool = False,
+    masks: Optional[str] = None,
 ) -> AttributeFolderDataset:
     """Images under ROOT/<split>/ (nested folders allowed, sorted), with optional per-image attributes.
 
@@ -197,6 +213,11 @@ def attribute_folder(
     (finds truncated bodies). on_error="raise" raises on the first, naming the file and row; "skip"
     drops them (a dropped CSV row leaves its image with unknown attributes) and warns once with the count.
     bit_depth / invert: see `Intensity` (12-bit DICOM exports in 16-bit PNGs, MONOCHROME1).
+
+    masks (a folder, relative to ROOT unless absolute): ground-truth confounder masks, one PNG per
+    image at the image's path relative to ROOT (e.g. `masks/train/0001.png`; white = confounder, an
+    absent file = none); items then carry `marker_mask`, which lets the shortcut report score itself
+    (`python -m patronus.cli.shortcut_data ... --out_dir` writes this layout).
     """
     check_on_error(on_error, verify)
     intensity = Intensity(bit_depth, invert)
@@ -234,7 +255,13 @@ def attribute_folder(
             names = list(classes)
             onehot = F.one_hot(labels.clamp_min(0), max(len(classes), 1)).float()[:, : len(classes)]
             attributes = torch.where((labels >= 0)[:, None], onehot, torch.full_like(onehot, math.nan))
-    return AttributeFolderDataset(kept, image_size, channels, labels, attributes, names, classes, intensity)
+    mask_files = None
+    if masks is not None:
+        mask_root = base / masks
+        if not mask_root.is_dir():
+            raise FileNotFoundError(f"masks folder {mask_root} does not exist (relative paths are taken from ROOT={base})")
+        mask_files = [(mask_root / f.relative_to(base)).with_suffix(".png") for f in kept]
+    return AttributeFolderDataset(kept, image_size, channels, labels, attributes, names, classes, intensity, mask_files)
 
 
 def ffhq(

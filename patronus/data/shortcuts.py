@@ -61,19 +61,82 @@ def celeba_hair_smile(ds: LabelledImageDataset, seed: int = 0) -> tuple[SubsetDa
 
 # 2. Planted marker --------------------------------------------------------------------------
 
-Shape = Literal["square", "disc"]
+Shape = Literal["square", "disc", "ring", "cross", "line", "glyph"]
+SHAPES: tuple[str, ...] = ("square", "disc", "ring", "cross", "line", "glyph")
+
+# 3×5 bitmaps of a few letters, like the laterality letters ("L", "R") burnt into X-rays.
+_GLYPHS: dict[str, tuple[str, ...]] = {
+    "L": ("100", "100", "100", "100", "111"),
+    "R": ("110", "101", "110", "101", "101"),
+    "A": ("010", "101", "111", "101", "101"),
+    "P": ("110", "101", "110", "100", "100"),
+    "X": ("101", "101", "010", "101", "101"),
+}
 
 
-def marker_mask(size: int, image_size: int, top: int, left: int, shape: Shape) -> torch.Tensor:
+def _glyph(text: str, size: int) -> torch.Tensor:
+    """(size, size) mask of `text` in the 3×5 bitmap font, scaled by a whole factor (crisp strokes), centred."""
+    bad = [c for c in text if c not in _GLYPHS]
+    if not text or bad:
+        raise ValueError(f"shortcut.text={text!r}; expected one or more of the letters {''.join(_GLYPHS)}")
+    rows = ["0".join(_GLYPHS[c][r] for c in text) for r in range(5)]  # one blank column between letters
+    bitmap = torch.tensor([[float(v) for v in row] for row in rows])  # (5, 4n−1)
+    scale = size // max(bitmap.shape)
+    if scale < 1:
+        raise ValueError(f"shortcut.size={size}: a glyph of {text!r} needs at least {max(bitmap.shape)} pixels")
+    big = bitmap.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    out = torch.zeros(size, size)
+    top, left = (size - big.shape[0]) // 2, (size - big.shape[1]) // 2
+    out[top : top + big.shape[0], left : left + big.shape[1]] = big
+    return out
+
+
+def shape_mask(shape: Shape, size: int, thickness: Optional[int] = None, text: str = "R") -> torch.Tensor:
+    """(size, size) binary mask of one marker shape. `thickness` (ring, cross, line; default size//4,
+    at least 1) is the stroke width; `text` the letters of a glyph."""
+    if shape not in SHAPES:
+        raise ValueError(f"shortcut.shape={shape!r}; expected one of {list(SHAPES)}")
+    t = max(1, size // 4) if thickness is None else int(thickness)
+    if not 1 <= t <= size:
+        raise ValueError(f"shortcut.thickness={thickness}; expected 1..size={size} pixels")
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    r = (size - 1) / 2
+    dist = ((yy - r) ** 2 + (xx - r) ** 2).sqrt()
+    lo, hi = (size - t) // 2, (size - t) // 2 + t  # the centred band of width t
+    if shape == "square":
+        return torch.ones(size, size)
+    if shape == "disc":
+        return (dist**2 <= r**2 + 0.25).float()
+    if shape == "ring":
+        return ((dist <= r + 0.5) & (dist > r + 0.5 - t)).float()
+    if shape == "cross":
+        band = torch.zeros(size, size)
+        band[lo:hi, :] = 1
+        band[:, lo:hi] = 1
+        return band
+    if shape == "line":
+        band = torch.zeros(size, size)
+        band[lo:hi, :] = 1  # a horizontal stroke `size` long, `thickness` wide
+        return band
+    return _glyph(text, size)
+
+
+def marker_mask(size: int, image_size: int, top: int, left: int, shape: Shape, thickness: Optional[int] = None,
+                text: str = "R") -> torch.Tensor:
     """(1, H, W) mask of one marker with its top-left corner at (top, left)."""
     mask = torch.zeros(1, image_size, image_size)
-    if shape == "square":
-        mask[:, top : top + size, left : left + size] = 1
-    else:
-        yy, xx = torch.meshgrid(torch.arange(image_size), torch.arange(image_size), indexing="ij")
-        r = (size - 1) / 2
-        mask[0] = (((yy - top - r) ** 2 + (xx - left - r) ** 2) <= r**2 + 0.25).float()
+    mask[0, top : top + size, left : left + size] = shape_mask(shape, size, thickness, text)
     return mask
+
+
+def _check_region(region: Sequence[int], size: int, image_size: int) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the area random markers are drawn inside (bottom/right exclusive)."""
+    if len(region) != 4:
+        raise ValueError(f"shortcut.region={list(region)}; expected [top, left, bottom, right] in pixels")
+    top, left, bottom, right = (int(v) for v in region)
+    if not (0 <= top and 0 <= left and bottom <= image_size and right <= image_size and bottom - top >= size and right - left >= size):
+        raise ValueError(f"shortcut.region={list(region)}: must lie in the {image_size}px image and hold a {size}px marker")
+    return top, left, bottom, right
 
 
 class PlantedMarker(LabelledImageDataset):
@@ -82,7 +145,17 @@ class PlantedMarker(LabelledImageDataset):
     Every random choice is drawn once at construction from `seed`, so the dataset is fixed.
     Items also carry `marker_mask` (1, H, W), and attribute "marker" records who got one, so a
     diagnosis can be scored against ground truth (e.g. a bright pacemaker-like blob on chest
-    X-rays of one class, or a corner patch on digits).
+    X-rays of one class, a laterality letter, a thin ruler line, or a corner patch on digits).
+
+    Args:
+        shape: square, disc, ring, cross, line (horizontal stroke) or glyph (the letters `text`).
+        size: side of the marker's square box in pixels.
+        position: [top, left] of a fixed marker, or "random" (a new place per image, inside `region`).
+        region: [top, left, bottom, right] random markers stay inside (default: the whole image).
+        intensity: the marker's pixel value in [-1, 1] (1 = white, −1 = black).
+        opacity: 1 stamps the marker; below 1 it is blended over the image (a faint, semi-transparent patch).
+        thickness: stroke width of ring, cross and line (default size // 4).
+        text: letters of a glyph marker (from L, R, A, P, X).
     """
 
     def __init__(
@@ -97,20 +170,36 @@ class PlantedMarker(LabelledImageDataset):
         position: Union[Literal["random"], Sequence[int]] = (1, 1),
         intensity: float = 1.0,
         seed: int = 0,
+        region: Optional[Sequence[int]] = None,
+        opacity: float = 1.0,
+        thickness: Optional[int] = None,
+        text: str = "R",
     ):
-        for name, v in (("p", p), ("q", q)):
+        for name, v in (("p", p), ("q", q), ("opacity", opacity)):
             if not 0 <= v <= 1:
-                raise ValueError(f"shortcut.{name}={v}; expected a probability in [0, 1]")
+                raise ValueError(f"shortcut.{name}={v}; expected a value in [0, 1]")
         if not 0 < size <= image_size:
             raise ValueError(f"shortcut.size={size}; expected 1..{image_size} pixels")
-        self.base, self.image_size, self.shape, self.size, self.intensity = base, image_size, shape, size, intensity
+        if not -1 <= intensity <= 1:
+            raise ValueError(f"shortcut.intensity={intensity}; expected a pixel value in [-1, 1]")
+        self.stamp = shape_mask(shape, size, thickness, text)  # (size, size), checks shape/thickness/text
+        self.base, self.image_size, self.shape, self.size = base, image_size, shape, size
+        self.intensity, self.opacity = intensity, opacity
         group = self._target_group(base, target)
         gen = torch.Generator().manual_seed(seed)
         u = torch.rand(len(base), generator=gen)
         self.has_marker = torch.where(group, u < p, u < q)
         if position == "random":
-            self.corners = torch.randint(0, image_size - size + 1, (len(base), 2), generator=gen)
+            if region is None:  # the whole image (one draw, as before regions existed: same datasets)
+                self.corners = torch.randint(0, image_size - size + 1, (len(base), 2), generator=gen)
+            else:
+                top, left, bottom, right = _check_region(region, size, image_size)
+                rows = torch.randint(top, bottom - size + 1, (len(base),), generator=gen)
+                cols = torch.randint(left, right - size + 1, (len(base),), generator=gen)
+                self.corners = torch.stack([rows, cols], 1)
         else:
+            if region is not None:
+                raise ValueError("shortcut.region: only for position='random' (a fixed marker has its own position)")
             top, left = (int(v) for v in position)
             if not (0 <= top <= image_size - size and 0 <= left <= image_size - size):
                 raise ValueError(f"shortcut.position={list(position)}: a {size}px marker must fit in {image_size}px")
@@ -125,15 +214,30 @@ class PlantedMarker(LabelledImageDataset):
             return base.labels == int(target)
         return attribute_column(base, str(target)) == 1
 
+    def placed_mask(self, i: int) -> torch.Tensor:
+        """(1, H, W) where image i's marker is or would be (whether or not it got one)."""
+        top, left = (int(v) for v in self.corners[i])
+        mask = torch.zeros(1, self.image_size, self.image_size)
+        mask[0, top : top + self.size, left : left + self.size] = self.stamp
+        return mask
+
     def mask(self, i: int) -> torch.Tensor:
         if not self.has_marker[i]:
             return torch.zeros(1, self.image_size, self.image_size)
-        top, left = (int(v) for v in self.corners[i])
-        return marker_mask(self.size, self.image_size, top, left, self.shape)
+        return self.placed_mask(i)
+
+    def stamped(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (C, H, W) with the marker blended in where mask (1, H, W) is 1."""
+        a = self.opacity * mask
+        return x * (1 - a) + self.intensity * a
 
     def load_image(self, i: int) -> torch.Tensor:
-        x, m = self.base.load_image(i), self.mask(i)
-        return x * (1 - m) + self.intensity * m
+        return self.stamped(self.base.load_image(i), self.mask(i))
+
+    def with_and_without(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image i with its marker forced on and off (same place): the pair confounder sensitivity compares."""
+        x = self.base.load_image(i)
+        return self.stamped(x, self.placed_mask(i)), x
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = super().__getitem__(i)

@@ -15,6 +15,11 @@ from patronus.data.datasets import LabelledImageDataset
 from patronus.interpret.emergence import EditEmergence, edit_emergence
 from patronus.interpret.information import prototype_information
 from patronus.interpret.projection import PatchHit, top_patches
+from patronus.edits import set_prototypes
+from patronus.interpret.faithfulness import marker_detector
+from patronus.interpret.findings import Finding, FlagTest, flag_test, group_findings, neutral_values
+from patronus.interpret.mitigation import worst_group_scores
+from patronus.interpret.quality import auroc_matrix
 from patronus.interpret.shortcut_report import (
     Association,
     CausalEffect,
@@ -29,8 +34,10 @@ from patronus.interpret.shortcut_report import (
     mask_coverage,
     neutralised_decode,
     probe_predictions,
+    sample_edited,
     split_targets,
 )
+from patronus.interpret.unexplained import Unexplained, unexplained_signals
 from patronus.interpret.stats import edit_levels
 from patronus.pipeline import PatronusPipeline
 
@@ -76,19 +83,23 @@ class ReportData:
 class ShortcutReport:
     """Everything the report found: `summary` is what goes to JSON, the rest feeds its figures."""
 
-    summary: dict[str, Any]  # JSON-able: images, targets, candidate_confounders, flagged, ranking, ...
+    summary: dict[str, Any]  # JSON-able: verdict, findings, images, targets, candidate_confounders, flagged, ranking, ...
     association: Association  # explained-away scores of all K prototypes
-    flagged: list[int]  # prototypes whose score reaches the flag threshold, best first
-    candidates: list[int]  # the top-ranked prototypes that got the causal, where and when checks
+    flagged: list[int]  # prototypes flagged by the calibrated test, best first
+    findings: list[Finding]  # flagged prototypes grouped: one per confounder and place
+    flag_test: FlagTest  # the permutation nulls behind the flags
+    candidates: list[int]  # the best prototype of each causal unit (findings first), which got the where and when checks
     levels: dict[str, torch.Tensor]  # "min" / "median" / "max" (K,): the values edits used
+    neutral: list[torch.Tensor]  # per finding: (K,) neutral values, from images without its confounder
     images: torch.Tensor  # (N, C, H, W) the analysed images on the CPU (`where_hits` index into them)
-    causal: list[CausalEffect]  # one per candidate
-    causal_rows: list[torch.Tensor]  # held-out references, then per candidate its decodes with s_J low and high (CPU)
+    causal: list[CausalEffect]  # one per candidate unit
+    causal_rows: list[torch.Tensor]  # held-out references, then per unit its decodes with the unit low and high (CPU)
     where_hits: list[list[PatchHit]]  # per candidate: its most activating real patches
     where_maps: list[tuple[int, torch.Tensor, torch.Tensor]]  # per candidate: (J, those images, information maps (n, H, W))
     emergence: EditEmergence  # the candidates raised to their max, traced while decoding
     counterfactuals: Counterfactuals  # one-prototype edits that fix a linear classifier's mistakes
-    mitigation_rows: list[torch.Tensor]  # originals, their samples, the same with the flagged prototypes at their median (CPU; empty if none)
+    mitigation_rows: list[torch.Tensor]  # top finding: originals with the confounder, their samples, the same neutralised (CPU)
+    unexplained: list[Unexplained]  # target-linked confounders no prototype carries
 
 
 def _check_positive(**values: int) -> None:
@@ -108,6 +119,39 @@ def _levels(stats: dict[str, Any], num_prototypes: int) -> dict[str, torch.Tenso
     return levels
 
 
+def _marker_judge(pool: torch.Tensor, masks: Optional[torch.Tensor], conf: torch.Tensor, rows: torch.Tensor,
+                  probe: Optional[LinearProbe], pipe: PatronusPipeline) -> tuple[str, Any]:
+    """How "is the confounder in this decoded image" is judged: a pixel rule calibrated on the
+    ground-truth masks when the data has them, else the confounder's probe on re-encoded activations."""
+    if masks is not None:
+        marked, unmarked = rows[conf[rows] == 1], rows[conf[rows] == 0]
+        marked = marked[masks[marked].flatten(1).sum(1) > 0]
+        if len(marked) and len(unmarked):
+            det = marker_detector(pool[unmarked], pool[marked], masks[marked])
+            return "pixels inside the ground-truth marker masks", lambda x: det.present(x.cpu())
+    if probe is not None:
+        return "a probe of the confounder on the decoded images' activations", lambda x: probe.proba(pipe.encode(x).s.cpu())[:, 1] > 0.5
+    return "none", None
+
+
+def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounder_names: list[str], alpha: float) -> str:
+    """The report's first sentence."""
+    if findings_out:
+        f = findings_out[0]
+        protos = ", ".join(f"p{j}" for j in f["prototypes"])
+        more = f" ({len(findings_out)} findings; the strongest)" if len(findings_out) > 1 else ""
+        return (f"Shortcut found{more}: {f['target']} is predicted through {f['confounder']}, carried by {protos} "
+                f"(p = {f['p_value']:.3g}; false-alarm rate of this report ≤ {alpha:.0%}).")
+    if unexplained:
+        u = unexplained[0]
+        return (f"No prototype carries a shortcut, but {u.confounder} separates {u.target} without any prototype explaining it "
+                f"(φ = {u.phi:.2f}, best prototype AUROC {u.best_auroc:.2f}): see 'Unexplained signal'.")
+    if not confounder_names:
+        return "Nothing to check: the data has no candidate confounder attributes besides the targets."
+    return (f"No shortcut found: no prototype's link to the targets is explained away by {', '.join(confounder_names)} "
+            f"beyond chance (false-alarm rate {alpha:.0%}).")
+
+
 @torch.no_grad()
 def build_report(
     pipe: PatronusPipeline,
@@ -117,7 +161,8 @@ def build_report(
     targets: Optional[Sequence[str]] = None,
     top: int = 4,
     num_refs: int = 16,
-    flag_threshold: float = 0.1,
+    alpha: float = 0.05,
+    permutations: int = 100,
     info_timesteps: int = 10,
     info_noise: int = 2,
     steps: int = 25,
@@ -131,35 +176,41 @@ def build_report(
         data: a labelled dataset (items with `marker_mask` make the report score itself) or `ReportData`.
         stats: the activation statistics of `patronus.interpret.stats.activation_statistics` (edit levels).
         targets: attributes the task predicts (default: the class label, else every attribute).
-        top: candidates that get the causal, where and when checks.
+        top: causal units (findings first, then the best-ranked other prototypes) that get the causal, where and when checks.
         num_refs: held-out images whose s the causal check and the mitigation sample from.
-        flag_threshold: explained-away AUROC from which a prototype is flagged as a shortcut.
+        alpha: the report's false-alarm rate: the chance it flags anything on data without a shortcut.
+        permutations: shuffles per permutation test (at least 1/alpha).
         info_timesteps: quadrature nodes of the information maps.
         info_noise: noise draws per node of the information maps.
         steps: DDIM steps of every decode.
-        seed: seed of the fit/held-out split and of every noise draw.
+        seed: seed of the fit/held-out split, the permutations and every noise draw.
         num_images: images analysed.
     """
     _check_positive(top=top, num_refs=num_refs, info_timesteps=info_timesteps, info_noise=info_noise, steps=steps,
-                    num_images=num_images)
+                    num_images=num_images, permutations=permutations)
     if not isinstance(data, ReportData):
         data = ReportData.from_dataset(data, num_images)
     n = min(num_images, len(data.images))
-    pool, masks = data.images[:n].cpu(), data.masks[:n] if data.masks is not None else None
+    pool, masks = data.images[:n].cpu(), data.masks[:n].cpu() if data.masks is not None else None
     labels, attrs, names = data.labels[:n], data.attributes[:n], list(data.attribute_names)
     K, dev = pipe.num_prototypes, pipe.device
     levels = _levels(stats, K)
     low, high, median = levels["min"], levels["max"], levels["median"]
+    enc = pipe.model.encoder
+    grid_h, grid_w = enc.feature_shape()
+    rf = enc.receptive_field()
 
-    # 1. Association, explained away (all prototypes, data only).
+    # 1. Association, explained away (all prototypes, data only), and the calibrated flags.
     acts = pipe.encode(pool)  # (N, K) each, on the CPU: one pass for the ranking and the boxes
     s = acts.s
     t_cols, t_names, c_cols, c_names = split_targets(attrs, names, labels, list(data.classes), targets)
     assoc = association(s, t_cols, t_names, c_cols, c_names)
     concentration = location_concentration(s, acts.where)
     ranking = assoc.ranking()
-    candidates = ranking[: min(top, K)]
-    flagged = [j for j in ranking if float(assoc.score[j]) >= flag_threshold]
+    test = flag_test(s, t_cols, c_cols, alpha, permutations, seed)
+    flagged = test.flagged
+    findings = group_findings(flagged, s, acts.where, test.score, test.p_value, assoc.target_of, assoc.confounder_of,
+                              c_cols, grid_w)
 
     # 2. Probes on a fitting split; mistakes and causal checks on the held-out rest.
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -172,15 +223,22 @@ def build_report(
     accuracy = float((classifier.proba(s[held]).argmax(1) == y[held]).float().mean())
     counter = counterfactual_flips(classifier, s[held], y[held], {"low": low, "median": median, "high": high})
 
+    # 3. Causal units: each finding as a whole (low = its neutral value), then single prototypes.
+    neutral = [neutral_values(s, c_cols[:, f.confounder], t_cols[:, f.target]) for f in findings]
+    units: list[tuple[list[int], torch.Tensor]] = [(f.prototypes, nv) for f, (nv, _) in zip(findings, neutral)]
+    in_findings = {j for f in findings for j in f.prototypes}
+    units += [([j], low) for j in ranking if j not in in_findings][: max(0, top - len(units))]
+    units = units[: max(top, len(findings))]
+    candidates = [u[0][0] for u in units]
     refs = pool[held[:num_refs]].to(dev)
     s_refs, x_T = pipe.encode(refs).s, pipe.noise(refs.shape, seed=seed)
     causal, causal_rows = [], [refs.cpu()]
-    for j in candidates:
-        effect, x_low, x_high = causal_effect(pipe, x_T, s_refs, j, float(low[j]), float(high[j]), probes, steps)
+    for unit, unit_low in units:
+        effect, x_low, x_high = causal_effect(pipe, x_T, s_refs, unit, unit_low, high, probes, steps)
         causal.append(effect)
         causal_rows += [x_low.cpu(), x_high.cpu()]
 
-    # 3. Where (boxes on the most activating real patches, information maps) and when.
+    # 4. Where (boxes on the most activating real patches, information maps) and when.
     hits = top_patches(pipe, acts.distances, acts.where, k=8)
     where_maps, per_proto = [], {}
     for j in candidates:
@@ -198,35 +256,75 @@ def build_report(
         per_proto[j] = entry
     emergence = edit_emergence(pipe, refs[:8], candidates, high, steps)
 
-    # 4. Mitigation: flagged prototypes held at their median, on held-out images carrying the confounder.
-    mitigation: dict[str, Any] = {"prototypes": flagged}
+    # 5. Per finding: does the decoded marker appear / disappear with the group, and what neutralising buys.
+    findings_out: list[dict[str, Any]] = []
+    mitigation: dict[str, Any] = {"prototypes": findings[0].prototypes if findings else []}
     mitigation_rows: list[torch.Tensor] = []
-    if flagged:
-        j0 = flagged[0]
-        conf_col = c_cols[:, int(assoc.confounder_of[j0])] if c_cols.shape[1] else torch.ones(n)
-        carriers = held[conf_col[held] == 1][:num_refs]
-        if len(carriers):
-            x0 = pool[carriers].to(dev)
-            s_c, xT_c = pipe.encode(x0).s, pipe.noise(x0.shape, seed=seed)
-            plain = neutralised_decode(pipe, xT_c, s_c, [], median, steps)
-            neutral = neutralised_decode(pipe, xT_c, s_c, flagged, median, steps)
-            t_idx = int(assoc.target_of[j0])
-            before = probe_predictions(probes, pipe.encode(plain).s.cpu())[:, t_idx]
-            after = probe_predictions(probes, pipe.encode(neutral).s.cpu())[:, t_idx]
-            mitigation |= {"images": len(carriers), "target": t_names[t_idx], "p_target_before": float(before.mean()),
-                           "p_target_after": float(after.mean())}
-            if masks is not None:
-                m = masks[carriers].to(dev).bool()
-                mitigation |= {"confounder_intensity_before": float(plain[m].mean()),
-                               "confounder_intensity_after": float(neutral[m].mean()),
-                               "confounder_intensity_original": float(x0[m].mean())}
-            mitigation_rows = [x0.cpu(), plain.cpu(), neutral.cpu()]
+    for f, (nv, source) in zip(findings, neutral):
+        conf, tgt = c_cols[:, f.confounder], t_cols[:, f.target]
+        group_score = ((s[:, f.prototypes] - s[:, f.prototypes].mean(0)) / s[:, f.prototypes].std(0).clamp_min(1e-8)).mean(1)
+        out: dict[str, Any] = {
+            "prototypes": f.prototypes, "target": t_names[f.target], "confounder": c_names[f.confounder],
+            "same_place": f.same_place, "score": f.score, "p_value": f.p_value, "alpha": alpha, "permutations": permutations,
+            "sure": f"p = {f.p_value:.3g} from {permutations} permutations (family-wise over all prototypes, targets and "
+                    f"confounders): on data without a shortcut a finding this strong turns up with probability ≤ {f.p_value:.3g}",
+            "auroc_confounder_best": float(assoc.confounder_auroc[f.confounder, f.prototypes[0]]),
+            "auroc_confounder_group": float(auroc_matrix(group_score[:, None], conf[:, None])[0, 0]),
+            "neutral_from": source, "neutral": {str(j): float(nv[j]) for j in f.prototypes},
+            "dataset_median": {str(j): float(median[j]) for j in f.prototypes}}
+        known = ~(conf.isnan() | tgt.isnan())
+        fit_k, held_k = fit[known[fit]], held[known[held]]
+        try:
+            wg = worst_group_scores(s[fit_k], tgt[fit_k], conf[fit_k], s[held_k], tgt[held_k], conf[held_k], f.prototypes, nv, seed)
+            out["worst_group"] = wg.as_dict()
+        except ValueError as e:
+            out["worst_group"] = {"skipped": str(e)}
+        how, judge = _marker_judge(pool, masks, conf, held, probes[len(t_names) + f.confounder], pipe)
+        with_c, without_c = held[conf[held] == 1][:num_refs], held[conf[held] == 0][:num_refs]
+        rates: dict[str, Any] = {"judged_by": how}
+        if judge is not None:
+            for name, rows, edit in (("drawn", without_c, high), ("removed", with_c, nv)):
+                if not len(rows):
+                    continue
+                x0 = pool[rows].to(dev)
+                s0, xT0 = pipe.encode(x0).s, pipe.noise(x0.shape, seed=seed)
+                plain = neutralised_decode(pipe, xT0, s0, [], nv, steps)
+                moved = sample_edited(pipe, xT0, set_prototypes(s0, f.prototypes, edit.to(s0)), s0, steps)
+                present_plain, present_moved = judge(plain).float(), judge(moved).float()
+                if name == "drawn":
+                    rates |= {"drawn": float(present_moved.mean()), "drawn_without_edit": float(present_plain.mean()),
+                              "images_without": len(rows)}
+                else:
+                    rates |= {"removed": float(1 - present_moved.mean()), "removed_without_edit": float(1 - present_plain.mean()),
+                              "images_with": len(rows)}
+                    if f is findings[0]:
+                        t_idx = f.target
+                        before = probe_predictions(probes, pipe.encode(plain).s.cpu())[:, t_idx]
+                        after = probe_predictions(probes, pipe.encode(moved).s.cpu())[:, t_idx]
+                        mitigation |= {"images": len(rows), "target": t_names[t_idx], "p_target_before": float(before.mean()),
+                                       "p_target_after": float(after.mean()), "neutral_from": source}
+                        if masks is not None:
+                            m = masks[rows].to(dev).bool()
+                            if m.any():
+                                mitigation |= {"confounder_intensity_before": float(plain[m].mean()),
+                                               "confounder_intensity_after": float(moved[m].mean()),
+                                               "confounder_intensity_original": float(x0[m].mean())}
+                        mitigation_rows = [x0.cpu(), plain.cpu(), moved.cpu()]
+        out["marker_rates"] = rates
+        findings_out.append(out)
 
-    # 5. The ranked table.
+    # 6. Signal no prototype explains.
+    boxes = [rf.box(*divmod(c, grid_w)) for c in range(grid_h * grid_w)]
+    unexplained = unexplained_signals(pool, s, acts.where, t_cols, t_names, c_cols, c_names, assoc.confounder_auroc,
+                                      assoc.auroc, {c_names[f.confounder] for f in findings}, boxes, masks)
+
+    # 7. The ranked table.
     rows = []
     for rank, j in enumerate(ranking):
         t, c = int(assoc.target_of[j]), int(assoc.confounder_of[j])
         row = {"rank": rank + 1, "prototype": j, "score": float(assoc.score[j]), "flagged": j in flagged,
+               "p_value": float(test.p_value[j]),
+               "finding": next((i + 1 for i, f in enumerate(findings) if j in f.prototypes), None),
                "target": t_names[t] if t_names else None, "confounder": c_names[c] if c_names else None,
                "auroc_target": float(assoc.auroc[t, j]) if t_names else None,
                "auroc_confounder": float(assoc.confounder_auroc[c, j]) if c_names else None,
@@ -236,13 +334,21 @@ def build_report(
         if j in candidates:
             p = candidates.index(j)
             effect = causal[p]
-            row |= {"causal_delta": dict(zip(all_names, effect.delta)), "edit_locality": effect.locality,
-                    "measured_low": effect.measured_low, "measured_high": effect.measured_high,
+            row |= {"causal_delta": dict(zip(all_names, effect.delta)), "causal_unit": effect.prototypes,
+                    "edit_locality": effect.locality, "measured_low": effect.measured_low, "measured_high": effect.measured_high,
                     "emergence_time": float(emergence.times[p]),
                     "effect_emergence_time": float(emergence.effect_times[p]), **per_proto[j]}
         rows.append(row)
-    summary = {"images": n, "targets": t_names, "candidate_confounders": c_names, "flagged": flagged,
+    summary = {"verdict": _verdict(findings_out, unexplained, c_names, alpha), "images": n, "targets": t_names,
+               "candidate_confounders": c_names, "flagged": flagged, "findings": findings_out,
+               "flag_test": {"alpha": alpha, "permutations": permutations, "score_needed": test.threshold(),
+                             "method": "max-T permutation tests (c shuffled within the target; target shuffled), both must reject"},
+               "unexplained": [{"target": u.target, "confounder": u.confounder, "phi": u.phi, "z": u.z,
+                                "best_prototype": u.best_prototype, "best_auroc": u.best_auroc, "peak": list(u.peak),
+                                "peak_effect": u.peak_effect, "mask_peak": list(u.mask_peak) if u.mask_peak else None,
+                                "sentence": u.sentence()} for u in unexplained],
                "classifier_held_out_accuracy": accuracy, "counterfactuals": asdict(counter) | {"fixed_by": None},
                "mitigation": mitigation, "ranking": rows, "has_confounder_masks": masks is not None}
-    return ShortcutReport(summary, assoc, flagged, candidates, levels, pool, causal, causal_rows,
-                          [hits[j] for j in candidates], where_maps, emergence, counter, mitigation_rows)
+    return ShortcutReport(summary, assoc, flagged, findings, test, candidates, levels, [nv for nv, _ in neutral], pool,
+                          causal, causal_rows, [hits[j] for j in candidates], where_maps, emergence, counter,
+                          mitigation_rows, unexplained)

@@ -22,8 +22,13 @@ candidate confounder. The evidence, per prototype J:
 4. NeuroInspect-style counterfactuals: for a linear classifier's mistakes on held-out images,
    which single-prototype edit (set to its low, median or high) flips the prediction to the
    truth.
-5. Mitigation: decoding with the flagged prototypes held at their median, and a config to
-   fine-tune with them held (`PatronusModule.held_prototypes`).
+5. Mitigation: decoding with a finding's prototypes held at their neutral value (the median over
+   images WITHOUT the confounder), scored by worst-group accuracy (`patronus.interpret.mitigation`),
+   and a config to fine-tune with them held (`PatronusModule.held_prototypes`).
+
+Flagging is calibrated by permutation tests and flagged prototypes are grouped into one finding
+per confounder and place (`patronus.interpret.findings`); confounders linked to the target that
+no prototype carries are reported as unexplained signal (`patronus.interpret.unexplained`).
 
 When the dataset carries ground-truth confounder masks (items with `marker_mask`, e.g. the
 planted-marker builder), the report also scores itself: do the boxes land on the marker, do
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -185,25 +190,35 @@ def probe_predictions(probes: Sequence[Optional[LinearProbe]], s: torch.Tensor) 
 
 @dataclass
 class CausalEffect:
-    prototype: int
-    low: float
+    prototype: int  # the unit's best prototype (its box is the one locality is measured in)
+    low: float  # the best prototype's low / high values
     high: float
-    delta: list[float]  # (A,) mean over images of P(a | J high) − P(a | J low), on decoded images
+    delta: list[float]  # (A,) mean over images of P(a | unit high) − P(a | unit low), on decoded images
     measured_low: float  # s_J re-encoded from the low / high decodes (did the edit take?)
     measured_high: float
     locality: float  # share of |x_high − x_low| inside J's receptive-field box in x_high
+    prototypes: list[int] = field(default_factory=list)  # every prototype moved together (a finding's group)
 
 
-def sample_unclipped(pipe: PatronusPipeline, x_T: torch.Tensor, s_edit: torch.Tensor, s: torch.Tensor, steps: int) -> torch.Tensor:
-    """DDIM-decode x_T under edited activations s_edit (with the pipeline's edit guidance relative to
-    the unedited s), the result clamped to [-1, 1]: the report's one way to turn edits into images."""
-    return pipe.decode_edited(x_T, s_edit, s, steps).clamp(-1, 1)
+def sample_edited(pipe: PatronusPipeline, x_T: torch.Tensor, s_edit: torch.Tensor, s: torch.Tensor, steps: int) -> torch.Tensor:
+    """DDIM-decode a FRESH x_T under edited activations s_edit (with the pipeline's edit guidance
+    relative to the unedited s): the report's one way to turn edits into images.
+
+    x̂0 is clipped to [-1, 1] at every step, as in `PatronusPipeline.sample` (the training monitor's
+    clean grids). Unclipped decoding is right for an *inverted* latent, which reproduces its image;
+    from fresh noise, a short schedule on a small model lets x̂0 drift out of range at the early,
+    large steps and the sample ends as noise, black or washed out."""
+    return pipe.decode_edited(x_T, s_edit, s, steps, clip=True).clamp(-1, 1)
 
 
-def causal_effect(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, j: int, low: float, high: float,
-                  probes: Sequence[Optional[LinearProbe]], steps: int) -> tuple[CausalEffect, torch.Tensor, torch.Tensor]:
-    """Sample the same x_T with s_J = low and = high; probe both. Returns the effect and the two samples."""
-    x_low, x_high = (sample_unclipped(pipe, x_T, apply_edits(s, [Edit(j, "set", v)]), s, steps) for v in (low, high))
+def causal_effect(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, prototypes: Union[int, Sequence[int]],
+                  low: torch.Tensor, high: torch.Tensor, probes: Sequence[Optional[LinearProbe]],
+                  steps: int) -> tuple[CausalEffect, torch.Tensor, torch.Tensor]:
+    """Sample the same x_T with every prototype of the unit at its low and at its high value
+    (low/high: (K,) per-prototype values); probe both. Returns the effect and the two samples."""
+    unit = [prototypes] if isinstance(prototypes, int) else list(prototypes)
+    j = unit[0]
+    x_low, x_high = (sample_edited(pipe, x_T, set_prototypes(s, unit, v.to(s)), s, steps) for v in (low, high))
     s_low, acts_high = pipe.encode(x_low).s, pipe.encode(x_high)
     s_high, where = acts_high.s, acts_high.where
     delta = (probe_predictions(probes, s_high.cpu()) - probe_predictions(probes, s_low.cpu())).mean(0)
@@ -215,8 +230,8 @@ def causal_effect(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, j:
     for b in range(len(x_T)):
         top, left, bottom, right = rf.box(*divmod(int(where[b, j]), w))
         inside.append(float(change[b, top:bottom, left:right].sum() / change[b].sum().clamp_min(1e-12)))
-    effect = CausalEffect(j, low, high, delta.tolist(), float(s_low[:, j].mean()), float(s_high[:, j].mean()),
-                          sum(inside) / len(inside))
+    effect = CausalEffect(j, float(low[j]), float(high[j]), delta.tolist(), float(s_low[:, j].mean()), float(s_high[:, j].mean()),
+                          sum(inside) / len(inside), unit)
     return effect, x_low, x_high
 
 
@@ -278,16 +293,18 @@ def mask_coverage(maps: torch.Tensor, masks: torch.Tensor) -> tuple[float, float
 
 
 def neutralised_decode(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, prototypes: Sequence[int],
-                       median: torch.Tensor, steps: int) -> torch.Tensor:
-    """Sample x_T with the flagged prototypes held at their dataset median: the image without the shortcut."""
-    return sample_unclipped(pipe, x_T, set_prototypes(s, prototypes, median), s, steps)
+                       neutral: torch.Tensor, steps: int) -> torch.Tensor:
+    """Sample x_T with the finding's prototypes held at their neutral value (from images without the
+    confounder): the image without the shortcut."""
+    return sample_edited(pipe, x_T, set_prototypes(s, prototypes, neutral.to(s)), s, steps)
 
 
-def finetune_config(prototypes: Sequence[int], median: torch.Tensor, init_from: str) -> str:
-    """YAML overrides that fine-tune a run with the flagged prototypes held at their median."""
-    held = "\n".join(f"    {j}: {float(median[j]):.6g}" for j in prototypes)
+def finetune_config(prototypes: Sequence[int], neutral: torch.Tensor, init_from: str) -> str:
+    """YAML overrides that fine-tune a run with the finding's prototypes held at their neutral value."""
+    held = "\n".join(f"    {j}: {float(neutral[j]):.6g}" for j in prototypes)
     return (
-        "# Fine-tune with the flagged prototypes held at their dataset median (shortcut report):\n"
+        "# Fine-tune with the finding's prototypes held at their neutral value, the median over images\n"
+        "# without the confounder (shortcut report):\n"
         "# python train.py --config <the run's preset> --config <this file>\n"
         f"run_dir: {Path(init_from).with_suffix('')}_held\n"
         "model:\n"

@@ -1,0 +1,36 @@
+"""The contamination sweep's logic on tiny real runs: silent without a shortcut, the marker first when every 7 carries it."""
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("contamination_sweep", REPO / "benchmarks" / "contamination_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_goals_follow_the_issue():
+    sweep = load_sweep()
+    assert sweep.goals_met({"level": 0.0, "flagged": 0}) is True
+    assert sweep.goals_met({"level": 0.0, "flagged": 1}) is False
+    row = {"level": 0.8, "flagged": 2, "marker_finding_rank": 1, "marker_auroc": 0.97, "box_hit_rate": 0.9}
+    assert sweep.goals_met(row) is True and sweep.goals_met({**row, "marker_finding_rank": 2}) is False
+    assert sweep.goals_met({**row, "level": 0.2}) is None  # no goal at 20%
+
+
+@pytest.mark.slow
+def test_quick_sweep_flags_nothing_at_zero_and_finds_the_marker_at_full_contamination(tmp_path):
+    rows = load_sweep().main(["--quick", "--out", str(tmp_path)])
+    zero, full = rows
+    assert zero["level"] == 0.0 and zero["flagged"] == 0 and zero["goals_met"] is True
+    assert "No shortcut found" in zero["verdict"]
+    assert full["level"] == 1.0 and full["marker_finding_rank"] == 1 and full["marker_auroc"] > 0.9
+    assert full["verdict"].startswith("Shortcut found") and full["sensitivity"] > zero["sensitivity"]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+    assert (tmp_path / "sweep.md").read_text().count("| square |") == 2 and (tmp_path / "sweep_square.png").is_file()
