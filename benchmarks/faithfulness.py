@@ -24,7 +24,7 @@ from patronus.cli.analyses import main as patronus_main
 COLUMNS = [
     ("run", "run"), ("g", "guidance"), ("edit g", "edit_guidance"), ("judge acc", "judge_acc"),
     ("class agr.", "class_agreement"), ("label agr.", "label_agreement"), ("attr agr.", "attribute_agreement"),
-    ("s cycle", "s_cycle"), ("raise gain", "raise_gain"), ("lower gain", "lower_gain"),
+    ("s→class probe", "s_class_probe"), ("s cycle", "s_cycle"), ("judge FID", "judge_fid"), ("real FID", "judge_fid_real"), ("raise gain", "raise_gain"), ("lower gain", "lower_gain"),
     ("raise |Δx|", "raise_pixels"), ("lower |Δx|", "lower_pixels"), ("marker drawn", "drawn"), ("marker removed", "removed"),
     ("s", "seconds"),
 ]
@@ -33,11 +33,13 @@ COLUMNS = [
 def row_of(run: str, guidance: float, edit_guidance: float, out: dict[str, Any], seconds: float) -> dict[str, Any]:
     """The table's numbers from one faithfulness result."""
     marker = out.get("marker") or {}
+    quality = out.get("sample_quality") or {}
     return {
         "run": run, "guidance": guidance, "edit_guidance": edit_guidance,
         "judge_acc": out["judge"]["class_accuracy"], "class_agreement": out["agreement"]["class_agreement"],
         "label_agreement": out["agreement"]["label_agreement"], "attribute_agreement": out["agreement"]["attribute_agreement_mean"],
-        "s_cycle": out["s_cycle"]["mean"],
+        "s_class_probe": out["agreement"].get("s_class_probe"), "s_cycle": out["s_cycle"]["mean"],
+        "judge_fid": quality.get("judge_fid"), "judge_fid_real": quality.get("judge_fid_real"),
         "raise_gain": out["edits"]["raise"]["gain_mean"], "lower_gain": out["edits"]["lower"]["gain_mean"],
         "raise_pixels": out["edits"]["raise"]["pixel_change_mean"], "lower_pixels": out["edits"]["lower"]["pixel_change_mean"],
         "drawn": marker.get("drawn_rate"), "removed": marker.get("removed_rate"), "seconds": seconds,
