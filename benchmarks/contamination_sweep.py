@@ -18,6 +18,8 @@ resumes finished runs. Per run:
   flagged / findings    prototypes flagged, findings they form
   sensitivity           confounder sensitivity of a linear classifier of the target on the activations:
                         mean |P(target | marker added) − P(target | marker removed)| on the same images
+  marker_drawn/removed  the report's causal check on the marker finding: share of decodes where raising the
+                        finding draws the marker / the neutral value removes it (judged on the masks)
   worst_group_*         the report's worst-group accuracy before / after neutralising / balanced training
 Goals (issue 12): at level 0 nothing is flagged; at ≥ 50% the marker is the first finding with
 marker AUROC ≥ 0.95 and boxes on the marker ≥ 90%.
@@ -106,12 +108,13 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     by_proto = {r["prototype"]: r for r in report["ranking"]}
     if rank is not None:
         f = findings[rank - 1]
-        best, auroc, wg = f["prototypes"][0], f["auroc_confounder_best"], f["worst_group"]
+        best, auroc, wg, rates = f["prototypes"][0], f["auroc_confounder_best"], f["worst_group"], f.get("marker_rates") or {}
     else:
         best = max(by_proto, key=lambda j: by_proto[j]["auroc_confounder"] or 0.0)
-        auroc, wg = by_proto[best]["auroc_confounder"], {}
+        auroc, wg, rates = by_proto[best]["auroc_confounder"], {}, {}
     return {"marker_finding_rank": rank, "marker_auroc": auroc, "box_hit_rate": by_proto[best].get("boxes_on_confounder"),
             "flagged": len(report["flagged"]), "findings": len(findings), "verdict": report["verdict"],
+            "marker_drawn": rates.get("drawn"), "marker_removed": rates.get("removed"),
             "worst_group_before": wg.get("before"), "worst_group_after": wg.get("after"),
             "worst_group_balanced_training": wg.get("balanced_training"),
             "unexplained": [u["confounder"] for u in report["unexplained"]]}
@@ -129,13 +132,15 @@ def goals_met(row: dict[str, Any]) -> Optional[bool]:
 
 COLUMNS = [("shape", "shape"), ("level", "level"), ("goals", "goals_met"), ("finding rank", "marker_finding_rank"),
            ("marker AUROC", "marker_auroc"), ("boxes on marker", "box_hit_rate"), ("flagged", "flagged"),
-           ("findings", "findings"), ("sensitivity", "sensitivity"), ("WGA before", "worst_group_before"),
+           ("findings", "findings"), ("unexplained", "unexplained"), ("sensitivity", "sensitivity"),
+           ("marker drawn", "marker_drawn"), ("marker removed", "marker_removed"), ("WGA before", "worst_group_before"),
            ("WGA after", "worst_group_after"), ("WGA balanced", "worst_group_balanced_training"),
            ("train s", "train_seconds"), ("report s", "report_seconds")]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    fmt = lambda v: "–" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "–" if v is None or v == [] else (  # noqa: E731
+        f"{v:.3g}" if isinstance(v, float) else ", ".join(map(str, v)) if isinstance(v, list) else str(v))
     lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for _, k in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)

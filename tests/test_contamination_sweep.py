@@ -8,11 +8,15 @@ import pytest
 from tests.conftest import REPO
 
 
-def load_sweep():
-    spec = importlib.util.spec_from_file_location("contamination_sweep", REPO / "benchmarks" / "contamination_sweep.py")
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_sweep():
+    return load_benchmark("contamination_sweep")
 
 
 def test_goals_follow_the_issue():
@@ -34,3 +38,15 @@ def test_quick_sweep_flags_nothing_at_zero_and_finds_the_marker_at_full_contamin
     assert full["verdict"].startswith("Shortcut found") and full["sensitivity"] > zero["sensitivity"]
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     assert (tmp_path / "sweep.md").read_text().count("| square |") == 2 and (tmp_path / "sweep_square.png").is_file()
+
+    # fine-tuning with the finding held (the report's finetune_held.yaml), then the marker-drawn rates
+    result = load_benchmark("mitigation_finetune").main(["--run", str(tmp_path / "square_p100"), "--steps", "20",
+                                                         "--num_images", "16", "--sampling_steps", "5"])
+    held_run = tmp_path / "square_p100_held"
+    assert (held_run / "model").is_dir() and (held_run / "mitigation.png").is_file()
+    assert json.loads((held_run / "mitigation.json").read_text()) == json.loads(json.dumps(result))
+    finding = json.loads((tmp_path / "square_p100" / "analysis" / "shortcuts" / "shortcuts.json").read_text())["findings"][0]
+    assert sorted(result["held_prototypes"]) == sorted(finding["prototypes"]) and result["images"] == 16
+    assert result["marker_in_real_images"] > 0.9  # the detector sees the real markers
+    assert set(result["marker_drawn"]) == {"before", "neutralised", "fine_tuned"}
+    assert all(0 <= v <= 1 for v in result["marker_drawn"].values())
