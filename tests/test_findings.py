@@ -4,9 +4,9 @@ unexplained-signal check, on synthetic activations whose answer is known by cons
 import pytest
 import torch
 
-from patronus.interpret.findings import explained_scores, fast_auroc, flag_test, group_findings, neutral_values, same_place
+from patronus.interpret.findings import explained_scores, flag_test, group_findings, neutral_values, same_place
 from patronus.interpret.mitigation import balanced_rows, confounder_sensitivity, group_accuracies, worst_group_accuracy, worst_group_scores
-from patronus.interpret.quality import auroc_matrix
+from patronus.interpret.quality import auroc_matrix, fast_auroc
 from patronus.interpret.shortcut_report import LinearProbe, association, split_targets
 from patronus.interpret.unexplained import effect_map, unexplained_signals
 

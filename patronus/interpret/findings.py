@@ -29,31 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 
-
-def fast_auroc(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """AUROC (K,) of each column of s (n, K) for binary y (n,): P(s⁺ > s⁻) + ½ P(s⁺ = s⁻), ties exact.
-    NaN when y holds one class only. The permutation tests call it thousands of times."""
-    pos, neg = s[y == 1].double(), s[y == 0].double()
-    if len(pos) == 0 or len(neg) == 0:
-        return torch.full((s.shape[1],), float("nan"))
-    neg_sorted = neg.T.contiguous().sort(dim=1).values  # (K, n0)
-    values = pos.T.contiguous()  # (K, n1)
-    below = torch.searchsorted(neg_sorted, values, right=False).double()
-    upto = torch.searchsorted(neg_sorted, values, right=True).double()
-    return ((below + upto) / 2).sum(1).div(len(pos) * len(neg)).float()
-
-
-def _stratified(s: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """AUROC (K,) within the strata of binary c, pooled by positive × negative pairs (as `stratified_auroc`)."""
-    total, weight = torch.zeros(s.shape[1], dtype=torch.double), 0.0
-    for v in (0.0, 1.0):
-        rows = c == v
-        yy = y[rows]
-        pairs = float((yy == 1).sum() * (yy == 0).sum())
-        if pairs:
-            total += pairs * fast_auroc(s[rows], yy).double()
-            weight += pairs
-    return (total / weight).float() if weight else torch.full((s.shape[1],), float("nan"))
+from patronus.interpret.quality import fast_auroc
+from patronus.interpret.shortcut_report import stratified_auroc
 
 
 def explained_scores(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor) -> torch.Tensor:
@@ -66,7 +43,7 @@ def explained_scores(s: torch.Tensor, targets: torch.Tensor, confounders: torch.
             rows = ~(targets[:, t].isnan() | confounders[:, c].isnan())
             ss, y, cc = s[rows], targets[rows, t], confounders[rows, c]
             raw = fast_auroc(ss, y)
-            within = _stratified(ss, y, cc)
+            within = stratified_auroc(ss, y, cc)
             out[t, c] = (raw - within).where(raw > 0.5, torch.zeros(())).nan_to_num(0.0)
     return out
 

@@ -114,7 +114,8 @@ def worst_group_scores(s_fit: torch.Tensor, y_fit: torch.Tensor, c_fit: torch.Te
     balanced = fit_predict(s_fit[bal], y_fit[bal], s_test)
     groups, groups_after = group_accuracies(before, yt, ct), group_accuracies(after, yt, ct)
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
-    smallest = min(int(((yt == int(g[2])) & (ct == int(g[6]))).sum()) for g in groups)
+    test_groups = group_ids(yt, ct)
+    smallest = min(int((test_groups == v).sum()) for v in test_groups.unique())
     return WorstGroup(list(groups), smallest, min(groups.values()), min(groups_after.values()),
                       worst_group_accuracy(balanced, yt, ct), groups, groups_after, group_accuracies(balanced, yt, ct),
                       mean(groups), mean(groups_after))

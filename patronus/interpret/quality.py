@@ -56,6 +56,20 @@ def auroc_matrix(activations: torch.Tensor, attributes: torch.Tensor, sign_free:
     return out
 
 
+def fast_auroc(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """AUROC (K,) of each column of s (n, K) for binary y (n,): P(s⁺ > s⁻) + ½ P(s⁺ = s⁻), ties exact.
+    NaN when y holds one class only. The shortcut report's permutation tests call it thousands
+    of times, where torchmetrics' per-call overhead dominates."""
+    pos, neg = s[y == 1].double(), s[y == 0].double()
+    if len(pos) == 0 or len(neg) == 0:
+        return torch.full((s.shape[1],), float("nan"))
+    neg_sorted = neg.T.contiguous().sort(dim=1).values  # (K, n0)
+    values = pos.T.contiguous()  # (K, n1)
+    below = torch.searchsorted(neg_sorted, values, right=False).double()
+    upto = torch.searchsorted(neg_sorted, values, right=True).double()
+    return ((below + upto) / 2).sum(1).div(len(pos) * len(neg)).float()
+
+
 def binary_entropy_and_mi(attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy (A,) and pairwise mutual information (A, A) of binary attributes, in nats."""
     y = attributes.nan_to_num(0).double()

@@ -45,7 +45,7 @@ import torch
 
 from patronus.data.shortcuts import phi
 from patronus.edits import Edit, apply_edits, set_prototypes
-from patronus.interpret.quality import auroc_matrix, class_indicators, fit_logistic, predict_proba
+from patronus.interpret.quality import auroc_matrix, class_indicators, fast_auroc, fit_logistic, predict_proba
 from patronus.pipeline import PatronusPipeline
 
 # --- 1. association ----------------------------------------------------------------------
@@ -87,7 +87,7 @@ def stratified_auroc(s: torch.Tensor, target: torch.Tensor, stratum: torch.Tenso
         pairs = float((y == 1).sum() * (y == 0).sum())
         if pairs == 0:
             continue
-        total += pairs * auroc_matrix(s[rows], y[:, None], sign_free=False)[0].double()
+        total += pairs * fast_auroc(s[rows], y).double()
         weight += pairs
     return (total / weight).float() if weight else torch.full((s.shape[1],), float("nan"))
 
