@@ -20,7 +20,8 @@ resumes finished runs. Per run:
                         mean |P(target | marker added) − P(target | marker removed)| on the same images
   marker_drawn/removed  the report's causal check on the marker finding: share of decodes where raising the
                         finding draws the marker / the neutral value removes it (judged on the masks)
-  worst_group_*         the report's worst-group accuracy before / after neutralising / balanced training
+  worst_group_*         the report's worst-group accuracy before / after neutralising / balanced training, on a
+                        group-balanced held-out set (`--group_split`, the marker re-planted with p = q = 0.5)
 Goals (issue 12): at level 0 nothing is flagged; at ≥ 50% the marker is the first finding with
 marker AUROC ≥ 0.95 and boxes on the marker ≥ 90%.
 """
@@ -116,7 +117,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "flagged": len(report["flagged"]), "findings": len(findings), "verdict": report["verdict"],
             "marker_drawn": rates.get("drawn"), "marker_removed": rates.get("removed"),
             "worst_group_before": wg.get("before"), "worst_group_after": wg.get("after"),
-            "worst_group_balanced_training": wg.get("balanced_training"),
+            "worst_group_balanced_training": wg.get("balanced_training"), "worst_group_smallest": wg.get("smallest_group"),
             "unexplained": [u["confounder"] for u in report["unexplained"]]}
 
 
@@ -135,6 +136,7 @@ COLUMNS = [("shape", "shape"), ("level", "level"), ("goals", "goals_met"), ("fin
            ("findings", "findings"), ("unexplained", "unexplained"), ("sensitivity", "sensitivity"),
            ("marker drawn", "marker_drawn"), ("marker removed", "marker_removed"), ("WGA before", "worst_group_before"),
            ("WGA after", "worst_group_after"), ("WGA balanced", "worst_group_balanced_training"),
+           ("rarest group", "worst_group_smallest"),
            ("train s", "train_seconds"), ("report s", "report_seconds")]
 
 
@@ -191,14 +193,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--q", type=float, default=None, help="share of the other classes with the marker (default: the preset's)")
     p.add_argument("--max_steps", type=int, default=None, help="training steps per run (default: the preset's)")
     p.add_argument("--quick", action="store_true", help="tiny runs (mnist_tiny widths, 300 steps, levels 0 and 1): for tests")
+    p.add_argument("--group_split", default="test",
+                   help="split the report scores worst-group accuracy on, the marker re-planted independently of the target "
+                        "(default: the report's own split, less the images its classifiers were fit on)")
     a = p.parse_args(argv)
     for v in a.levels:
         if not 0 <= v <= 1:
             raise SystemExit(f"error: --levels {v}: expected shares in [0, 1]")
+    groups = ["--group_split", a.group_split]
     if a.quick:
-        return sweep(a.out, QUICK["preset"], list(QUICK["levels"]), a.shapes, a.q, QUICK["max_steps"], QUICK["report"], True,
-                     shortcut=QUICK["shortcut"])
-    return sweep(a.out, a.preset, a.levels, a.shapes, a.q, a.max_steps, FULL_REPORT, False)
+        return sweep(a.out, QUICK["preset"], list(QUICK["levels"]), a.shapes, a.q, QUICK["max_steps"], QUICK["report"] + groups,
+                     True, shortcut=QUICK["shortcut"])
+    return sweep(a.out, a.preset, a.levels, a.shapes, a.q, a.max_steps, FULL_REPORT + groups, False)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ def test_quick_sweep_flags_nothing_at_zero_and_finds_the_marker_at_full_contamin
     assert full["level"] == 1.0 and full["marker_finding_rank"] == 1 and full["marker_auroc"] > 0.9
     assert full["verdict"].startswith("Shortcut found") and full["sensitivity"] > zero["sensitivity"]
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+    # worst-group accuracy on a group-balanced set: at 100% no held-out 7 lacks the marker, so only the
+    # re-planted set has all four groups (the report's images it fit on left out: 1600 read − 560 fit)
+    wg = json.loads((tmp_path / "square_p100" / "analysis" / "shortcuts" / "shortcuts.json").read_text())["findings"][0]["worst_group"]
+    assert wg["scored_on"] == "a group-balanced held-out set of 1040 images" and len(wg["groups_present"]) == 4
+    assert full["worst_group_smallest"] >= 20 and 0 <= full["worst_group_before"] <= 1
     assert (tmp_path / "sweep.md").read_text().count("| square |") == 2 and (tmp_path / "sweep_square.png").is_file()
 
     # fine-tuning with the finding held (the report's finetune_held.yaml), then the marker-drawn rates

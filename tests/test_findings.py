@@ -146,3 +146,30 @@ def test_an_uncarried_confounder_is_reported_with_where_it_sits():
                                {"line"}, boxes) == []  # a finding already carries it
     d = effect_map(images, c == 1, c == 0)
     assert float(d[2, 11]) > 5 and abs(float(d[10, 3])) < 1
+
+
+def test_a_finding_whose_prototypes_miss_the_confounder_says_so_in_the_verdict():
+    """The clothing case of issue 12: a flag carried by prototypes that only see the target is not an
+    explanation of the marker; the verdict must say the marker itself is unexplained and where it is."""
+    from patronus.interpret.report import _verdict, detects_confounder
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    y = (torch.rand(n, generator=g) < 0.5).float()
+    c = torch.where(y == 1, torch.rand(n, generator=g) < 0.9, torch.rand(n, generator=g) < 0.05).float()
+    images = 0.1 * torch.randn(n, 1, 16, 16, generator=g) - 1
+    images[c == 1, :, 2, 10:14] = 1.0
+    s = torch.stack([y + 0.5 * torch.randn(n, generator=g), torch.randn(n, generator=g)], 1)
+    t, c2 = y[:, None], c[:, None]
+    weak = {"prototypes": [0], "target": "target", "confounder": "line", "p_value": 0.01,
+            "auroc_confounder_best": float(auroc_matrix(s, c2)[0, 0]), "auroc_confounder_group": 0.3}
+    assert not detects_confounder(weak)  # 0.3 read sign-free is 0.7, still short of 0.9
+    carried = {"line"} if detects_confounder(weak) else set()
+    u = unexplained_signals(images, s, torch.zeros(n, 2, dtype=torch.long), t, ["target"], c2, ["line"],
+                            auroc_matrix(s, c2), auroc_matrix(s, t), carried, [(8, 0, 16, 8)])
+    verdict = _verdict([weak], u, ["line"], 0.05, boxes_on_confounder=0.25)
+    assert verdict.startswith("Shortcut found: target is predicted through line, carried by p0")
+    assert "do not detect line itself" in verdict and "25%" in verdict and "(row 2, col 1" in verdict
+    strong = weak | {"auroc_confounder_best": 0.97}
+    assert detects_confounder(strong)
+    assert "do not detect" not in _verdict([strong], [], ["line"], 0.05)

@@ -173,3 +173,22 @@ def test_a_built_dataset_written_to_disk_reads_back_as_an_attribute_folder_with_
         main(["planted_marker", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--splits", "[test]",
               "--params", params, "--out_dir", str(tmp_path / "built")])
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_balanced_split_plants_the_marker_independently_of_the_target(tmp_path, capsys):
+    """Worst-group accuracy needs every target × marker group populated: SPLIT_balanced has the
+    marker on about half of each class, the contaminated split on 90% of the target and 5% of the rest."""
+    params = '{"target": "1", "p": 0.9, "q": 0.05, "shape": "square", "size": 4, "seed": 0}'
+    out = main(["planted_marker", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--splits", "[test]",
+                "--balanced_splits", "[test]", "--params", params, "--out_dir", str(tmp_path / "built")])
+    assert out["written"] == {"test": 2000, "test_balanced": 2000}
+    opts = out["read_with"]["options"]
+    for split, (p, q) in (("test", (0.9, 0.05)), ("test_balanced", (0.5, 0.5))):
+        ds = build_dataset("attribute_folder", str(tmp_path / "built"), split, 32, channels=1, **opts)
+        ones = ds.labels == ds.classes.index("1")
+        marker = ds.attributes[:, 0]
+        assert abs(float(marker[ones].mean()) - p) < 0.08 and abs(float(marker[~ones].mean()) - q) < 0.05
+    with pytest.raises(SystemExit):
+        main(["celeba_hair_smile", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--splits", "[test]",
+              "--balanced_splits", "[test]", "--out_dir", str(tmp_path / "other")])
+    assert "only a planted_marker" in capsys.readouterr().err

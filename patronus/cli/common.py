@@ -45,8 +45,13 @@ class DataSource:
     options: Optional[dict[str, Any]] = None
 
 
-def run_dataset(checkpoint: str, pipe: PatronusPipeline, source: DataSource, default_split: str = "validation") -> LabelledImageDataset:
-    """The dataset a command reads, with the run's options, shortcut and holdout applied."""
+def run_dataset(checkpoint: str, pipe: PatronusPipeline, source: DataSource, default_split: str = "validation",
+                group_balanced: bool = False) -> LabelledImageDataset:
+    """The dataset a command reads, with the run's options, shortcut and holdout applied.
+
+    `group_balanced`: a run trained on a planted marker gets it re-planted independently of the
+    target (p = q = 0.5), so every target × marker group is well populated: the held-out set on
+    which the field scores worst-group accuracy. Other data is read as it is."""
     cfg = runs.run_config(checkpoint).get("data", {}) or {}
     name, root = source.dataset or cfg.get("dataset"), source.root or cfg.get("root")
     if not (name and root):
@@ -67,6 +72,8 @@ def run_dataset(checkpoint: str, pipe: PatronusPipeline, source: DataSource, def
     if shortcut:  # the run trained on a shortcut dataset (e.g. a planted marker): analyse the same data
         from patronus.data.shortcuts import apply_shortcut
 
+        if group_balanced and shortcut.get("kind") == "planted_marker":
+            shortcut = {**shortcut, "p": 0.5, "q": 0.5}
         ds, _ = apply_shortcut(ds, pipe.model.config.image_size, shortcut)
     if holdout and split in ("validation", "training"):
         train, val = holdout_split(len(ds), holdout)

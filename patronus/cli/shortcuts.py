@@ -13,9 +13,9 @@ from typing import Any, Optional
 import torch
 
 from patronus import plots, runs
-from patronus.cli.common import Context
+from patronus.cli.common import Context, DataSource, run_dataset
 from patronus.cli.report_html import write_html
-from patronus.interpret.report import ShortcutReport, build_report
+from patronus.interpret.report import ReportData, ShortcutReport, build_report
 from patronus.interpret.shortcut_report import finetune_config
 
 FIGURES = ("auroc_matrix", "ranking", "causal", "where_boxes", "where_maps", "when_curves", "mitigation", "worst_group",
@@ -33,6 +33,7 @@ def cmd_shortcuts(
     info_noise: int = 2,
     num_images: int = 2000,
     steps: int = 25,
+    group_split: Optional[str] = None,
     no_wandb: bool = False,
 ) -> dict:
     """Shortcut report: which prototypes carry a confounder, where, when, does editing them change predictions.
@@ -47,12 +48,19 @@ def cmd_shortcuts(
         info_noise: noise draws per node of the information maps.
         num_images: images analysed.
         steps: DDIM steps.
+        group_split: split on which worst-group accuracy is scored (default: the report's own held-out
+            images, whose rare groups are small). A run trained on a planted marker gets it re-planted
+            there independently of the target, so every target × marker group is well populated; other
+            data is read as is (e.g. a `*_balanced` split written by `shortcut_data --balanced_splits`).
+            When it is the report's own split, the images its classifiers were fit on are left out.
         no_wandb: write files only (default: also an offline wandb run).
     """
     ds = ctx.dataset()
+    groups, same = group_data(ctx, group_split, num_images) if group_split else (None, False)
     report = build_report(ctx.pipe, ds, ctx.statistics(), targets=targets, top=top, num_refs=num_refs, alpha=alpha,
                           permutations=permutations, info_timesteps=info_timesteps, info_noise=info_noise,
-                          steps=steps, seed=ctx.seed, num_images=num_images)
+                          steps=steps, seed=ctx.seed, num_images=num_images, group_data=groups,
+                          group_data_is_report_split=same)
     out = ctx.out
     draw_figures(report, out)
     if report.findings:
@@ -65,6 +73,21 @@ def cmd_shortcuts(
                                             clear=not (summary["findings"] or summary["unexplained"])))
     summary["wandb_dir"] = None if no_wandb else log_to_wandb(summary, out, "patronus", runs.analysis_dir(ctx.checkpoint))
     return summary
+
+
+def _images_of(source: dict[str, Any]) -> tuple:
+    """Which images a dataset holds, whatever its split was called ("validation" may be "test")."""
+    return (source.get("dataset"), source.get("root"), source.get("published_split"),
+            source.get("split") if "holdout" in source else None)
+
+
+def group_data(ctx: Context, split: str, num_images: int) -> tuple[ReportData, bool]:
+    """The group-balanced images of `--group_split`, and whether they are the report's own split
+    (whose images the report's classifiers were fit on are then left out)."""
+    source = DataSource(ctx.data.dataset, ctx.data.root, split, ctx.data.options)
+    ds = run_dataset(ctx.checkpoint, ctx.pipe, source, ctx.default_split, group_balanced=True)
+    same = _images_of(ds.source) == _images_of(ctx.dataset().source)
+    return ReportData.from_dataset(ds, 2 * num_images if same else num_images), same
 
 
 def draw_figures(report: ShortcutReport, out: Path) -> list[Path]:
@@ -133,6 +156,7 @@ def _findings_markdown(summary: dict[str, Any]) -> list[str]:
               "confounder group of the held-out images (what a group-balanced test set measures)" + (f" (groups present: {', '.join(f0['worst_group']['groups_present'])})"
                                                   if "groups_present" in f0["worst_group"] else "")
               + (f"; the rarest group has {f0['worst_group']['smallest_group']} images" if "smallest_group" in f0["worst_group"] else "")
+              + (f"; scored on {f0['worst_group']['scored_on']}" if "scored_on" in f0["worst_group"] else "")
               + f". Members firing where the best one does: {', '.join(f'p{j}' for j in f0['same_place'])}.", ""]
     return lines + (["![worst-group accuracy](worst_group.png)", ""] if any("before" in f["worst_group"] for f in summary["findings"]) else [])
 

@@ -134,14 +134,32 @@ def _marker_judge(pool: torch.Tensor, masks: Optional[torch.Tensor], conf: torch
     return "none", None
 
 
-def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounder_names: list[str], alpha: float) -> str:
-    """The report's first sentence."""
+def detects_confounder(finding: dict[str, Any], carried_auroc: float = 0.9) -> bool:
+    """Whether a finding's prototypes detect its confounder (best single or group AUROC, sign-free),
+    rather than only correlating with it through the target."""
+    group = finding["auroc_confounder_group"]
+    return max(finding["auroc_confounder_best"], group, 1 - group) >= carried_auroc
+
+
+def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounder_names: list[str], alpha: float,
+             boxes_on_confounder: Optional[float] = None) -> str:
+    """The report's first sentence (and, when the top finding's prototypes do not see the confounder
+    itself, the second: a flag without a detector is not an explanation)."""
     if findings_out:
         f = findings_out[0]
         protos = ", ".join(f"p{j}" for j in f["prototypes"])
         more = f" ({len(findings_out)} findings; the strongest)" if len(findings_out) > 1 else ""
-        return (f"Shortcut found{more}: {f['target']} is predicted through {f['confounder']}, carried by {protos} "
-                f"(p = {f['p_value']:.3g}; false-alarm rate of this report ≤ {alpha:.0%}).")
+        first = (f"Shortcut found{more}: {f['target']} is predicted through {f['confounder']}, carried by {protos} "
+                 f"(p = {f['p_value']:.3g}; false-alarm rate of this report ≤ {alpha:.0%}).")
+        weak = [u for u in unexplained if u.confounder == f["confounder"]]
+        if weak:
+            u = weak[0]
+            boxes = (f"; their boxes sit on it in {boxes_on_confounder:.0%} of their top patches"
+                     if boxes_on_confounder is not None else "")
+            first += (f" But these prototypes do not detect {f['confounder']} itself (best AUROC {u.best_auroc:.2f}{boxes}): "
+                      f"no prototype explains it; it differs most around pixel (row {u.peak[0]}, col {u.peak[1]}), "
+                      "see 'Unexplained signal'.")
+        return first
     if unexplained:
         u = unexplained[0]
         return (f"No prototype carries a shortcut, but {u.confounder} separates {u.target} without any prototype explaining it "
@@ -168,6 +186,8 @@ def build_report(
     steps: int = 25,
     seed: int = 0,
     num_images: int = 2000,
+    group_data: Optional[ReportData] = None,
+    group_data_is_report_split: bool = False,
 ) -> ShortcutReport:
     """Every piece of evidence of the shortcut report on the first `num_images` images of `data`.
 
@@ -185,6 +205,10 @@ def build_report(
         steps: DDIM steps of every decode.
         seed: seed of the fit/held-out split, the permutations and every noise draw.
         num_images: images analysed.
+        group_data: group-balanced held-out images on which worst-group accuracy is scored (the
+            classifiers are still fit on the report's images); default: the report's held-out rest.
+        group_data_is_report_split: `group_data` are the same images as `data` (its confounder
+            re-planted): the rows the classifiers are fit on are left out of the scoring.
     """
     _check_positive(top=top, num_refs=num_refs, info_timesteps=info_timesteps, info_noise=info_noise, steps=steps,
                     num_images=num_images, permutations=permutations)
@@ -222,6 +246,20 @@ def build_report(
     classifier = LinearProbe.fit(s[fit], y[fit], int(y.max()) + 1)
     accuracy = float((classifier.proba(s[held]).argmax(1) == y[held]).float().mean())
     counter = counterfactual_flips(classifier, s[held], y[held], {"low": low, "median": median, "high": high})
+
+    group_s, group_t, group_c = None, None, None
+    if group_data is not None:
+        keep = torch.ones(len(group_data.images), dtype=torch.bool)
+        if group_data_is_report_split:
+            keep[fit[fit < len(keep)]] = False
+        group_s = pipe.encode(group_data.images[keep]).s.cpu()
+        gt, gt_names, gc, gc_names = split_targets(group_data.attributes[keep], group_data.attribute_names,
+                                                   group_data.labels[keep], group_data.classes, targets)
+        missing = [c for c in [*t_names, *c_names] if c not in [*gt_names, *gc_names]]
+        if missing:
+            raise ValueError(f"group_data: has no column for {missing}; expected the report's targets and confounders")
+        group_t = {name: gt[:, gt_names.index(name)] for name in gt_names}
+        group_c = {name: gc[:, gc_names.index(name)] for name in gc_names}
 
     # 3. Causal units: each finding as a whole (low = its neutral value), then single prototypes.
     neutral = [neutral_values(s, c_cols[:, f.confounder], t_cols[:, f.target]) for f in findings]
@@ -274,9 +312,16 @@ def build_report(
             "dataset_median": {str(j): float(median[j]) for j in f.prototypes}}
         known = ~(conf.isnan() | tgt.isnan())
         fit_k, held_k = fit[known[fit]], held[known[held]]
+        scored_s, scored_t, scored_c = s[held_k], tgt[held_k], conf[held_k]
+        scored_on = f"the report's {len(held_k)} held-out images"
+        if group_s is not None:
+            g_t, g_c = group_t[t_names[f.target]], group_c[c_names[f.confounder]]
+            g_known = ~(g_t.isnan() | g_c.isnan())
+            scored_s, scored_t, scored_c = group_s[g_known], g_t[g_known], g_c[g_known]
+            scored_on = f"a group-balanced held-out set of {int(g_known.sum())} images"
         try:
-            wg = worst_group_scores(s[fit_k], tgt[fit_k], conf[fit_k], s[held_k], tgt[held_k], conf[held_k], f.prototypes, nv, seed)
-            out["worst_group"] = wg.as_dict()
+            wg = worst_group_scores(s[fit_k], tgt[fit_k], conf[fit_k], scored_s, scored_t, scored_c, f.prototypes, nv, seed)
+            out["worst_group"] = wg.as_dict() | {"scored_on": scored_on}
         except ValueError as e:
             out["worst_group"] = {"skipped": str(e)}
         how, judge = _marker_judge(pool, masks, conf, held, probes[len(t_names) + f.confounder], pipe)
@@ -315,8 +360,9 @@ def build_report(
 
     # 6. Signal no prototype explains.
     boxes = [rf.box(*divmod(c, grid_w)) for c in range(grid_h * grid_w)]
+    carried = {c_names[f.confounder] for f, out in zip(findings, findings_out) if detects_confounder(out)}
     unexplained = unexplained_signals(pool, s, acts.where, t_cols, t_names, c_cols, c_names, assoc.confounder_auroc,
-                                      assoc.auroc, {c_names[f.confounder] for f in findings}, boxes, masks)
+                                      assoc.auroc, carried, boxes, masks)
 
     # 7. The ranked table.
     rows = []
@@ -339,7 +385,8 @@ def build_report(
                     "emergence_time": float(emergence.times[p]),
                     "effect_emergence_time": float(emergence.effect_times[p]), **per_proto[j]}
         rows.append(row)
-    summary = {"verdict": _verdict(findings_out, unexplained, c_names, alpha), "images": n, "targets": t_names,
+    top_boxes = per_proto.get(findings[0].prototypes[0], {}).get("boxes_on_confounder") if findings else None
+    summary = {"verdict": _verdict(findings_out, unexplained, c_names, alpha, top_boxes), "images": n, "targets": t_names,
                "candidate_confounders": c_names, "flagged": flagged, "findings": findings_out,
                "flag_test": {"alpha": alpha, "permutations": permutations, "score_needed": test.threshold(),
                              "method": "max-T permutation tests (c shuffled within the target; target shuffled), both must reject"},
