@@ -10,7 +10,6 @@ from diffusers import DDPMScheduler
 
 from patronus.edits import set_prototypes
 from patronus.models.patronus import PatronusModel
-from patronus.models.prototypes import PrototypeEncoder
 
 
 def distinct_loss(prototypes: torch.Tensor, margin: float) -> torch.Tensor:
@@ -19,49 +18,6 @@ def distinct_loss(prototypes: torch.Tensor, margin: float) -> torch.Tensor:
     dissim = 1 - (p @ p.T).abs()  # (K, K)
     dissim = dissim + torch.eye(len(p), device=p.device) * 2  # exclude j == i (dissim ≤ 1 elsewhere)
     return F.relu(margin - dissim.min(dim=1).values).mean()
-
-
-def patch_coverage_loss(encoder: PrototypeEncoder, x0: torch.Tensor) -> torch.Tensor:
-    """Two-sided Chamfer distance between the prototypes and the batch's patch features, / D.
-
-    ProtoPNet keeps prototypes on real patches (its projection step); Patronus's objective does
-    not, and after a short run every prototype sits ~equally far from every patch, so s barely
-    varies and a small recurring pattern (a marker) has no prototype near it. Term 1 (each
-    prototype near some patch) keeps prototypes on real patterns; term 2 (each patch near some
-    prototype, the k-means distortion) makes a distinct pattern that no prototype explains pull
-    the nearest one over. The features are detached: the prototypes follow the encoder's patch
-    distribution, and what the encoder represents is still decided by the denoising loss alone.
-    """
-    with torch.no_grad():
-        z = encoder.features(x0)
-    d = encoder.distances_from_features(z.float()).flatten(2) / z.shape[1]  # (B, K, H'W')
-    d = d.transpose(0, 1).flatten(1)  # (K, B·H'W')
-    return d.min(1).values.mean() + d.min(0).values.mean()
-
-
-def receptive_field_patches(encoder: PrototypeEncoder, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(B, C·r·r, H', W'): the pixels of every feature cell's exact receptive-field box (ProtoPNet RF),
-    zero-padded where the box leaves the image."""
-    rf = encoder.receptive_field()
-    pad = (rf.size - 1) / 2 - rf.start  # how far the first cell's box starts before pixel 0
-    if pad != int(pad) or pad < 0:
-        raise ValueError(f"receptive field {rf}: boxes do not start on a pixel; patch reconstruction needs a conv layout")
-    p = int(pad)
-    cols = F.unfold(F.pad(x, (p, p, p, p)), kernel_size=rf.size, stride=rf.jump)  # (B, C·r·r, L)
-    side = (x.shape[-1] + 2 * p - rf.size) // rf.jump + 1
-    return cols.view(x.shape[0], -1, side, side)[:, :, : shape[0], : shape[1]]
-
-
-def patch_reconstruction_loss(encoder: PrototypeEncoder, decoder: torch.nn.Module, x0: torch.Tensor) -> torch.Tensor:
-    """MSE of a linear read-out of each feature cell to the pixels of its receptive field.
-
-    The denoising loss alone shapes features only where a prototype already looks, and a pattern
-    on a few pixels of a few images (a marker) costs it little, so the features end up blind to
-    it and no prototype can form there. Asking every cell to describe its own patch makes the
-    features see all local patterns, as a pretrained backbone's do in ProtoPNet."""
-    z = encoder.features(x0)
-    target = receptive_field_patches(encoder, x0, tuple(z.shape[-2:]))
-    return F.mse_loss(decoder(z).float(), target.float())
 
 
 def diffusion_loss(

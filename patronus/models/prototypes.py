@@ -133,10 +133,7 @@ class PrototypeEncoder(nn.Module):
 
     def distance_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Squared L2 distance of every feature cell to every prototype: (B, K, H', W')."""
-        return self.distances_from_features(self.features(x))
-
-    def distances_from_features(self, z: torch.Tensor) -> torch.Tensor:
-        """Squared L2 distance of feature cells z (B, D, H', W') to every prototype: (B, K, H', W')."""
+        z = self.features(x)  # (B, D, H', W')
         z2 = z.pow(2).sum(1, keepdim=True)  # (B, 1, H', W')
         zp = F.conv2d(z, self.prototypes[:, :, None, None])  # (B, K, H', W')
         p2 = self.prototypes.pow(2).sum(1)[None, :, None, None]  # (1, K, 1, 1)

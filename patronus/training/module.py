@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import torch
 
-from patronus.diffusion import diffusion_loss, distinct_loss, patch_coverage_loss, patch_reconstruction_loss
+from patronus.diffusion import diffusion_loss, distinct_loss
 from patronus.models.patronus import PatronusModel
 from patronus.training.checkpointing import check_finite_loss
 
@@ -52,11 +52,6 @@ class PatronusModule(pl.LightningModule):
             condition (needs `net.null_condition=True`), so sampling can use classifier-free guidance on s.
         cycle_weight: λ of the cycle loss: the denoiser's x̂0, re-encoded, must carry the s it was
             conditioned on (`patronus.diffusion.cycle_loss`); 0 = the paper's objective.
-        coverage_weight: λ of `patch_coverage_loss` (prototypes kept on real patches, every distinct
-            recurring patch pattern near some prototype); 0 = the paper's objective.
-        patch_weight: λ of `patch_reconstruction_loss`: every feature cell must linearly describe its
-            receptive field (a training-only 1x1 read-out, not exported), so the encoder sees small
-            patterns the denoising loss alone ignores; 0 = the paper's objective.
         held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
             away a shortcut the report flagged; `python -m patronus shortcuts` writes this config).
         init_from: start from the weights of a run / exported model / .ckpt (fine-tuning);
@@ -75,8 +70,6 @@ class PatronusModule(pl.LightningModule):
         snr_gamma: Optional[float] = None,
         condition_dropout: float = 0.0,
         cycle_weight: float = 0.0,
-        coverage_weight: float = 0.0,
-        patch_weight: float = 0.0,
         held_prototypes: Optional[dict[int, float]] = None,
         init_from: Optional[str] = None,
     ):
@@ -94,10 +87,6 @@ class PatronusModule(pl.LightningModule):
             net.load_state_dict(_init_weights(init_from, net))
         self.net = net
         self.scheduler = net.noise_scheduler()
-        if patch_weight > 0:
-            enc = net.encoder
-            rf, dim = enc.receptive_field(), enc.prototypes.shape[1]
-            self.patch_decoder = torch.nn.Conv2d(dim, net.config.in_channels * rf.size ** 2, 1)
 
     def setup(self, stage: str) -> None:
         """Check one training image against the model before any step: a channel or size mismatch
@@ -119,14 +108,7 @@ class PatronusModule(pl.LightningModule):
         cycle = self.hparams.cycle_weight if self.training else 0.0
         mse, s = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, self.held, dropout, cycle)
         dist = distinct_loss(self.net.encoder.prototypes, self.hparams.distinct_margin)
-        out = {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
-        if self.hparams.patch_weight > 0:
-            out["patch"] = patch_reconstruction_loss(self.net.encoder, self.patch_decoder, batch["image"])
-            out["loss"] = out["loss"] + self.hparams.patch_weight * out["patch"]
-        if self.hparams.coverage_weight > 0:
-            out["coverage"] = patch_coverage_loss(self.net.encoder, batch["image"])
-            out["loss"] = out["loss"] + self.hparams.coverage_weight * out["coverage"]
-        return out
+        return {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)
