@@ -131,7 +131,7 @@ def goals_met(row: dict[str, Any]) -> Optional[bool]:
     return None
 
 
-COLUMNS = [("shape", "shape"), ("level", "level"), ("goals", "goals_met"), ("finding rank", "marker_finding_rank"),
+COLUMNS = [("shape", "shape"), ("size", "size"), ("level", "level"), ("goals", "goals_met"), ("finding rank", "marker_finding_rank"),
            ("marker AUROC", "marker_auroc"), ("boxes on marker", "box_hit_rate"), ("flagged", "flagged"),
            ("findings", "findings"), ("unexplained", "unexplained"), ("sensitivity", "sensitivity"),
            ("marker drawn", "marker_drawn"), ("marker removed", "marker_removed"), ("WGA before", "worst_group_before"),
@@ -149,7 +149,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def sweep(out: Path, preset: Path, levels: list[float], shapes: list[Optional[str]], q: Optional[float],
-          max_steps: Optional[int], report_args: list[str], quick: bool, shortcut: Optional[dict] = None) -> list[dict[str, Any]]:
+          max_steps: Optional[int], report_args: list[str], quick: bool, shortcut: Optional[dict] = None,
+          size: Optional[int] = None) -> list[dict[str, Any]]:
     """Train, report and summarise every (shape, level); writes OUT/sweep.json, sweep.md, sweep.png."""
     base = dict(shortcut or (yaml.safe_load(preset.read_text()).get("data", {}) or {}).get("shortcut") or {})
     if base.get("kind") != "planted_marker":
@@ -157,14 +158,15 @@ def sweep(out: Path, preset: Path, levels: list[float], shapes: list[Optional[st
     rows = []
     for shape in shapes:
         for level in levels:
-            spec = {**base, "p": float(level), **({"q": q} if q is not None else {}), **({"shape": shape} if shape else {})}
+            spec = {**base, "p": float(level), **({"q": q} if q is not None else {}), **({"shape": shape} if shape else {}),
+                    **({"size": size} if size else {})}
             name = f"{spec.get('shape', 'square')}_p{round(100 * level):03d}"
             run_dir = out / name
             train_s = train_run(preset, run_dir, spec, max_steps, quick)
             start = time.time()
             report = patronus_main(["shortcuts", "--checkpoint", str(run_dir), "--data.split", "test", "--no_wandb", "true",
                                     *report_args])
-            row = {"run": name, "shape": spec.get("shape", "square"), "level": float(level), "q": spec.get("q"),
+            row = {"run": name, "shape": spec.get("shape", "square"), "size": spec.get("size"), "level": float(level), "q": spec.get("q"),
                    **summarise(report), "sensitivity": sensitivity(run_dir, str(spec["target"])),
                    "train_seconds": round(train_s, 1), "report_seconds": round(time.time() - start, 1)}
             row["goals_met"] = goals_met(row)
@@ -191,6 +193,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--levels", type=float, nargs="+", default=list(LEVELS), help="shares of the target class with the marker")
     p.add_argument("--shapes", nargs="+", default=[None], help="marker shapes (default: the preset's)")
     p.add_argument("--q", type=float, default=None, help="share of the other classes with the marker (default: the preset's)")
+    p.add_argument("--size", type=int, default=None, help="marker size in pixels (default: the preset's; a glyph needs ≥ 5)")
     p.add_argument("--max_steps", type=int, default=None, help="training steps per run (default: the preset's)")
     p.add_argument("--quick", action="store_true", help="tiny runs (mnist_tiny widths, 300 steps, levels 0 and 1): for tests")
     p.add_argument("--group_split", default="test",
@@ -204,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if a.quick:
         return sweep(a.out, QUICK["preset"], list(QUICK["levels"]), a.shapes, a.q, QUICK["max_steps"], QUICK["report"] + groups,
                      True, shortcut=QUICK["shortcut"])
-    return sweep(a.out, a.preset, a.levels, a.shapes, a.q, a.max_steps, FULL_REPORT + groups, False)
+    return sweep(a.out, a.preset, a.levels, a.shapes, a.q, a.max_steps, FULL_REPORT + groups, False, size=a.size)
 
 
 if __name__ == "__main__":

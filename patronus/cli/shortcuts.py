@@ -153,7 +153,7 @@ def _findings_markdown(summary: dict[str, Any]) -> list[str]:
     lines += ["", f"How sure: {f0['sure']}.", "",
               f"Marker appearance judged by {f0['marker_rates']['judged_by']}; 'plain' is the same samples without the edit. "
               "Worst-group accuracy: the lowest accuracy of a linear classifier on the activations within any target × "
-              "confounder group of the held-out images (what a group-balanced test set measures)" + (f" (groups present: {', '.join(f0['worst_group']['groups_present'])})"
+              "confounder group" + (f" (groups present: {', '.join(f0['worst_group']['groups_present'])})"
                                                   if "groups_present" in f0["worst_group"] else "")
               + (f"; the rarest group has {f0['worst_group']['smallest_group']} images" if "smallest_group" in f0["worst_group"] else "")
               + (f"; scored on {f0['worst_group']['scored_on']}" if "scored_on" in f0["worst_group"] else "")
