@@ -171,5 +171,5 @@ def test_a_finding_whose_prototypes_miss_the_confounder_says_so_in_the_verdict()
     assert verdict.startswith("Shortcut found: target is predicted through line, carried by p0")
     assert "do not detect line itself" in verdict and "25%" in verdict and "(row 2, col 1" in verdict
     strong = weak | {"auroc_confounder_best": 0.97}
-    assert detects_confounder(strong)
+    assert detects_confounder(strong) and detects_confounder(weak | {"auroc_confounder_max": 0.93})
     assert "do not detect" not in _verdict([strong], [], ["line"], 0.05)

@@ -135,10 +135,11 @@ def _marker_judge(pool: torch.Tensor, masks: Optional[torch.Tensor], conf: torch
 
 
 def detects_confounder(finding: dict[str, Any], carried_auroc: float = 0.9) -> bool:
-    """Whether a finding's prototypes detect its confounder (best single or group AUROC, sign-free),
-    rather than only correlating with it through the target."""
+    """Whether a finding's prototypes detect its confounder (any member's or the group's AUROC,
+    sign-free), rather than only correlating with it through the target."""
     group = finding["auroc_confounder_group"]
-    return max(finding["auroc_confounder_best"], group, 1 - group) >= carried_auroc
+    member = finding.get("auroc_confounder_max", finding["auroc_confounder_best"])
+    return max(member, group, 1 - group) >= carried_auroc
 
 
 def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounder_names: list[str], alpha: float,
@@ -307,6 +308,7 @@ def build_report(
             "sure": f"p = {f.p_value:.3g} from {permutations} permutations (family-wise over all prototypes, targets and "
                     f"confounders): on data without a shortcut a finding this strong turns up with probability ≤ {f.p_value:.3g}",
             "auroc_confounder_best": float(assoc.confounder_auroc[f.confounder, f.prototypes[0]]),
+            "auroc_confounder_max": float(assoc.confounder_auroc[f.confounder, f.prototypes].max()),
             "auroc_confounder_group": float(auroc_matrix(group_score[:, None], conf[:, None])[0, 0]),
             "neutral_from": source, "neutral": {str(j): float(nv[j]) for j in f.prototypes},
             "dataset_median": {str(j): float(median[j]) for j in f.prototypes}}
