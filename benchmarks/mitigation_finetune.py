@@ -34,7 +34,7 @@ import yaml
 from patronus import plots, runs
 from patronus.cli.common import DataSource, load_pipeline, run_dataset
 from patronus.cli.train import train_main
-from patronus.edits import set_prototypes
+from patronus.edits import hold_prototypes
 from patronus.interpret.faithfulness import marker_detector
 
 FINETUNE_CONFIG = Path(runs.ANALYSIS_DIR) / "shortcuts" / "finetune_held.yaml"
@@ -90,9 +90,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     detector = marker_detector(unmarked, marked, masks)
 
     s = before.encode(marked).s.cpu()
-    values = torch.zeros(s.shape[1])
-    values[list(held)] = torch.tensor(list(held.values()))
-    s_neutral = set_prototypes(s, list(held), values)
+    s_neutral = hold_prototypes(s, held)
     samples = {}
     for name, pipe, cond in (("before", before, s), ("neutralised", before, s_neutral), ("fine_tuned", after, s_neutral)):
         gen = torch.Generator().manual_seed(a.seed)  # the same noise for all three

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from patronus.edits import set_prototypes
+from patronus.edits import hold_prototypes
 from patronus.models.patronus import PatronusModel
 
 
@@ -41,9 +41,7 @@ def diffusion_loss(
     s = model.encode(x0)
     cond = s
     if held:
-        values = torch.zeros(s.shape[1], dtype=s.dtype, device=s.device)
-        values[list(held)] = torch.tensor(list(held.values()), dtype=s.dtype, device=s.device)
-        cond = set_prototypes(s, list(held), values)
+        cond = hold_prototypes(s, held)
     null = torch.rand(b, device=x0.device) < condition_dropout if condition_dropout > 0 else None
     eps = model(x_t, t, s=cond, null=null)
     per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))

@@ -122,6 +122,12 @@ def set_prototypes(s: torch.Tensor, prototypes: Sequence[int], values: Union[tor
     return apply_edits(s, [Edit(j, "set", values[..., j]) for j in prototypes])
 
 
+def hold_prototypes(s: torch.Tensor, held: Mapping[int, float]) -> torch.Tensor:
+    """s with each prototype of `held` ({J: value}) set to its value: a finding held at its neutral
+    value (shortcut fine-tuning in training, its re-measurement in benchmarks)."""
+    return apply_edits(s, [Edit(int(j), "set", float(v)) for j, v in held.items()])
+
+
 def one_edit_each(s: torch.Tensor, prototypes: Sequence[int], values: torch.Tensor) -> torch.Tensor:
     """(P, B, K): for each J in `prototypes`, s with only s_J set to values[J] ((K,) or (B, K))."""
     return torch.stack([set_prototypes(s, [j], values) for j in prototypes]) if len(prototypes) else s.new_zeros(0, *s.shape)
