@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +12,13 @@ from patronus.edits import hold_prototypes
 from patronus.models.patronus import PatronusModel
 
 
-def distinct_loss(prototypes: torch.Tensor, margin: float) -> torch.Tensor:
-    """Patronus L_distinct = mean_i ReLU(δ − min_{j≠i} (1 − |cos(p_i, p_j)|)): no two prototypes alike."""
+def distinct_loss(prototypes: torch.Tensor, margin: float, exempt: Sequence[int] = ()) -> torch.Tensor:
+    """Patronus L_distinct = mean_i ReLU(δ − min_{j≠i} (1 − |cos(p_i, p_j)|)): no two prototypes alike.
+    `exempt` prototypes (copies of real patches, see `patronus.training.reseeding`) are left out."""
+    if exempt:
+        keep = torch.ones(len(prototypes), dtype=torch.bool, device=prototypes.device)
+        keep[list(exempt)] = False
+        prototypes = prototypes[keep]
     p = F.normalize(prototypes, dim=1)
     dissim = 1 - (p @ p.T).abs()  # (K, K)
     dissim = dissim + torch.eye(len(p), device=p.device) * 2  # exclude j == i (dissim ≤ 1 elsewhere)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 import pytest
@@ -56,7 +56,8 @@ def shared_datasets() -> Path:
     return SHARED
 
 
-def train_tiny(run_dir: Path, max_steps: int = 400, shortcut: Optional[dict] = None, **trainer_kwargs) -> PatronusModule:
+def train_tiny(run_dir: Path, max_steps: int = 400, shortcut: Optional[dict] = None, extra_callbacks: Sequence[pl.Callback] = (),
+               **trainer_kwargs) -> PatronusModule:
     """Train the tiny model on the embedded MNIST subset (real data, optionally with a planted
     shortcut), EMA weights at the end."""
     pl.seed_everything(0, verbose=False)
@@ -72,7 +73,7 @@ def train_tiny(run_dir: Path, max_steps: int = 400, shortcut: Optional[dict] = N
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=run_dir,
-        callbacks=[EMA(decay=0.99)],
+        callbacks=[EMA(decay=0.99), *extra_callbacks],
         **trainer_kwargs,
     )
     trainer.fit(module, datamodule=data)

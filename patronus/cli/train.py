@@ -19,6 +19,7 @@ from patronus.training.callbacks import EMA, InterpretMonitor, SampleGrid, Statu
 from patronus.training.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from patronus.training.logs import AppendingCSVLogger
 from patronus.training.module import PatronusModule
+from patronus.training.reseeding import PrototypeReseeding
 
 LoggerKind = Literal["wandb", "csv", "tensorboard", "none"]
 
@@ -97,6 +98,7 @@ class PatronusCLI(LightningCLI):
         parser.link_arguments("model.net.init_args.image_size", "data.image_size")
         parser.link_arguments("model.net.init_args.in_channels", "data.channels")
         parser.add_lightning_class_args(EMA, "ema", required=False)
+        parser.add_lightning_class_args(PrototypeReseeding, "reseed", required=False)
         parser.add_lightning_class_args(StatusLine, "status")
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(InterpretMonitor, "interpret_monitor")  # after EMA: probes its current copy

@@ -87,6 +87,7 @@ class PatronusModule(pl.LightningModule):
             net.load_state_dict(_init_weights(init_from, net))
         self.net = net
         self.scheduler = net.noise_scheduler()
+        self.distinct_exempt: list[int] = []  # set by PrototypeReseeding: prototypes copied from real patches
 
     def setup(self, stage: str) -> None:
         """Check one training image against the model before any step: a channel or size mismatch
@@ -107,7 +108,7 @@ class PatronusModule(pl.LightningModule):
         dropout = self.hparams.condition_dropout if self.training else 0.0
         cycle = self.hparams.cycle_weight if self.training else 0.0
         mse, s = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, self.held, dropout, cycle)
-        dist = distinct_loss(self.net.encoder.prototypes, self.hparams.distinct_margin)
+        dist = distinct_loss(self.net.encoder.prototypes, self.hparams.distinct_margin, self.distinct_exempt)
         return {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,219 @@
+"""Prototype reseeding: give a prototype to what the generator keeps failing to draw.
+
+The denoiser only learns what `s` tells it. A small pattern that recurs on part of the data (a
+marker, a pacemaker lead, a watermark) costs few pixels of loss, so gradient descent alone rarely
+moves a prototype there: prototypes follow the mass of common patches, and the pattern stays out
+of `s`, the report and the steering. But it leaves a trace that needs no labels: at high noise,
+where x_t no longer shows it, the denoiser's clean-image estimate x̂0(x_t, t, s) misses it, and it
+misses it the same way on many images. So, a few times early in training:
+
+1. score every feature cell of a pool of recent training images by the denoiser's x̂0 error in
+   the pixels it owns, at one high-noise timestep;
+2. among the worst cells, find the densest cluster of encoder features: the error recurs as one
+   pattern rather than as scattered stroke details;
+3. if no prototype is already near it, move the prototype the denoiser uses least (first-order
+   estimate of the loss change if it were held at its mean) onto that real patch feature, as
+   ProtoPNet's projection step does, and let training refine it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from lightning.pytorch.utilities import rank_zero_info
+
+from patronus.models.patronus import PatronusModel
+from patronus.models.prototypes import ReceptiveField
+
+
+def pixel_owner(rf: ReceptiveField, grid: tuple[int, int]) -> torch.Tensor:
+    """(S*S,) the feature cell whose receptive-field centre is nearest each pixel (flat indices)."""
+    h, w = grid
+    pix = torch.arange(rf.image_size, dtype=torch.float32) + 0.5
+    rows = (pix[:, None] - (rf.start + rf.jump * torch.arange(h))[None]).abs().argmin(1)  # (S,)
+    cols = (pix[:, None] - (rf.start + rf.jump * torch.arange(w))[None]).abs().argmin(1)
+    return (rows[:, None] * w + cols[None, :]).flatten()
+
+
+@torch.no_grad()
+def clean_estimate_error(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, S, S) squared error of x̂0 = (x_t − √(1−ᾱ_t) ε̂(x_t, t, s)) / √ᾱ_t against x0, summed over channels:
+    what the denoiser, told s = g(x0), still gets wrong once the noise hides the image."""
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+    tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+    x_t = scheduler.add_noise(x0, noise, tt)
+    eps = net(x_t, tt, s=net.encode(x0))
+    ab = scheduler.alphas_cumprod.to(x0.device)[t].float()
+    x0_hat = ((x_t.float() - (1 - ab).sqrt() * eps.float()) / ab.sqrt()).clamp(-1, 1)
+    return (x0_hat - x0.float()).pow(2).sum(1)
+
+
+def densest_cluster(features: torch.Tensor, radius_share: float) -> tuple[int, int, float]:
+    """(index of the densest point, its number of neighbours within the radius, squared radius):
+    the radius is `radius_share` × the median squared distance between the points."""
+    d = torch.cdist(features, features).pow(2)
+    radius = float(radius_share * d.median())
+    counts = (d < radius).sum(1)
+    i = int(counts.argmax())
+    return i, int(counts[i]), radius
+
+
+def prototype_use(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(K,) first-order estimate of how much the denoising loss would rise if each prototype were held
+    at its batch mean: mean_b |∂L/∂s_bk · (s_bk − s̄_k)|. Small = the denoiser barely reads it."""
+    with torch.no_grad():
+        s = net.encode(x0)
+        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+        tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+        x_t = scheduler.add_noise(x0, noise, tt)
+    s = s.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.mse_loss(net(x_t, tt, s=s).float(), noise.float(), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, s)
+    return (grad * (s - s.mean(0))).abs().mean(0).detach()
+
+
+@dataclass
+class Reseed:
+    """One round's decision: prototype `index` moves to `feature`, a pattern `support` of the worst cells share."""
+
+    index: int
+    feature: torch.Tensor
+    support: int
+    image: int
+    cell: int
+
+
+def plan_reseed(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int, candidates: int,
+                radius_share: float, min_support: int, protected: set[int], use_images: int = 64,
+                generator: Optional[torch.Generator] = None) -> tuple[Optional[Reseed], str]:
+    """The reseeding of one round on the pool `x0`, or None with the reason (steps 1–3 of the module docstring).
+    Prototype use is estimated on the last `use_images` of the pool (it needs a backward pass)."""
+    enc = net.encoder
+    err = clean_estimate_error(net, scheduler, x0, t, generator)  # (B, S, S)
+    grid = enc.feature_shape()
+    owner = pixel_owner(enc.receptive_field(), grid).to(err.device)
+    cells = grid[0] * grid[1]
+    cell_err = torch.zeros(err.shape[0], cells, device=err.device).index_add_(1, owner, err.flatten(1))  # (B, C)
+    worst = cell_err.flatten().topk(min(candidates, cell_err.numel())).indices
+    with torch.no_grad():
+        z = enc.features(x0).float().flatten(2).transpose(1, 2).reshape(-1, enc.prototypes.shape[1])  # (B*C, D)
+    feats = z[worst]
+    i, support, radius = densest_cluster(feats, radius_share)
+    if support < min_support:
+        return None, f"no recurring pattern among the {len(worst)} worst cells (largest cluster {support} < {min_support})"
+    feature = feats[i]
+    nearest = float((enc.prototypes.detach().float() - feature).pow(2).sum(1).min())
+    if nearest < 2 * radius:  # nearer than half the typical squared distance between two of the worst cells
+        return None, f"the worst recurring pattern ({support} cells) already has a prototype (squared distance {nearest:.3g})"
+    use = prototype_use(net, scheduler, x0[-use_images:], t, generator)
+    free = [k for k in range(len(use)) if k not in protected]
+    if not free:
+        return None, "every prototype has been reseeded once already"
+    k = min(free, key=lambda j: float(use[j]))
+    image, cell = divmod(int(worst[i]), cells)
+    return Reseed(k, feature, support, image, cell), ""
+
+
+class PrototypeReseeding(pl.Callback):
+    """Every `every_n_steps` from `start_step` until `stop_fraction` of trainer.max_steps, move the least
+    used prototype onto the pattern the denoiser most often fails to draw (see the module docstring).
+
+    Each prototype is reseeded at most once. The pool is the last `pool_batches` training batches;
+    `timestep_fraction` picks t = fraction · T (high noise: the image itself is hidden, only s helps).
+    The prototype's optimiser moments, the condition's running statistics, its input weights and the
+    EMA copy follow, so the new prototype starts clean everywhere. Reseeded prototypes are left out of
+    L_distinct: real patch features all sit in the sigmoid's positive orthant (|cos| ≈ 0.95 to some
+    other prototype), so its margin would push the prototype off the pattern within ~100 steps
+    (measured); the seeding itself checked it is far, in L2, from every other prototype.
+    Under DDP rank 0 decides and every rank applies.
+    """
+
+    def __init__(self, every_n_steps: int = 100, start_step: int = 600, stop_fraction: float = 0.8,
+                 pool_batches: int = 4, timestep_fraction: float = 0.7, candidates: int = 64,
+                 radius_share: float = 0.25, min_support: int = 4, seed: int = 0):
+        if every_n_steps < 1 or start_step < 0 or pool_batches < 1 or candidates < 2 or min_support < 2:
+            raise ValueError("reseed: every_n_steps, pool_batches ≥ 1, start_step ≥ 0, candidates, min_support ≥ 2")
+        if not 0.0 < timestep_fraction < 1.0 or not 0.0 < stop_fraction <= 1.0 or not 0.0 < radius_share < 1.0:
+            raise ValueError(f"reseed: timestep_fraction={timestep_fraction}, radius_share={radius_share} must lie in (0, 1) "
+                             f"and stop_fraction={stop_fraction} in (0, 1]")
+        self.every, self.start, self.stop = every_n_steps, start_step, stop_fraction
+        self.pool_batches, self.t_fraction = pool_batches, timestep_fraction
+        self.candidates, self.radius_share, self.min_support, self.seed = candidates, radius_share, min_support, seed
+        self.pool: list[torch.Tensor] = []
+        self.reseeded: dict[int, int] = {}  # prototype -> step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reseeded": {str(k): v for k, v in self.reseeded.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reseeded = {int(k): int(v) for k, v in state_dict.get("reseeded", {}).items()}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.distinct_exempt = sorted(self.reseeded)  # a resumed run keeps them out of L_distinct too
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.pool = (self.pool + [batch["image"].detach()])[-self.pool_batches:]
+        step = trainer.global_step
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        if step < self.start or (step - self.start) % self.every or step > self.stop * total:
+            return
+        self._round(trainer, pl_module, step)
+
+    def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        net: PatronusModel = pl_module.net
+        was_training = net.training
+        net.eval()
+        try:
+            generator = torch.Generator().manual_seed(self.seed + step)
+            t = int(self.t_fraction * net.config.num_train_timesteps)
+            plan, why = plan_reseed(net, pl_module.scheduler, torch.cat(self.pool), t, self.candidates, self.radius_share,
+                                    self.min_support, set(self.reseeded), len(self.pool[-1]), generator)
+        finally:
+            net.train(was_training)
+        plan = trainer.strategy.broadcast(plan, src=0)
+        if plan is None:
+            rank_zero_info(f"step {step}: reseeding skipped: {why}")
+            return
+        self._apply(trainer, pl_module, plan, torch.cat(self.pool))
+        self.reseeded[plan.index] = step
+        rank_zero_info(f"step {step}: prototype {plan.index} reseeded on a pattern the denoiser misses in {plan.support} of the "
+                       f"{self.candidates} worst cells (pool image {plan.image}, cell {plan.cell})")
+
+    @torch.no_grad()
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: Reseed, pool: torch.Tensor) -> None:
+        from patronus.training.callbacks import averaged_net
+
+        k = plan.index
+        nets = [pl_module.net]
+        ema = averaged_net(trainer, pl_module)
+        if ema is not pl_module.net:
+            nets.append(ema)  # the EMA copy would otherwise blend the old prototype into the new for hundreds of steps
+        for net in nets:
+            was_training = net.training
+            net.eval()
+            net.encoder.prototypes[k] = plan.feature.to(net.encoder.prototypes)
+            s_k = net.encode(pool)[:, k].float()
+            norm = net.denoiser.cond_mlp[0]
+            norm.running_mean[k], norm.running_var[k] = s_k.mean(), s_k.var()  # running statistics of the old s_k
+            # The new input starts with zero weights (as ControlNet starts new inputs): the old prototype's
+            # weights would read it with the old meaning, and the noise that injects makes "flatten s_k",
+            # i.e. push the prototype off the pattern, the fastest way down the loss.
+            net.denoiser.cond_mlp[1].weight[:, k] = 0
+            net.train(was_training)
+        pl_module.distinct_exempt = sorted({*self.reseeded, k})
+        live = pl_module.net.denoiser.cond_mlp[1].weight
+        for opt in trainer.optimizers:  # AdamW moments of the old prototype would drag the new one back
+            for param, index in ((pl_module.net.encoder.prototypes, (k,)), (live, (slice(None), k))):
+                state = opt.state.get(param, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][index] = 0

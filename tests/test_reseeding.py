@@ -1,0 +1,90 @@
+"""Prototype reseeding: the pattern the denoiser cannot draw from s gets a prototype."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from patronus.data.registry import build_dataset
+from patronus.data.shortcuts import PlantedMarker
+from patronus.interpret.quality import auroc_matrix
+from patronus.models.patronus import PatronusModel
+from patronus.models.prototypes import ReceptiveField
+from patronus.training.reseeding import PrototypeReseeding, densest_cluster, pixel_owner, plan_reseed
+from tests.conftest import REPO, TINY_NET, train_tiny
+
+
+def test_every_pixel_belongs_to_the_cell_whose_centre_is_nearest():
+    rf = ReceptiveField(size=15, jump=3, start=1.5, image_size=32)
+    owner = pixel_owner(rf, (10, 10)).view(32, 32)
+    assert owner[0, 0] == 0 and owner[31, 31] == 99 and owner[1, 4] == 1 and owner[4, 1] == 10
+    assert set(owner.flatten().tolist()) == set(range(100))  # no cell left without pixels
+
+
+def test_the_densest_cluster_is_the_recurring_one():
+    g = torch.Generator().manual_seed(0)
+    scattered = torch.rand(40, 16, generator=g)
+    recurring = torch.full((8, 16), 0.5) + 0.01 * torch.randn(8, 16, generator=g)
+    i, support, _ = densest_cluster(torch.cat([scattered, recurring]), radius_share=0.25)
+    assert i >= 40 and support == 8
+
+
+def marked_pool(n: int, share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n MNIST training images, a bright 6 px square planted in the top-right corner of `share` of
+    them: (images, has marker, masks)."""
+    base = build_dataset("mnist", str(REPO / "data"), "train", 32)
+    ds = PlantedMarker(base, 32, target="7", p=share, q=share, shape="square", size=6, position=(1, 25), seed=0)
+    items = [ds[i] for i in range(n)]
+    masks = torch.stack([it["marker_mask"] for it in items])
+    return torch.stack([it["image"] for it in items]), masks.flatten(1).any(1), masks
+
+
+def test_a_marker_the_model_never_saw_gets_a_prototype_that_detects_it(tiny_model: PatronusModel):
+    """The tiny model was trained on clean digits: its denoiser cannot draw the marker from s, so the
+    marker is the recurring error, and the patch copied from it detects it better than any prototype."""
+    x, has, masks = marked_pool(256, 0.25)
+    plan, why = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, t=700, candidates=64, radius_share=0.25,
+                            min_support=4, protected=set(), generator=torch.Generator().manual_seed(0))
+    assert plan is not None, why
+    top, left, bottom, right = tiny_model.encoder.cell_box(plan.cell)
+    mask = masks[plan.image, 0]
+    assert has[plan.image] and mask[top:bottom, left:right].sum() == mask.sum()  # the copied cell sees the marker
+    with torch.no_grad():
+        z = tiny_model.encoder.features(x)
+    s = tiny_model.encoder.activations_from_distances((z - plan.feature[None, :, None, None]).pow(2).sum(1).flatten(1).amin(1))
+    before = auroc_matrix(tiny_model.encoder(x), has.float()[:, None])[0].max()
+    after = auroc_matrix(s[:, None], has.float()[:, None])[0, 0]
+    assert after > before + 0.1, (float(before), float(after))  # a better marker detector than any prototype had
+    again, _ = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, t=700, candidates=64, radius_share=0.25,
+                           min_support=4, protected={plan.index}, generator=torch.Generator().manual_seed(0))
+    assert again is not None and again.index != plan.index  # a prototype is reseeded once at most
+
+
+class RecordingReseeding(PrototypeReseeding):
+    """Keeps what each round wrote, to compare with where training left it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.plans: list = []
+
+    def _apply(self, trainer, pl_module, plan, pool):
+        self.plans.append((plan, pl_module.net.encoder.prototypes[plan.index].detach().clone()))
+        super()._apply(trainer, pl_module, plan, pool)
+
+
+def test_the_callback_moves_the_prototype_and_its_ema_copy_and_survives_a_resume(tmp_path):
+    reseed = RecordingReseeding(every_n_steps=30, start_step=30, stop_fraction=0.5, min_support=2)
+    module = train_tiny(tmp_path, max_steps=60, extra_callbacks=[reseed],
+                        shortcut={"kind": "planted_marker", "target": "7", "p": 0.9, "q": 0.05, "shape": "square",
+                                  "size": 6, "position": [1, 25], "intensity": 1.0, "seed": 0})
+    assert len(reseed.plans) == 1 and list(reseed.reseeded) == [reseed.plans[0][0].index]
+    plan, old = reseed.plans[0]
+    # training ends on the EMA weights: they hold the new prototype, not a blend that keeps most of the old one
+    final = module.net.encoder.prototypes[plan.index].detach()
+    assert (final - plan.feature).norm() < 0.25 * (old - plan.feature).norm()
+    columns = module.net.denoiser.cond_mlp[1].weight.norm(dim=0)  # the new input's weights started from zero
+    assert columns[plan.index] < 0.5 * columns.median()
+    again = PrototypeReseeding()
+    again.load_state_dict(reseed.state_dict())
+    assert again.reseeded == reseed.reseeded  # a resumed run does not reseed the same prototype twice
