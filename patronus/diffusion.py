@@ -61,6 +61,12 @@ def diffusion_loss(
     return loss, s
 
 
+def clean_estimate(scheduler: DDPMScheduler, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (DDPM Eq. 15), clamped to the data range, in fp32."""
+    alpha_bar = scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1, 1, 1)
+    return ((x_t.float() - (1 - alpha_bar).sqrt() * eps.float()) / alpha_bar.sqrt()).clamp(-1, 1)
+
+
 def cycle_loss(model: PatronusModel, scheduler: DDPMScheduler, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """‖(s(x̂0) − s) / σ_s‖², weighted by ᾱ_t: the denoiser's clean-image estimate must carry the
@@ -71,11 +77,10 @@ def cycle_loss(model: PatronusModel, scheduler: DDPMScheduler, x_t: torch.Tensor
     changing what s means); σ_s is the batch spread of each prototype; ᾱ_t discounts the noisy
     steps, whose x̂0 is a blurry mean image.
     """
-    alpha_bar = scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1, 1, 1)
-    x0_hat = ((x_t.float() - (1 - alpha_bar).sqrt() * eps.float()) / alpha_bar.sqrt()).clamp(-1, 1)
+    x0_hat = clean_estimate(scheduler, x_t, t, eps)
     params = {k: v.detach() for k, v in model.encoder.named_parameters()}
     s_hat = torch.func.functional_call(model.encoder, params, (x0_hat,))
     target = s.detach().float()
     err = ((s_hat.float() - target) / target.std(0).clamp_min(1e-6)).pow(2).mean(1)  # (B,)
-    w = alpha_bar.view(-1) * keep.float()
+    w = scheduler.alphas_cumprod.to(x_t.device)[t].float() * keep.float()
     return (w * err).sum() / keep.float().sum().clamp_min(1.0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
-import pytest
 import torch
 
 from patronus.data.registry import build_dataset
@@ -12,7 +10,7 @@ from patronus.interpret.quality import auroc_matrix
 from patronus.models.patronus import PatronusModel
 from patronus.models.prototypes import ReceptiveField
 from patronus.training.reseeding import PrototypeReseeding, densest_cluster, pixel_owner, plan_reseed
-from tests.conftest import REPO, TINY_NET, train_tiny
+from tests.conftest import REPO, train_tiny
 
 
 def test_every_pixel_belongs_to_the_cell_whose_centre_is_nearest():

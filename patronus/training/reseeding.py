@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from lightning.pytorch.utilities import rank_zero_info
 
+from patronus.diffusion import clean_estimate
 from patronus.models.patronus import PatronusModel
 from patronus.models.prototypes import ReceptiveField
 
@@ -48,9 +49,7 @@ def clean_estimate_error(net: PatronusModel, scheduler: DDPMScheduler, x0: torch
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
     tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
     x_t = scheduler.add_noise(x0, noise, tt)
-    eps = net(x_t, tt, s=net.encode(x0))
-    ab = scheduler.alphas_cumprod.to(x0.device)[t].float()
-    x0_hat = ((x_t.float() - (1 - ab).sqrt() * eps.float()) / ab.sqrt()).clamp(-1, 1)
+    x0_hat = clean_estimate(scheduler, x_t, tt, net(x_t, tt, s=net.encode(x0)))
     return (x0_hat - x0.float()).pow(2).sum(1)
 
 
