@@ -19,7 +19,8 @@ resumes finished runs. Per run:
   sensitivity           confounder sensitivity of a linear classifier of the target on the activations:
                         mean |P(target | marker added) − P(target | marker removed)| on the same images
   marker_drawn/removed  the report's causal check on the marker finding: share of decodes where raising the
-                        finding draws the marker / the neutral value removes it (judged on the masks)
+                        finding draws the marker / the neutral value removes it (judged on the masks), at
+                        `--edit_guidance` (re-running with another value re-runs only the reports)
   worst_group_*         the report's worst-group accuracy before / after neutralising / balanced training, on a
                         group-balanced held-out set (`--group_split`, the marker re-planted with p = q = 0.5)
 Goals (issue 12): at level 0 nothing is flagged; at ≥ 50% the marker is the first finding with
@@ -199,11 +200,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--group_split", default="test",
                    help="split the report scores worst-group accuracy on, the marker re-planted independently of the target "
                         "(default: the report's own split, less the images its classifiers were fit on)")
+    p.add_argument("--edit_guidance", type=float, default=1.0,
+                   help="edit guidance of the report's causal check (1 = the paper's plain edit; sample.py uses 4)")
     a = p.parse_args(argv)
     for v in a.levels:
         if not 0 <= v <= 1:
             raise SystemExit(f"error: --levels {v}: expected shares in [0, 1]")
-    groups = ["--group_split", a.group_split]
+    groups = ["--group_split", a.group_split, "--edit_guidance", str(a.edit_guidance)]
     if a.quick:
         return sweep(a.out, QUICK["preset"], list(QUICK["levels"]), a.shapes, a.q, QUICK["max_steps"], QUICK["report"] + groups,
                      True, shortcut=QUICK["shortcut"])

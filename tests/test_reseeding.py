@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import types
+
+import lightning.pytorch as pl
+import pytest
 import torch
 
 from patronus.data.registry import build_dataset
@@ -86,3 +90,12 @@ def test_the_callback_moves_the_prototype_and_its_ema_copy_and_survives_a_resume
     again = PrototypeReseeding()
     again.load_state_dict(reseed.state_dict())
     assert again.reseeded == reseed.reseeded  # a resumed run does not reseed the same prototype twice
+
+
+def test_a_start_past_the_last_round_is_said_not_silent():
+    # a preset's start_step kept while the run was shortened (e.g. --max_steps 600 on mnist_marker_cpu)
+    trainer = pl.Trainer(max_steps=600, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module = types.SimpleNamespace()
+    with pytest.warns(UserWarning, match="start_step=600 is past"):
+        PrototypeReseeding(start_step=600, stop_fraction=0.8).on_train_start(trainer, module)
+    assert module.distinct_exempt == []

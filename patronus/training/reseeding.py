@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from patronus.diffusion import clean_estimate
 from patronus.models.patronus import PatronusModel
@@ -157,13 +157,20 @@ class PrototypeReseeding(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.distinct_exempt = sorted(self.reseeded)  # a resumed run keeps them out of L_distinct too
+        last = self.stop * self._total_steps(trainer)
+        if self.start > last:  # e.g. a preset's start_step kept while --trainer.max_steps was shortened
+            rank_zero_warn(f"reseed: start_step={self.start} is past stop_fraction={self.stop} × {self._total_steps(trainer)} "
+                           f"training steps = {last:.0f}: no prototype will be reseeded in this run")
+
+    @staticmethod
+    def _total_steps(trainer: pl.Trainer) -> int:
+        return trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.pool = (self.pool + [batch["image"].detach()])[-self.pool_batches:]
         step = trainer.global_step
-        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        if step < self.start or (step - self.start) % self.every or step > self.stop * total:
+        if step < self.start or (step - self.start) % self.every or step > self.stop * self._total_steps(trainer):
             return
         self._round(trainer, pl_module, step)
 
