@@ -157,10 +157,10 @@ class PrototypeReseeding(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.distinct_exempt = sorted(self.reseeded)  # a resumed run keeps them out of L_distinct too
-        last = self.stop * self._total_steps(trainer)
-        if self.start > last:  # e.g. a preset's start_step kept while --trainer.max_steps was shortened
-            rank_zero_warn(f"reseed: start_step={self.start} is past stop_fraction={self.stop} × {self._total_steps(trainer)} "
-                           f"training steps = {last:.0f}: no prototype will be reseeded in this run")
+        total = self._total_steps(trainer)
+        if self.start > self.stop * total:  # e.g. a preset's start_step kept while --trainer.max_steps was shortened
+            rank_zero_warn(f"reseed: start_step={self.start} is past stop_fraction={self.stop} × {total} "
+                           f"training steps = {self.stop * total:.0f}: no prototype will be reseeded in this run")
 
     @staticmethod
     def _total_steps(trainer: pl.Trainer) -> int:
