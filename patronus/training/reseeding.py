@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from patronus.diffusion import clean_estimate
 from patronus.models.patronus import PatronusModel
 from patronus.models.prototypes import ReceptiveField
+from patronus.training.callbacks import averaged_net
 
 
 def pixel_owner(rf: ReceptiveField, grid: tuple[int, int]) -> torch.Tensor:
@@ -41,14 +42,20 @@ def pixel_owner(rf: ReceptiveField, grid: tuple[int, int]) -> torch.Tensor:
     return (rows[:, None] * w + cols[None, :]).flatten()
 
 
+def _noised(scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
+            generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, ε, timesteps) for every image of x0 at the one timestep t; ε drawn on the CPU so a seed means the same anywhere."""
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+    tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+    return scheduler.add_noise(x0, noise, tt), noise, tt
+
+
 @torch.no_grad()
 def clean_estimate_error(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, S, S) squared error of x̂0 = (x_t − √(1−ᾱ_t) ε̂(x_t, t, s)) / √ᾱ_t against x0, summed over channels:
     what the denoiser, told s = g(x0), still gets wrong once the noise hides the image."""
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-    tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
-    x_t = scheduler.add_noise(x0, noise, tt)
+    x_t, _, tt = _noised(scheduler, x0, t, generator)
     x0_hat = clean_estimate(scheduler, x_t, tt, net(x_t, tt, s=net.encode(x0)))
     return (x0_hat - x0.float()).pow(2).sum(1)
 
@@ -69,9 +76,7 @@ def prototype_use(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor
     at its batch mean: mean_b |∂L/∂s_bk · (s_bk − s̄_k)|. Small = the denoiser barely reads it."""
     with torch.no_grad():
         s = net.encode(x0)
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-        tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
-        x_t = scheduler.add_noise(x0, noise, tt)
+        x_t, noise, tt = _noised(scheduler, x0, t, generator)
     s = s.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = F.mse_loss(net(x_t, tt, s=s).float(), noise.float(), reduction="sum")
@@ -157,20 +162,16 @@ class PrototypeReseeding(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.distinct_exempt = sorted(self.reseeded)  # a resumed run keeps them out of L_distinct too
-        total = self._total_steps(trainer)
+        total = trainer.estimated_stepping_batches  # max_steps, or what the epochs allow (as the lr schedule counts)
         if self.start > self.stop * total:  # e.g. a preset's start_step kept while --trainer.max_steps was shortened
             rank_zero_warn(f"reseed: start_step={self.start} is past stop_fraction={self.stop} × {total} "
                            f"training steps = {self.stop * total:.0f}: no prototype will be reseeded in this run")
-
-    @staticmethod
-    def _total_steps(trainer: pl.Trainer) -> int:
-        return trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.pool = (self.pool + [batch["image"].detach()])[-self.pool_batches:]
         step = trainer.global_step
-        if step < self.start or (step - self.start) % self.every or step > self.stop * self._total_steps(trainer):
+        if step < self.start or (step - self.start) % self.every or step > self.stop * trainer.estimated_stepping_batches:
             return
         self._round(trainer, pl_module, step)
 
@@ -178,10 +179,11 @@ class PrototypeReseeding(pl.Callback):
         net: PatronusModel = pl_module.net
         was_training = net.training
         net.eval()
+        pool = torch.cat(self.pool)
         try:
             generator = torch.Generator().manual_seed(self.seed + step)
             t = int(self.t_fraction * net.config.num_train_timesteps)
-            plan, why = plan_reseed(net, pl_module.scheduler, torch.cat(self.pool), t, self.candidates, self.radius_share,
+            plan, why = plan_reseed(net, pl_module.scheduler, pool, t, self.candidates, self.radius_share,
                                     self.min_support, set(self.reseeded), len(self.pool[-1]), generator)
         finally:
             net.train(was_training)
@@ -189,15 +191,13 @@ class PrototypeReseeding(pl.Callback):
         if plan is None:
             rank_zero_info(f"step {step}: reseeding skipped: {why}")
             return
-        self._apply(trainer, pl_module, plan, torch.cat(self.pool))
+        self._apply(trainer, pl_module, plan, pool)
         self.reseeded[plan.index] = step
         rank_zero_info(f"step {step}: prototype {plan.index} reseeded on a pattern the denoiser misses in {plan.support} of the "
                        f"{self.candidates} worst cells (pool image {plan.image}, cell {plan.cell})")
 
     @torch.no_grad()
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: Reseed, pool: torch.Tensor) -> None:
-        from patronus.training.callbacks import averaged_net
-
         k = plan.index
         nets = [pl_module.net]
         ema = averaged_net(trainer, pl_module)
