@@ -7,6 +7,7 @@ import yaml
 
 from patronus.cli.train import PatronusCLI
 from patronus.training.module import PatronusModule
+from patronus.training.reseeding import PrototypeReseeding
 from tests.conftest import REPO
 
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -22,6 +23,11 @@ def test_every_preset_instantiates(preset: Path, tmp_path):
         assert (list(got) if isinstance(got, tuple) else got) == value, key
     assert cli.trainer.default_root_dir == str(tmp_path)
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
+    # prototype reseeding is opt-in: only a preset with a reseed: block gets the callback, with its values
+    assert None not in cli.trainer.callbacks  # a left-out optional callback must not reach the trainer
+    reseed = [c for c in cli.trainer.callbacks if isinstance(c, PrototypeReseeding)]
+    block = yaml.safe_load(preset.read_text()).get("reseed")
+    assert [c.start for c in reseed] == ([block["start_step"]] if block else [])
 
 
 def test_at_least_the_paper_and_cpu_presets_exist():

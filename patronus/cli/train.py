@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -98,7 +99,7 @@ class PatronusCLI(LightningCLI):
         parser.link_arguments("model.net.init_args.image_size", "data.image_size")
         parser.link_arguments("model.net.init_args.in_channels", "data.channels")
         parser.add_lightning_class_args(EMA, "ema", required=False)
-        parser.add_lightning_class_args(PrototypeReseeding, "reseed", required=False)
+        parser.add_lightning_class_args(PrototypeReseeding, "reseed", subclass_mode=True, required=False)  # off unless a config has a reseed: block
         parser.add_lightning_class_args(StatusLine, "status")
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(InterpretMonitor, "interpret_monitor")  # after EMA: probes its current copy
@@ -123,6 +124,10 @@ class PatronusCLI(LightningCLI):
         if not c["trainer"].get("plugins"):  # atomic checkpoint writes on the run's own filesystem
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
+        # An optional callback a config leaves out (reseed:) parses to None; LightningCLI would pass it on.
+        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
 
 
 def check_same_model(resume: ResumePoint, net_config: dict[str, Any]) -> None:
