@@ -79,6 +79,19 @@ def test_prototypes_of_different_confounders_at_different_places_stay_apart():
     assert same_place(where, 0, 2, torch.arange(400), 8) == 1.0 and same_place(where, 0, 1, torch.arange(400), 8) == 0.0
 
 
+def test_a_finding_leads_with_its_best_confounder_detector_not_its_top_score():
+    # The marker on (nearly) every target image: a class-shape prototype (p0) out-scores the marker's
+    # own detector (p1); the finding must still show p1 first, whose boxes sit on the marker.
+    torch.manual_seed(0)
+    marker = (torch.rand(400) < 0.5).float()
+    s = torch.stack([marker + 1.5 * torch.randn(400), marker + 0.1 * torch.randn(400)], 1)
+    where = torch.tensor([27, 7]).expand(400, 2)
+    f = group_findings([0, 1], s, where, torch.tensor([0.5, 0.4]), torch.tensor([0.01, 0.01]),
+                       torch.tensor([0, 0]), torch.tensor([0, 0]), marker[:, None], grid_width=8)
+    assert len(f) == 1 and f[0].prototypes == [1, 0] and f[0].score == 0.5  # ranked by its best score still
+    assert f[0].same_place == [1]  # the class-shape prototype fires elsewhere
+
+
 def test_neutral_value_comes_from_images_without_the_confounder():
     # 90% of the target carries the marker: the dataset median of the marker prototype is "marker present".
     s = torch.tensor([[5.0], [5.0], [5.0], [5.0], [5.0], [5.0], [5.0], [5.0], [5.0], [1.0], [0.0], [2.0]])

@@ -81,3 +81,34 @@ def test_distinct_loss_penalises_duplicates_only():
     assert float(distinct_loss(dup, margin=0.3)) == pytest.approx(0.3, abs=1e-6)
     anti = torch.stack([torch.ones(8), -torch.ones(8)])
     assert float(distinct_loss(anti, margin=0.3)) == pytest.approx(0.3, abs=1e-6)  # |cos| counts sign-flips as alike
+
+
+@torch.no_grad()
+def test_a_position_aware_prototype_adds_its_offset_and_tells_a_corner_patch_from_the_same_patch_elsewhere():
+    torch.manual_seed(0)
+    plain = PrototypeEncoder(in_channels=1, image_size=32, num_prototypes=3)
+    placed = PrototypeEncoder(in_channels=1, image_size=32, num_prototypes=3, position_weight=2.0)
+    placed.load_state_dict(plain.state_dict(), strict=False)  # same features and prototype vectors
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    h, w = placed.feature_shape()
+    cells = PrototypeEncoder.cell_positions(h, w)
+    assert cells.shape == (h * w, 2) and cells[0].tolist() == [0, 0] and cells[-1].tolist() == [1, 1]
+    offset = (cells[None] - placed.prototype_positions[:, None]).pow(2).sum(2).view(1, 3, h, w)
+    torch.testing.assert_close(placed.distance_maps(x), plain.distance_maps(x) + 2.0 * offset)
+    # one bright square, in the top-right corner or in the middle: the same patch, two places
+    corner, middle = -torch.ones(2, 1, 32, 32)
+    corner[0, 0:4, 26:30] = 1
+    middle[0, 14:18, 14:18] = 1
+    images = torch.stack([corner, middle])
+    for enc in (plain, placed):
+        cell = int((enc.features(images[:1]) - enc.features(-torch.ones(1, 1, 32, 32))).pow(2).sum(1).flatten().argmax())
+        enc.place_prototype(0, enc.features(images[:1]).flatten(2)[0, :, cell], cell)  # onto the corner square
+    s_plain, s_placed = plain(images)[:, 0], placed(images)[:, 0]
+    assert placed.prototype_positions[0, 0] < 0.3 and placed.prototype_positions[0, 1] > 0.7  # it sits top right
+    assert s_placed[0] > s_placed[1] + 1.0  # it tells the corner square from the middle one ...
+    assert abs(float(s_plain[0] - s_plain[1])) < 0.5 * float(s_placed[0] - s_placed[1])  # ... far more than a plain one
+
+
+def test_a_negative_position_weight_is_refused():
+    with pytest.raises(ValueError, match="position_weight"):
+        PrototypeEncoder(position_weight=-1.0)

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from patronus.interpret.quality import fast_auroc
+from patronus.interpret.quality import auroc_matrix, fast_auroc
 from patronus.interpret.shortcut_report import stratified_auroc
 
 
@@ -130,10 +130,10 @@ def same_place(where: torch.Tensor, j: int, k: int, rows: torch.Tensor, grid_wid
 class Finding:
     """One confounder at one place: the prototypes that carry it, flagged together."""
 
-    prototypes: list[int]  # best first
+    prototypes: list[int]  # the best detector of the confounder first: its boxes show where the confounder is
     target: int  # index into the targets
     confounder: int  # index into the candidate confounders
-    score: float  # the best member's explained-away score
+    score: float  # the highest explained-away score among the members
     p_value: float  # the smallest member p-value (family-wise adjusted)
     same_place: list[int] = field(default_factory=list)  # members whose closest cell is within one cell of the best one's
 
@@ -146,7 +146,10 @@ def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor,
     same confounder (one finding per confounder), or when their activations correlate at
     ≥ `min_correlation` and they fire at the same place (≥ `min_same_place` of their top
     activating images). Each finding records which members fire where its best one does.
-    Findings are ordered by their best score."""
+    A finding leads with the member that best detects its confounder (sign-free AUROC): with the
+    marker on every image of a class, a class-shape prototype can out-score the marker's own
+    detector, and its boxes would show the digit, not the marker. Findings are ordered by their
+    best score."""
     flagged = list(flagged)
     if not flagged:
         return []
@@ -183,12 +186,18 @@ def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor,
         groups.setdefault(root(a), []).append(j)
     findings = []
     for members in groups.values():
-        members = sorted(members, key=lambda j: -float(score[j]))
+        top = max(members, key=lambda j: float(score[j]))
+        if confounders.shape[1]:
+            detects = auroc_matrix(s[:, members], confounders[:, int(confounder_of[top])][:, None])[0].nan_to_num(0.0)
+            order = sorted(range(len(members)), key=lambda i: (-float(detects[i]), -float(score[members[i]])))
+            members = [members[i] for i in order]
+        else:
+            members = sorted(members, key=lambda j: -float(score[j]))
         best = members[0]
-        rows = (confounders[:, int(confounder_of[best])] == 1).nonzero().flatten() if confounders.shape[1] else \
+        rows = (confounders[:, int(confounder_of[top])] == 1).nonzero().flatten() if confounders.shape[1] else \
             s[:, best].topk(n_top).indices
         at_place = [j for j in members if same_place(where, best, j, rows, grid_width) >= min_same_place]
-        findings.append(Finding(members, int(target_of[best]), int(confounder_of[best]), float(score[best]),
+        findings.append(Finding(members, int(target_of[top]), int(confounder_of[top]), float(score[top]),
                                 float(min(float(p_value[j]) for j in members)), at_place))
     return sorted(findings, key=lambda f: -f.score)
 

@@ -21,6 +21,7 @@ class PatronusModel(ModelMixin, ConfigMixin):
     MLP(s) added to the time embedding (`condition_mode="add"`), no null condition.
     `condition_mode="scale_shift"` feeds that embedding through AdaGN instead; `null_condition`
     adds the learned embedding that condition dropout trains and classifier-free guidance uses.
+    `position_weight` > 0 makes prototypes position-aware (`PrototypeEncoder.distance_maps`).
     """
 
     config_name = "config.json"
@@ -36,6 +37,7 @@ class PatronusModel(ModelMixin, ConfigMixin):
         backbone: Optional[str] = None,
         backbone_weights: Optional[str] = None,
         backbone_out_index: int = 2,
+        position_weight: float = 0.0,
         block_out_channels: Sequence[int] = (64, 128, 256, 256),
         layers_per_block: int = 2,
         attention_levels: Sequence[bool] = (False, False, True, False),
@@ -70,6 +72,7 @@ class PatronusModel(ModelMixin, ConfigMixin):
             backbone=backbone,
             backbone_weights=backbone_weights,
             backbone_out_index=backbone_out_index,
+            position_weight=position_weight,
         )
         self.denoiser = ConditionedUNet(
             image_size=image_size,

@@ -106,9 +106,12 @@ class PrototypeEncoder(nn.Module):
         backbone_weights: Optional[str] = None,
         backbone_out_index: int = 2,
         epsilon: float = 1e-4,
+        position_weight: float = 0.0,
     ):
         super().__init__()
-        self.image_size, self.epsilon = image_size, epsilon
+        if not position_weight >= 0:
+            raise ValueError(f"model.net.position_weight={position_weight!r}; expected a number >= 0")
+        self.image_size, self.epsilon, self.position_weight = image_size, epsilon, float(position_weight)
         if backbone is not None:
             self.features: nn.Module = TimmFeatures(
                 backbone, in_channels, prototype_dim, backbone_weights, backbone_out_index
@@ -126,18 +129,57 @@ class PrototypeEncoder(nn.Module):
             self.features.append(nn.Sigmoid())
         # ProtoPNet initialisation: uniform in the same unit cube as the features.
         self.prototypes = nn.Parameter(torch.rand(num_prototypes, prototype_dim))
+        if self.position_weight > 0:
+            # Where each prototype is expected, in (row, col) image coordinates scaled to [0, 1]; only a
+            # position-aware encoder has it, so checkpoints of position-free ones keep their keys.
+            self.prototype_positions = nn.Parameter(torch.rand(num_prototypes, 2))
 
     @property
     def num_prototypes(self) -> int:
         return self.prototypes.shape[0]
 
     def distance_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Squared L2 distance of every feature cell to every prototype: (B, K, H', W')."""
+        """Squared L2 distance of every feature cell to every prototype: (B, K, H', W').
+
+        With `position_weight` λ > 0 the distance also counts where the cell is:
+        d_k(h, w) = ||z_hw − p_k||² + λ·||c_hw − c_k||², c in [0, 1]² image coordinates. The plain
+        ProtoPNet minimum over cells keeps only *what*, so a small marker that differs from a stroke
+        only by *where* it sits (a corner tag, a laterality letter) gets no prototype of its own.
+        """
         z = self.features(x)  # (B, D, H', W')
         z2 = z.pow(2).sum(1, keepdim=True)  # (B, 1, H', W')
         zp = F.conv2d(z, self.prototypes[:, :, None, None])  # (B, K, H', W')
         p2 = self.prototypes.pow(2).sum(1)[None, :, None, None]  # (1, K, 1, 1)
-        return (z2 - 2 * zp + p2).clamp_min(0)
+        d = (z2 - 2 * zp + p2).clamp_min(0)
+        if self.position_weight > 0:
+            cells = self.cell_positions(d.shape[2], d.shape[3]).to(d)  # (H'W', 2)
+            offset = (cells[None] - self.prototype_positions[:, None].to(d)).pow(2).sum(2)  # (K, H'W')
+            d = d + self.position_weight * offset.view(1, -1, d.shape[2], d.shape[3])
+        return d
+
+    @staticmethod
+    def cell_positions(height: int, width: int) -> torch.Tensor:
+        """(row, col) of every feature cell in row-major order, scaled to [0, 1]: (H'W', 2)."""
+        rows = torch.linspace(0, 1, height) if height > 1 else torch.zeros(1)
+        cols = torch.linspace(0, 1, width) if width > 1 else torch.zeros(1)
+        return torch.cartesian_prod(rows, cols)
+
+    @torch.no_grad()
+    def patch_distances(self, feature: torch.Tensor, cell: int) -> torch.Tensor:
+        """Distance of one patch (its feature, at flat cell `cell`) to every prototype, as `distance_maps` counts it: (K,)."""
+        d = (self.prototypes.float() - feature.float()).pow(2).sum(1)
+        if self.position_weight > 0:
+            where = self.cell_positions(*self.feature_shape())[cell].to(d)
+            d = d + self.position_weight * (self.prototype_positions.float() - where).pow(2).sum(1)
+        return d
+
+    @torch.no_grad()
+    def place_prototype(self, k: int, feature: torch.Tensor, cell: int) -> None:
+        """Move prototype k onto a patch: its feature and, for a position-aware encoder, the patch's flat cell."""
+        self.prototypes[k] = feature.to(self.prototypes)
+        if self.position_weight > 0:
+            h, w = self.feature_shape()
+            self.prototype_positions[k] = self.cell_positions(h, w)[cell].to(self.prototype_positions)
 
     def activations_from_distances(self, dmin: torch.Tensor) -> torch.Tensor:
         """Patronus/ProtoPNet log-similarity: s = log((d + 1) / (d + ε))."""

@@ -12,8 +12,9 @@ misses it the same way on many images. So, a few times early in training:
 2. among the worst cells, find the densest cluster of encoder features: the error recurs as one
    pattern rather than as scattered stroke details;
 3. if no prototype is already near it, move the prototype the denoiser uses least (first-order
-   estimate of the loss change if it were held at its mean) onto that real patch feature, as
-   ProtoPNet's projection step does, and let training refine it.
+   estimate of the loss change if it were held at its mean) onto that real patch feature (and, for
+   position-aware prototypes, its place), as ProtoPNet's projection step does, and let training
+   refine it.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def plan_reseed(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, 
     if support < min_support:
         return None, f"no recurring pattern among the {len(worst)} worst cells (largest cluster {support} < {min_support})"
     feature = feats[i]
-    nearest = float((enc.prototypes.detach().float() - feature).pow(2).sum(1).min())
+    image, cell = divmod(int(worst[i]), cells)
+    nearest = float(enc.patch_distances(feature, cell).min())
     if nearest < 2 * radius:  # nearer than half the typical squared distance between two of the worst cells
         return None, f"the worst recurring pattern ({support} cells) already has a prototype (squared distance {nearest:.3g})"
     use = prototype_use(net, scheduler, x0[-use_images:], t, generator)
@@ -122,7 +124,6 @@ def plan_reseed(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, 
     if not free:
         return None, "every prototype has been reseeded once already"
     k = min(free, key=lambda j: float(use[j]))
-    image, cell = divmod(int(worst[i]), cells)
     return Reseed(k, feature, support, image, cell), ""
 
 
@@ -206,7 +207,7 @@ class PrototypeReseeding(pl.Callback):
         for net in nets:
             was_training = net.training
             net.eval()
-            net.encoder.prototypes[k] = plan.feature.to(net.encoder.prototypes)
+            net.encoder.place_prototype(k, plan.feature, plan.cell)
             s_k = net.encode(pool)[:, k].float()
             norm = net.denoiser.cond_mlp[0]
             norm.running_mean[k], norm.running_var[k] = s_k.mean(), s_k.var()  # running statistics of the old s_k
@@ -216,9 +217,12 @@ class PrototypeReseeding(pl.Callback):
             net.denoiser.cond_mlp[1].weight[:, k] = 0
             net.train(was_training)
         pl_module.distinct_exempt = sorted({*self.reseeded, k})
-        live = pl_module.net.denoiser.cond_mlp[1].weight
+        enc, live = pl_module.net.encoder, pl_module.net.denoiser.cond_mlp[1].weight
+        moved = [(enc.prototypes, (k,)), (live, (slice(None), k))]
+        if enc.position_weight > 0:
+            moved.append((enc.prototype_positions, (k,)))
         for opt in trainer.optimizers:  # AdamW moments of the old prototype would drag the new one back
-            for param, index in ((pl_module.net.encoder.prototypes, (k,)), (live, (slice(None), k))):
+            for param, index in moved:
                 state = opt.state.get(param, {})
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in state:
