@@ -187,12 +187,10 @@ def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor,
     findings = []
     for members in groups.values():
         top = max(members, key=lambda j: float(score[j]))
-        if confounders.shape[1]:
-            detects = auroc_matrix(s[:, members], confounders[:, int(confounder_of[top])][:, None])[0].nan_to_num(0.0)
-            order = sorted(range(len(members)), key=lambda i: (-float(detects[i]), -float(score[members[i]])))
-            members = [members[i] for i in order]
-        else:
-            members = sorted(members, key=lambda j: -float(score[j]))
+        detects = auroc_matrix(s[:, members], confounders[:, int(confounder_of[top])][:, None])[0].nan_to_num(0.0) \
+            if confounders.shape[1] else torch.zeros(len(members))  # no confounder: by score alone
+        order = sorted(range(len(members)), key=lambda i: (-float(detects[i]), -float(score[members[i]])))
+        members = [members[i] for i in order]
         best = members[0]
         rows = (confounders[:, int(confounder_of[top])] == 1).nonzero().flatten() if confounders.shape[1] else \
             s[:, best].topk(n_top).indices

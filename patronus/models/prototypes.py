@@ -153,9 +153,12 @@ class PrototypeEncoder(nn.Module):
         d = (z2 - 2 * zp + p2).clamp_min(0)
         if self.position_weight > 0:
             cells = self.cell_positions(d.shape[2], d.shape[3]).to(d)  # (H'W', 2)
-            offset = (cells[None] - self.prototype_positions[:, None].to(d)).pow(2).sum(2)  # (K, H'W')
-            d = d + self.position_weight * offset.view(1, -1, d.shape[2], d.shape[3])
+            d = d + self.position_cost(cells).view(1, -1, d.shape[2], d.shape[3])
         return d
+
+    def position_cost(self, cells: torch.Tensor) -> torch.Tensor:
+        """λ·||c − c_k||² of cells at positions `cells` (N, 2) for every prototype k: (K, N)."""
+        return self.position_weight * (cells[None] - self.prototype_positions[:, None].to(cells)).pow(2).sum(2)
 
     @staticmethod
     def cell_positions(height: int, width: int) -> torch.Tensor:
@@ -169,8 +172,7 @@ class PrototypeEncoder(nn.Module):
         """Distance of one patch (its feature, at flat cell `cell`) to every prototype, as `distance_maps` counts it: (K,)."""
         d = (self.prototypes.float() - feature.float()).pow(2).sum(1)
         if self.position_weight > 0:
-            where = self.cell_positions(*self.feature_shape())[cell].to(d)
-            d = d + self.position_weight * (self.prototype_positions.float() - where).pow(2).sum(1)
+            d = d + self.position_cost(self.cell_positions(*self.feature_shape())[cell : cell + 1].to(d))[:, 0]
         return d
 
     @torch.no_grad()
