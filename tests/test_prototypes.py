@@ -102,11 +102,28 @@ def test_a_position_aware_prototype_adds_its_offset_and_tells_a_corner_patch_fro
     images = torch.stack([corner, middle])
     for enc in (plain, placed):
         cell = int((enc.features(images[:1]) - enc.features(-torch.ones(1, 1, 32, 32))).pow(2).sum(1).flatten().argmax())
-        enc.place_prototype(0, enc.features(images[:1]).flatten(2)[0, :, cell], cell)  # onto the corner square
+        place = enc.cell_positions(*enc.feature_shape())[cell]
+        enc.place_prototype(0, enc.features(images[:1]).flatten(2)[0, :, cell], place)  # onto the corner square
     s_plain, s_placed = plain(images)[:, 0], placed(images)[:, 0]
     assert placed.prototype_positions[0, 0] < 0.3 and placed.prototype_positions[0, 1] > 0.7  # it sits top right
     assert s_placed[0] > s_placed[1] + 1.0  # it tells the corner square from the middle one ...
     assert abs(float(s_plain[0] - s_plain[1])) < 0.5 * float(s_placed[0] - s_placed[1])  # ... far more than a plain one
+
+
+@torch.no_grad()
+def test_patches_are_compared_as_a_prototype_placed_on_one_would_see_the_other():
+    """Reseeding clusters patches with patch_pair_distances: it must be the distance a prototype placed
+    on patch i (feature and place) has to patch j in distance_maps, or the cluster is not one prototype's."""
+    torch.manual_seed(0)
+    enc = PrototypeEncoder(in_channels=1, image_size=32, num_prototypes=2, position_weight=2.0)
+    x = torch.rand(1, 1, 32, 32) * 2 - 1
+    z = enc.features(x).flatten(2)[0].T  # (cells, D)
+    places = enc.cell_positions(*enc.feature_shape())
+    pairs = enc.patch_pair_distances(z, places)
+    for i in (0, 17, len(z) - 1):
+        enc.place_prototype(0, z[i], places[i])
+        torch.testing.assert_close(enc.distance_maps(x)[0, 0].flatten(), pairs[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(enc.patch_distances(z[i], places[i])[0], torch.tensor(0.0), atol=1e-4, rtol=0)
 
 
 def test_a_negative_position_weight_is_refused():

@@ -158,7 +158,17 @@ class PrototypeEncoder(nn.Module):
 
     def position_cost(self, cells: torch.Tensor) -> torch.Tensor:
         """λ·||c − c_k||² of cells at positions `cells` (N, 2) for every prototype k: (K, N)."""
-        return self.position_weight * (cells[None] - self.prototype_positions[:, None].to(cells)).pow(2).sum(2)
+        return self.place_cost(self.prototype_positions.to(cells), cells)
+
+    def place_cost(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """λ·||a_i − b_j||² between places a (M, 2) and b (N, 2): (M, N); zeros for a position-free encoder."""
+        return self.position_weight * (a[:, None] - b[None]).pow(2).sum(2)
+
+    @torch.no_grad()
+    def patch_pair_distances(self, features: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """Distance between patches (features (N, D) at places (N, 2)) as `distance_maps` counts it
+        between a patch and a prototype: (N, N). Patches that would match the same prototype are near."""
+        return torch.cdist(features.float(), features.float()).pow(2) + self.place_cost(places.float(), places.float())
 
     @staticmethod
     def cell_positions(height: int, width: int) -> torch.Tensor:
@@ -168,20 +178,21 @@ class PrototypeEncoder(nn.Module):
         return torch.cartesian_prod(rows, cols)
 
     @torch.no_grad()
-    def patch_distances(self, feature: torch.Tensor, cell: int) -> torch.Tensor:
-        """Distance of one patch (its feature, at flat cell `cell`) to every prototype, as `distance_maps` counts it: (K,)."""
+    def patch_distances(self, feature: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
+        """Distance of one patch (its feature, at `place` (row, col) in [0, 1]²) to every prototype, as
+        `distance_maps` counts it: (K,)."""
         d = (self.prototypes.float() - feature.float()).pow(2).sum(1)
         if self.position_weight > 0:
-            d = d + self.position_cost(self.cell_positions(*self.feature_shape())[cell : cell + 1].to(d))[:, 0]
+            d = d + self.position_cost(place.reshape(1, 2).to(d))[:, 0]
         return d
 
     @torch.no_grad()
-    def place_prototype(self, k: int, feature: torch.Tensor, cell: int) -> None:
-        """Move prototype k onto a patch: its feature and, for a position-aware encoder, the patch's flat cell."""
+    def place_prototype(self, k: int, feature: torch.Tensor, place: torch.Tensor) -> None:
+        """Move prototype k onto a patch: its feature and, for a position-aware encoder, its place
+        ((row, col) in [0, 1]², e.g. `cell_positions(*feature_shape())[cell]`)."""
         self.prototypes[k] = feature.to(self.prototypes)
         if self.position_weight > 0:
-            h, w = self.feature_shape()
-            self.prototype_positions[k] = self.cell_positions(h, w)[cell].to(self.prototype_positions)
+            self.prototype_positions[k] = place.to(self.prototype_positions)
 
     def activations_from_distances(self, dmin: torch.Tensor) -> torch.Tensor:
         """Patronus/ProtoPNet log-similarity: s = log((d + 1) / (d + ε))."""

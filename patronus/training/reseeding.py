@@ -9,12 +9,12 @@ misses it the same way on many images. So, a few times early in training:
 
 1. score every feature cell of a pool of recent training images by the denoiser's x̂0 error in
    the pixels it owns, at one high-noise timestep;
-2. among the worst cells, find the densest cluster of encoder features: the error recurs as one
-   pattern rather than as scattered stroke details;
+2. among the worst cells, find the densest cluster under the prototypes' own distance (encoder
+   feature and, for position-aware prototypes, place): the error recurs as one pattern in one place
+   rather than as scattered stroke details;
 3. if no prototype is already near it, move the prototype the denoiser uses least (first-order
-   estimate of the loss change if it were held at its mean) onto that real patch feature (and, for
-   position-aware prototypes, its place), as ProtoPNet's projection step does, and let training
-   refine it.
+   estimate of the loss change if it were held at its mean) onto the cluster's centroid (feature
+   and place), and let training refine it.
 """
 
 from __future__ import annotations
@@ -61,14 +61,13 @@ def clean_estimate_error(net: PatronusModel, scheduler: DDPMScheduler, x0: torch
     return (x0_hat - x0.float()).pow(2).sum(1)
 
 
-def densest_cluster(features: torch.Tensor, radius_share: float) -> tuple[int, int, float]:
-    """(index of the densest point, its number of neighbours within the radius, squared radius):
-    the radius is `radius_share` × the median squared distance between the points."""
-    d = torch.cdist(features, features).pow(2)
-    radius = float(radius_share * d.median())
-    counts = (d < radius).sum(1)
-    i = int(counts.argmax())
-    return i, int(counts[i]), radius
+def densest_cluster(distances: torch.Tensor, radius_share: float) -> tuple[torch.Tensor, int, float]:
+    """(members of the densest point's neighbourhood (N,) bool, the densest point, squared radius) among
+    points with pairwise squared distances (N, N): the radius is `radius_share` × their median."""
+    radius = float(radius_share * distances.median())
+    near = distances < radius
+    i = int(near.sum(1).argmax())
+    return near[i], i, radius
 
 
 def prototype_use(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
@@ -87,10 +86,12 @@ def prototype_use(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor
 
 @dataclass
 class Reseed:
-    """One round's decision: prototype `index` moves to `feature`, a pattern `support` of the worst cells share."""
+    """One round's decision: prototype `index` moves to `feature` at `place`, the centroid of a pattern
+    `support` of the worst cells share; `image`, `cell`: the cluster's densest cell, for the log."""
 
     index: int
     feature: torch.Tensor
+    place: torch.Tensor
     support: int
     image: int
     cell: int
@@ -110,21 +111,26 @@ def plan_reseed(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, 
     worst = cell_err.flatten().topk(min(candidates, cell_err.numel())).indices
     with torch.no_grad():
         z = enc.features(x0).float().flatten(2).transpose(1, 2).reshape(-1, enc.prototypes.shape[1])  # (B*C, D)
-    feats = z[worst]
-    i, support, radius = densest_cluster(feats, radius_share)
+    feats, places = z[worst], enc.cell_positions(*grid).to(z)[worst % cells]
+    # Cluster with the prototypes' own distance (feature and, if position-aware, place): the cluster is
+    # then what one prototype can match, not every cell that looks alike anywhere in the image.
+    members, i, radius = densest_cluster(enc.patch_pair_distances(feats, places), radius_share)
+    support = int(members.sum())
     if support < min_support:
         return None, f"no recurring pattern among the {len(worst)} worst cells (largest cluster {support} < {min_support})"
-    feature = feats[i]
+    # The centroid, not one image's cell: ProtoPNet projects onto one patch for interpretability, but a
+    # single marked cell also carries its image's strokes; the cluster's mean keeps what recurs.
+    feature, place = feats[members].mean(0), places[members].mean(0)
     image, cell = divmod(int(worst[i]), cells)
-    nearest = float(enc.patch_distances(feature, cell).min())
-    if nearest < 2 * radius:  # nearer than half the typical squared distance between two of the worst cells
+    nearest = float(enc.patch_distances(feature, place).min())
+    if nearest < 2 * radius:  # nearer than twice the cluster's radius: that prototype already matches it
         return None, f"the worst recurring pattern ({support} cells) already has a prototype (squared distance {nearest:.3g})"
     use = prototype_use(net, scheduler, x0[-use_images:], t, generator)
     free = [k for k in range(len(use)) if k not in protected]
     if not free:
         return None, "every prototype has been reseeded once already"
     k = min(free, key=lambda j: float(use[j]))
-    return Reseed(k, feature, support, image, cell), ""
+    return Reseed(k, feature, place, support, image, cell), ""
 
 
 class PrototypeReseeding(pl.Callback):
@@ -142,8 +148,8 @@ class PrototypeReseeding(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 100, start_step: int = 600, stop_fraction: float = 0.8,
-                 pool_batches: int = 4, timestep_fraction: float = 0.7, candidates: int = 64,
-                 radius_share: float = 0.25, min_support: int = 4, seed: int = 0):
+                 pool_batches: int = 4, timestep_fraction: float = 0.7, candidates: int = 128,
+                 radius_share: float = 0.05, min_support: int = 4, seed: int = 0):
         if every_n_steps < 1 or start_step < 0 or pool_batches < 1 or candidates < 2 or min_support < 2:
             raise ValueError("reseed: every_n_steps, pool_batches ≥ 1, start_step ≥ 0, candidates, min_support ≥ 2")
         if not 0.0 < timestep_fraction < 1.0 or not 0.0 < stop_fraction <= 1.0 or not 0.0 < radius_share < 1.0:
@@ -207,7 +213,7 @@ class PrototypeReseeding(pl.Callback):
         for net in nets:
             was_training = net.training
             net.eval()
-            net.encoder.place_prototype(k, plan.feature, plan.cell)
+            net.encoder.place_prototype(k, plan.feature, plan.place)
             s_k = net.encode(pool)[:, k].float()
             norm = net.denoiser.cond_mlp[0]
             norm.running_mean[k], norm.running_var[k] = s_k.mean(), s_k.var()  # running statistics of the old s_k
