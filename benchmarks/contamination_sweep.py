@@ -179,12 +179,20 @@ def sweep(out: Path, preset: Path, levels: list[float], shapes: list[Optional[st
     for shape in shapes:
         these = [r for r in rows if r["shape"] == (shape or rows[0]["shape"])]
         if len(these) > 1:
-            plots.sweep_figure([r["level"] for r in these], {
-                "marker AUROC": [r["marker_auroc"] for r in these], "boxes on marker": [r["box_hit_rate"] for r in these],
-                "prototypes flagged": [float(r["flagged"]) for r in these],
-                "marker finding rank": [float(r["marker_finding_rank"]) if r["marker_finding_rank"] else float("nan") for r in these],
-                "confounder sensitivity": [r["sensitivity"] for r in these]}, out / f"sweep_{these[0]['shape']}.png")
+            sweep_figure(these, out / f"sweep_{these[0]['shape']}.png")
     return rows
+
+
+def sweep_figure(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The sweep's metrics against the level, one panel each, bounded metrics on their full range."""
+    plots.sweep_figure([r["level"] for r in rows], {
+        "marker AUROC": [r["marker_auroc"] for r in rows], "boxes on marker": [r["box_hit_rate"] for r in rows],
+        "prototypes flagged": [float(r["flagged"]) for r in rows],
+        "marker finding rank": [float(r["marker_finding_rank"]) if r["marker_finding_rank"] else float("nan") for r in rows],
+        "confounder sensitivity": [r["sensitivity"] for r in rows]}, path,
+        limits={"marker AUROC": (0.5, 1.0), "boxes on marker": (0.0, 1.0), "marker finding rank": (1.0, 5.0),
+                "confounder sensitivity": (0.0, 1.0)})
+    return path
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:

@@ -427,11 +427,16 @@ def worst_group_figure(labels: Sequence[str], before: Sequence[float], after: Se
     return render(fig, path)
 
 
-def sweep_figure(levels: Sequence[float], series: dict[str, Sequence[float]], path: Optional[Path] = None) -> torch.Tensor:
-    """One panel per metric of the contamination sweep, against the share of the target carrying the marker."""
+def sweep_figure(levels: Sequence[float], series: dict[str, Sequence[float]], path: Optional[Path] = None,
+                 limits: Optional[dict[str, tuple[float, float]]] = None) -> torch.Tensor:
+    """One panel per metric of the contamination sweep, against the share of the target carrying the marker.
+    `limits` fixes a panel's y range (e.g. AUROC 0.5–1), so 0.9995 against 1.0 does not fill the panel."""
     fig, axes = plt.subplots(1, len(series), figsize=(2.4 * len(series), 2.4), squeeze=False)
     for ax, (name, vals) in zip(axes[0], series.items()):
         ax.plot([100 * v for v in levels], [float("nan") if v is None else v for v in vals], marker="o")
+        if limits and name in limits:
+            lo, hi = limits[name]
+            ax.set_ylim(lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo))
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("% of target with marker", fontsize=7)
         ax.tick_params(labelsize=7)
