@@ -45,7 +45,7 @@ def marked_pool(n: int, share: float) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def test_a_marker_the_model_never_saw_gets_a_prototype_that_detects_it(tiny_model: PatronusModel):
     """The tiny model was trained on clean digits: its denoiser cannot draw the marker from s, so the
-    marker is the recurring error, and the patch copied from it detects it better than any prototype."""
+    marker is the recurring error, and the centroid seeded from it detects it better than any prototype."""
     x, has, masks = marked_pool(256, 0.25)
     plan, why = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, t=700, candidates=128, radius_share=0.05,
                             min_support=4, protected=set(), generator=torch.Generator().manual_seed(0))
