@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from diffusers import DDPMScheduler
 
 from patronus.edits import hold_prototypes
@@ -25,9 +26,19 @@ def distinct_loss(prototypes: torch.Tensor, margin: float, exempt: Sequence[int]
     return F.relu(margin - dissim.min(dim=1).values).mean()
 
 
+def reconstruction_loss(decoder: nn.Module, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """‖dec(f(x0)) − x0‖² (Li et al. 2018, Eq. 2's R term), the decoder's output resized to the image
+    where a layout's strides do not invert exactly."""
+    rec = decoder(z)
+    if rec.shape[-2:] != x0.shape[-2:]:
+        rec = F.interpolate(rec, size=x0.shape[-2:], mode="bilinear", align_corners=False)
+    return F.mse_loss(rec.float(), x0.float())
+
+
 def diffusion_loss(
     model: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, snr_gamma: Optional[float] = None,
     held: Optional[dict[int, float]] = None, condition_dropout: float = 0.0, cycle_weight: float = 0.0,
+    s: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise-prediction MSE with s = g(x0) from the clean image, gradients into the encoder.
 
@@ -36,14 +47,15 @@ def diffusion_loss(
     condition (shortcut mitigation: the denoiser can no longer use them). `condition_dropout`
     replaces the condition of that share of the images by the model's learned null condition
     (classifier-free guidance on s; Ho & Salimans 2022). `cycle_weight` adds λ·`cycle_loss`:
-    the predicted clean image must carry the activations it was conditioned on. Returns
+    the predicted clean image must carry the activations it was conditioned on. `s`: the
+    activations g(x0) when the caller already computed them (with gradients). Returns
     (loss, activations s).
     """
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
     noise = torch.randn_like(x0)
     x_t = scheduler.add_noise(x0, noise, t)
-    s = model.encode(x0)
+    s = model.encode(x0) if s is None else s
     cond = s
     if held:
         cond = hold_prototypes(s, held)

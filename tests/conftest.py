@@ -57,11 +57,11 @@ def shared_datasets() -> Path:
 
 
 def train_tiny(run_dir: Path, max_steps: int = 400, shortcut: Optional[dict] = None, extra_callbacks: Sequence[pl.Callback] = (),
-               **trainer_kwargs) -> PatronusModule:
+               module_options: Optional[dict] = None, **trainer_kwargs) -> PatronusModule:
     """Train the tiny model on the embedded MNIST subset (real data, optionally with a planted
-    shortcut), EMA weights at the end."""
+    shortcut), EMA weights at the end; `module_options` go to PatronusModule."""
     pl.seed_everything(0, verbose=False)
-    module = PatronusModule(PatronusModel(**TINY_NET), lr=2e-3, warmup_steps=50, snr_gamma=5.0)
+    module = PatronusModule(PatronusModel(**TINY_NET), lr=2e-3, warmup_steps=50, snr_gamma=5.0, **(module_options or {}))
     data = PatronusDataModule(root=str(REPO / "data"), batch_size=32, val_subset=64, shortcut=shortcut)
     trainer = pl.Trainer(
         accelerator="cpu",

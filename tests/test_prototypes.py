@@ -129,3 +129,25 @@ def test_patches_are_compared_as_a_prototype_placed_on_one_would_see_the_other()
 def test_a_negative_position_weight_is_refused():
     with pytest.raises(ValueError, match="position_weight"):
         PrototypeEncoder(position_weight=-1.0)
+
+
+@pytest.mark.parametrize("options", [dict(layout="paper32", image_size=32, in_channels=1),
+                                     dict(layout="chexpert", image_size=64, in_channels=1),
+                                     dict(backbone="resnet10t", image_size=32, in_channels=3)])
+def test_the_feature_decoder_redraws_an_image_of_the_input_size(options):
+    """A conv layout is mirrored (each cell redraws its receptive field), a timm backbone upsampled;
+    either way the reconstruction loss compares like with like, and the activations computed from the
+    one feature pass the loss shares equal `encode`'s."""
+    from patronus.diffusion import reconstruction_loss
+
+    torch.manual_seed(0)
+    enc = PrototypeEncoder(num_prototypes=4, **options)
+    x = torch.rand(2, options["in_channels"], options["image_size"], options["image_size"]) * 2 - 1
+    z = enc.features(x)
+    decoder = enc.feature_decoder()
+    if "layout" in options:  # the mirror inverts the strides exactly: no resize needed
+        assert decoder(z).shape == x.shape
+    loss = reconstruction_loss(decoder, z, x)
+    loss.backward()
+    assert loss > 0 and all(p.grad is not None for p in enc.features.parameters())
+    torch.testing.assert_close(enc.encode_features(z.detach())[0], enc.encode(x)[0])

@@ -13,7 +13,7 @@ from patronus.data.shortcuts import PlantedMarker
 from patronus.interpret.quality import auroc_matrix
 from patronus.models.patronus import PatronusModel
 from patronus.models.prototypes import ReceptiveField
-from patronus.training.reseeding import PrototypeReseeding, densest_cluster, pixel_owner, plan_reseed
+from patronus.training.reseeding import PrototypeReseeding, away_from, densest_cluster, pixel_owner, plan_reseed
 from tests.conftest import REPO, train_tiny
 
 
@@ -31,6 +31,24 @@ def test_the_densest_cluster_is_the_recurring_one():
     points = torch.cat([scattered, recurring])
     members, i, _ = densest_cluster(torch.cdist(points, points).pow(2), radius_share=0.25)
     assert i >= 40 and members.nonzero().flatten().tolist() == list(range(40, 48))
+
+
+def test_a_served_cluster_gives_way_to_the_next_and_seeded_places_leave_the_ranking():
+    g = torch.Generator().manual_seed(0)
+    scattered = torch.rand(40, 16, generator=g)
+    first = torch.full((8, 16), 0.5) + 0.01 * torch.randn(8, 16, generator=g)
+    second = torch.full((5, 16), 0.2) + 0.01 * torch.randn(5, 16, generator=g)
+    points = torch.cat([scattered, first, second])
+    d = torch.cdist(points, points).pow(2)
+    available = torch.ones(len(points), dtype=torch.bool)
+    available[40:48] = False  # the densest pattern already has a prototype
+    members, i, _ = densest_cluster(d, radius_share=0.25, available=available)
+    assert 48 <= i and members.nonzero().flatten().tolist() == list(range(48, 53))
+    # one cell step on a 10x10 grid is 1/9: the seeded cell and its four neighbours leave, diagonals stay
+    grid = (10, 10)
+    places = torch.tensor([[0.0, 1.0], [1 / 9, 1.0], [0.0, 8 / 9], [1 / 9, 8 / 9], [1.0, 1.0]])
+    assert away_from(places, torch.tensor([[0.0, 1.0]]), grid).tolist() == [False, False, False, True, True]
+    assert away_from(places, torch.zeros(0, 2), grid).all()
 
 
 def marked_pool(n: int, share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,6 +80,11 @@ def test_a_marker_the_model_never_saw_gets_a_prototype_that_detects_it(tiny_mode
     again, _ = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, t=700, candidates=128, radius_share=0.05,
                            min_support=4, protected={plan.index}, generator=torch.Generator().manual_seed(0))
     assert again is not None and again.index != plan.index  # a prototype is reseeded once at most
+    # A place is seeded once: with the marker's place taken, the round looks elsewhere or nowhere.
+    elsewhere, why = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, t=700, candidates=128, radius_share=0.05,
+                                 min_support=4, protected={plan.index}, generator=torch.Generator().manual_seed(0),
+                                 seeded_places=plan.place[None])
+    assert elsewhere is None or bool(away_from(elsewhere.place[None], plan.place[None], (10, 10))), why
 
 
 class RecordingReseeding(PrototypeReseeding):
@@ -91,6 +114,7 @@ def test_the_callback_moves_the_prototype_and_its_ema_copy_and_survives_a_resume
     again = PrototypeReseeding()
     again.load_state_dict(reseed.state_dict())
     assert again.reseeded == reseed.reseeded  # a resumed run does not reseed the same prototype twice
+    assert again.places == reseed.places == [[float(v) for v in plan.place]]  # nor the same place
 
 
 def test_a_start_past_the_last_round_is_said_not_silent():

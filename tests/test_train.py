@@ -88,3 +88,22 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert torch.load(last, weights_only=True)["global_step"] == 200
     steps = [int(line.split()[1]) for line in log.splitlines() if line.startswith("step ")]
     assert steps and min(steps) > killed_at  # continued, did not start over
+
+
+def test_the_reconstruction_loss_trains_its_decoder_and_stays_out_of_the_model(tmp_path, mnist_test_images):
+    """model.reconstruction_weight: the decoder learns to redraw real digits from the encoder's features
+    (the term reaches the loss and the optimiser); it is a training aid, so the model keeps its keys."""
+    from patronus.diffusion import reconstruction_loss
+    from patronus.runs import export_model
+    from tests.conftest import train_tiny
+
+    module = train_tiny(tmp_path, max_steps=150, module_options={"reconstruction_weight": 1.0})
+    x = mnist_test_images[:64]
+    with torch.no_grad():
+        z = module.net.encoder.features(x)
+        trained = reconstruction_loss(module.feature_decoder, z, x)
+        untrained = reconstruction_loss(module.net.encoder.feature_decoder(), z, x)
+    assert trained < 0.3 * untrained, (float(trained), float(untrained))
+    assert any(k.startswith("feature_decoder.") for k in module.state_dict())  # resumes with the run
+    reloaded = load_model(export_model(module.net, tmp_path / "model"))
+    assert set(reloaded.state_dict()) == set(module.net.state_dict())

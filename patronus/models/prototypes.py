@@ -146,7 +146,10 @@ class PrototypeEncoder(nn.Module):
         ProtoPNet minimum over cells keeps only *what*, so a small marker that differs from a stroke
         only by *where* it sits (a corner tag, a laterality letter) gets no prototype of its own.
         """
-        z = self.features(x)  # (B, D, H', W')
+        return self.feature_distance_maps(self.features(x))
+
+    def feature_distance_maps(self, z: torch.Tensor) -> torch.Tensor:
+        """`distance_maps` of a feature map z = f(x) (B, D, H', W') already computed."""
         z2 = z.pow(2).sum(1, keepdim=True)  # (B, 1, H', W')
         zp = F.conv2d(z, self.prototypes[:, :, None, None])  # (B, K, H', W')
         p2 = self.prototypes.pow(2).sum(1)[None, :, None, None]  # (1, K, 1, 1)
@@ -200,9 +203,37 @@ class PrototypeEncoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations (B, K) and the flat argmin cell index (B, K) of each prototype."""
-        d = self.distance_maps(x).flatten(2)  # (B, K, H'*W')
+        return self.encode_features(self.features(x))
+
+    def encode_features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` of a feature map z = f(x) already computed (training reuses it for the decoder)."""
+        d = self.feature_distance_maps(z).flatten(2)  # (B, K, H'*W')
         dmin, where = d.min(dim=2)
         return self.activations_from_distances(dmin), where
+
+    def feature_decoder(self) -> nn.Module:
+        """A new decoder from this encoder's feature map back to the image, for the reconstruction loss
+        (Li et al. 2018, "Deep Learning for Case-Based Reasoning through Prototypes", Eq. 2's R term):
+        features that must redraw their own patch keep what is there, a small stamped marker included,
+        instead of only what the denoiser already reads through the prototypes. A conv layout is
+        mirrored (transposed convs, the same kernels and strides: each cell redraws its receptive field);
+        a timm backbone's features are upsampled to the image and refined by two convs."""
+        c, d = self._in_channels(), self.prototypes.shape[1]
+        if self._layout is None:
+            return nn.Sequential(nn.Conv2d(d, 64, 1), nn.ReLU(), nn.Upsample(size=self.image_size, mode="bilinear"),
+                                 nn.Conv2d(64, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, c, 3, padding=1))
+        lay = self._layout
+        chans, sizes = (c, *lay.channels[1:-1], d), [self.image_size]
+        for k, st, p in zip(lay.kernels, lay.strides, lay.paddings):
+            sizes.append((sizes[-1] - k + 2 * p) // st + 1)
+        layers: list[nn.Module] = []
+        for i in reversed(range(len(lay.kernels))):
+            k, st, p = lay.kernels[i], lay.strides[i], lay.paddings[i]
+            lost = sizes[i] - ((sizes[i + 1] - 1) * st - 2 * p + k)  # rows the strided conv's floor dropped
+            layers.append(nn.ConvTranspose2d(chans[i + 1], chans[i], k, st, p, output_padding=lost))
+            if i > 0:
+                layers.append(nn.ReLU(inplace=True))
+        return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)[0]

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import torch
 
-from patronus.diffusion import diffusion_loss, distinct_loss
+from patronus.diffusion import diffusion_loss, distinct_loss, reconstruction_loss
 from patronus.models.patronus import PatronusModel
 from patronus.training.checkpointing import check_finite_loss
 
@@ -36,7 +36,8 @@ def np_tuple(v: Any) -> tuple:
 
 
 class PatronusModule(pl.LightningModule):
-    """Trains ε_θ and the prototype encoder jointly: loss = noise MSE + λ·L_distinct (Patronus Eq. 4).
+    """Trains ε_θ and the prototype encoder jointly: loss = noise MSE + λ·L_distinct (Patronus Eq. 4)
+    (+ μ·reconstruction, optional).
 
     Args:
         net: the model; its constructor arguments are the model config.
@@ -50,6 +51,9 @@ class PatronusModule(pl.LightningModule):
         snr_gamma: Min-SNR-γ loss weighting; None = the paper's plain MSE.
         condition_dropout: share of training images whose condition is replaced by the learned null
             condition (needs `net.null_condition=True`), so sampling can use classifier-free guidance on s.
+        reconstruction_weight: μ of the reconstruction loss: a decoder redraws the image from the
+            encoder's feature map (`patronus.diffusion.reconstruction_loss`), so features keep small
+            patterns the prototypes do not match yet and reseeding can find them; 0 = the paper's objective.
         cycle_weight: λ of the cycle loss: the denoiser's x̂0, re-encoded, must carry the s it was
             conditioned on (`patronus.diffusion.cycle_loss`); 0 = the paper's objective.
         held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
@@ -72,6 +76,7 @@ class PatronusModule(pl.LightningModule):
         cycle_weight: float = 0.0,
         held_prototypes: Optional[dict[int, float]] = None,
         init_from: Optional[str] = None,
+        reconstruction_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -82,11 +87,15 @@ class PatronusModule(pl.LightningModule):
             raise ValueError(f"condition_dropout={condition_dropout}; expected a share in [0, 1)")
         if condition_dropout > 0 and not net.config.null_condition:
             raise ValueError(f"condition_dropout={condition_dropout} needs a null condition to drop to: set net.null_condition=true")
+        if not reconstruction_weight >= 0:
+            raise ValueError(f"model.reconstruction_weight={reconstruction_weight!r}; expected a number >= 0")
         self.held = {int(j): float(v) for j, v in (held_prototypes or {}).items()}
         if init_from is not None:
             net.load_state_dict(_init_weights(init_from, net))
         self.net = net
         self.scheduler = net.noise_scheduler()
+        # Training only: the decoder is saved in Lightning checkpoints (resume), not in the exported model.
+        self.feature_decoder = net.encoder.feature_decoder() if reconstruction_weight > 0 else None
         self.distinct_exempt: list[int] = []  # set by PrototypeReseeding: prototypes copied from real patches
 
     def setup(self, stage: str) -> None:
@@ -107,9 +116,16 @@ class PatronusModule(pl.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dropout = self.hparams.condition_dropout if self.training else 0.0
         cycle = self.hparams.cycle_weight if self.training else 0.0
-        mse, s = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, self.held, dropout, cycle)
-        dist = distinct_loss(self.net.encoder.prototypes, self.hparams.distinct_margin, self.distinct_exempt)
-        return {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
+        x0, enc = batch["image"], self.net.encoder
+        z = enc.features(x0) if self.feature_decoder is not None else None  # one encoder pass for both losses
+        s = enc.encode_features(z)[0] if z is not None else None
+        mse, s = diffusion_loss(self.net, self.scheduler, x0, self.hparams.snr_gamma, self.held, dropout, cycle, s)
+        dist = distinct_loss(enc.prototypes, self.hparams.distinct_margin, self.distinct_exempt)
+        out = {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
+        if z is not None:
+            out["reconstruction"] = reconstruction_loss(self.feature_decoder, z, x0)
+            out["loss"] = out["loss"] + self.hparams.reconstruction_weight * out["reconstruction"]
+        return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)

@@ -12,9 +12,13 @@ misses it the same way on many images. So, a few times early in training:
 2. among the worst cells, find the densest cluster under the prototypes' own distance (encoder
    feature and, for position-aware prototypes, place): the error recurs as one pattern in one place
    rather than as scattered stroke details;
-3. if no prototype is already near it, move the prototype the denoiser uses least (first-order
-   estimate of the loss change if it were held at its mean) onto the cluster's centroid (feature
-   and place), and let training refine it.
+3. if a prototype is already near it, go on to the next densest cluster; then move the prototype the
+   denoiser uses least (first-order estimate of the loss change if it were held at its mean) onto
+   the cluster's centroid (feature and place), and let training refine it.
+
+A place an earlier round seeded is not seeded again: if its pattern is still missed, a prototype
+there did not help (measured on X-rays: the rounds kept re-seeding a textured corner of the image
+while the marker's corner, the next densest pattern, waited).
 """
 
 from __future__ import annotations
@@ -61,13 +65,25 @@ def clean_estimate_error(net: PatronusModel, scheduler: DDPMScheduler, x0: torch
     return (x0_hat - x0.float()).pow(2).sum(1)
 
 
-def densest_cluster(distances: torch.Tensor, radius_share: float) -> tuple[torch.Tensor, int, float]:
+def densest_cluster(distances: torch.Tensor, radius_share: float,
+                    available: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int, float]:
     """(members of the densest point's neighbourhood (N,) bool, the densest point, squared radius) among
-    points with pairwise squared distances (N, N): the radius is `radius_share` × their median."""
+    points with pairwise squared distances (N, N): the radius is `radius_share` × their median.
+    Only `available` points (N,) bool (default: all) count, as centres and as members."""
     radius = float(radius_share * distances.median())
     near = distances < radius
+    if available is not None:
+        near = near & available[None] & available[:, None]
     i = int(near.sum(1).argmax())
     return near[i], i, radius
+
+
+def away_from(places: torch.Tensor, seeded: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(N,) bool: places (N, 2) farther than one cell step from every seeded place (M, 2), all in [0, 1]²."""
+    if len(seeded) == 0:
+        return torch.ones(len(places), dtype=torch.bool, device=places.device)
+    step = 1.0 / max(max(grid) - 1, 1)
+    return torch.cdist(places.float(), seeded.to(places).float()).min(1).values > step * (1 + 1e-4)
 
 
 def prototype_use(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
@@ -99,32 +115,41 @@ class Reseed:
 
 def plan_reseed(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int, candidates: int,
                 radius_share: float, min_support: int, protected: set[int], use_images: int = 64,
-                generator: Optional[torch.Generator] = None) -> tuple[Optional[Reseed], str]:
+                generator: Optional[torch.Generator] = None,
+                seeded_places: Optional[torch.Tensor] = None) -> tuple[Optional[Reseed], str]:
     """The reseeding of one round on the pool `x0`, or None with the reason (steps 1–3 of the module docstring).
-    Prototype use is estimated on the last `use_images` of the pool (it needs a backward pass)."""
+    Prototype use is estimated on the last `use_images` of the pool (it needs a backward pass); cells
+    within one step of `seeded_places` (M, 2) (earlier rounds' places) are not candidates."""
     enc = net.encoder
     err = clean_estimate_error(net, scheduler, x0, t, generator)  # (B, S, S)
     grid = enc.feature_shape()
     owner = pixel_owner(enc.receptive_field(), grid).to(err.device)
     cells = grid[0] * grid[1]
     cell_err = torch.zeros(err.shape[0], cells, device=err.device).index_add_(1, owner, err.flatten(1))  # (B, C)
+    grid_places = enc.cell_positions(*grid).to(cell_err)
+    if seeded_places is not None:  # a place is seeded once: its cells leave the ranking
+        cell_err = cell_err * away_from(grid_places, seeded_places, grid)[None]
     worst = cell_err.flatten().topk(min(candidates, cell_err.numel())).indices
     with torch.no_grad():
         z = enc.features(x0).float().flatten(2).transpose(1, 2).reshape(-1, enc.prototypes.shape[1])  # (B*C, D)
-    feats, places = z[worst], enc.cell_positions(*grid).to(z)[worst % cells]
+    feats, places = z[worst], grid_places[worst % cells]
     # Cluster with the prototypes' own distance (feature and, if position-aware, place): the cluster is
     # then what one prototype can match, not every cell that looks alike anywhere in the image.
-    members, i, radius = densest_cluster(enc.patch_pair_distances(feats, places), radius_share)
-    support = int(members.sum())
-    if support < min_support:
-        return None, f"no recurring pattern among the {len(worst)} worst cells (largest cluster {support} < {min_support})"
-    # The centroid, not one image's cell: ProtoPNet projects onto one patch for interpretability, but a
-    # single marked cell also carries its image's strokes; the cluster's mean keeps what recurs.
-    feature, place = feats[members].mean(0), places[members].mean(0)
+    pairs = enc.patch_pair_distances(feats, places)
+    available, served = torch.ones(len(worst), dtype=torch.bool, device=pairs.device), 0
+    while True:  # the densest pattern no prototype matches yet
+        members, i, radius = densest_cluster(pairs, radius_share, available)
+        support = int(members.sum())
+        if support < min_support:
+            return None, (f"no recurring pattern among the {len(worst)} worst cells without a prototype (largest cluster "
+                          f"{support} < {min_support}; {served} recurring pattern(s) already have one)")
+        # The centroid, not one image's cell: ProtoPNet projects onto one patch for interpretability, but a
+        # single marked cell also carries its image's strokes; the cluster's mean keeps what recurs.
+        feature, place = feats[members].mean(0), places[members].mean(0)
+        if float(enc.patch_distances(feature, place).min()) >= 2 * radius:  # no prototype within twice its radius
+            break
+        available, served = available & ~members, served + 1
     image, cell = divmod(int(worst[i]), cells)
-    nearest = float(enc.patch_distances(feature, place).min())
-    if nearest < 2 * radius:  # nearer than twice the cluster's radius: that prototype already matches it
-        return None, f"the worst recurring pattern ({support} cells) already has a prototype (squared distance {nearest:.3g})"
     use = prototype_use(net, scheduler, x0[-use_images:], t, generator)
     free = [k for k in range(len(use)) if k not in protected]
     if not free:
@@ -137,7 +162,7 @@ class PrototypeReseeding(pl.Callback):
     """Every `every_n_steps` from `start_step` until `stop_fraction` of trainer.max_steps, move the least
     used prototype onto the pattern the denoiser most often fails to draw (see the module docstring).
 
-    Each prototype is reseeded at most once. The pool is the last `pool_batches` training batches;
+    Each prototype is reseeded at most once, each place seeded once. The pool is the last `pool_batches` training batches;
     `timestep_fraction` picks t = fraction · T (high noise: the image itself is hidden, only s helps).
     The prototype's optimiser moments, the condition's running statistics, its input weights and the
     EMA copy follow, so the new prototype starts clean everywhere. Reseeded prototypes are left out of
@@ -160,12 +185,14 @@ class PrototypeReseeding(pl.Callback):
         self.candidates, self.radius_share, self.min_support, self.seed = candidates, radius_share, min_support, seed
         self.pool: list[torch.Tensor] = []
         self.reseeded: dict[int, int] = {}  # prototype -> step
+        self.places: list[list[float]] = []  # (row, col) in [0, 1]² of every seeded pattern: each is seeded once
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reseeded": {str(k): v for k, v in self.reseeded.items()}}
+        return {"reseeded": {str(k): v for k, v in self.reseeded.items()}, "places": self.places}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reseeded = {int(k): int(v) for k, v in state_dict.get("reseeded", {}).items()}
+        self.places = [[float(r), float(c)] for r, c in state_dict.get("places", [])]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.distinct_exempt = sorted(self.reseeded)  # a resumed run keeps them out of L_distinct too
@@ -191,7 +218,8 @@ class PrototypeReseeding(pl.Callback):
             generator = torch.Generator().manual_seed(self.seed + step)
             t = int(self.t_fraction * net.config.num_train_timesteps)
             plan, why = plan_reseed(net, pl_module.scheduler, pool, t, self.candidates, self.radius_share,
-                                    self.min_support, set(self.reseeded), len(self.pool[-1]), generator)
+                                    self.min_support, set(self.reseeded), len(self.pool[-1]), generator,
+                                    torch.tensor(self.places).reshape(-1, 2))
         finally:
             net.train(was_training)
         plan = trainer.strategy.broadcast(plan, src=0)
@@ -200,6 +228,7 @@ class PrototypeReseeding(pl.Callback):
             return
         self._apply(trainer, pl_module, plan, pool)
         self.reseeded[plan.index] = step
+        self.places.append([float(v) for v in plan.place])
         rank_zero_info(f"step {step}: prototype {plan.index} reseeded on a pattern the denoiser misses in {plan.support} of the "
                        f"{self.candidates} worst cells (pool image {plan.image}, cell {plan.cell})")
 
