@@ -27,12 +27,9 @@ def distinct_loss(prototypes: torch.Tensor, margin: float, exempt: Sequence[int]
 
 
 def reconstruction_loss(decoder: nn.Module, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """‖dec(f(x0)) − x0‖² (Li et al. 2018, Eq. 2's R term), the decoder's output resized to the image
-    where a layout's strides do not invert exactly."""
-    rec = decoder(z)
-    if rec.shape[-2:] != x0.shape[-2:]:
-        rec = F.interpolate(rec, size=x0.shape[-2:], mode="bilinear", align_corners=False)
-    return F.mse_loss(rec.float(), x0.float())
+    """‖dec(f(x0)) − x0‖² (Li et al. 2018, Eq. 2's R term); `PrototypeEncoder.feature_decoder` returns
+    images of the input's size."""
+    return F.mse_loss(decoder(z).float(), x0.float())
 
 
 def diffusion_loss(
