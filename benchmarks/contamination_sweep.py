@@ -119,7 +119,9 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "marker_drawn": rates.get("drawn"), "marker_removed": rates.get("removed"),
             "worst_group_before": wg.get("before"), "worst_group_after": wg.get("after"),
             "worst_group_balanced_training": wg.get("balanced_training"), "worst_group_smallest": wg.get("smallest_group"),
-            "unexplained": [u["confounder"] for u in report["unexplained"]]}
+            "unexplained": [u["confounder"] for u in report["unexplained"]],
+            "marker_score": findings[rank - 1]["score"] if rank is not None else None,
+            "weak_links": [f"{w['confounder']}~{w['target']}" for w in report.get("weak_links", [])]}
 
 
 def goals_met(row: dict[str, Any]) -> Optional[bool]:

@@ -8,7 +8,7 @@ from patronus.interpret.findings import explained_scores, flag_test, group_findi
 from patronus.interpret.mitigation import balanced_rows, confounder_sensitivity, group_accuracies, worst_group_accuracy, worst_group_scores
 from patronus.interpret.quality import auroc_matrix, fast_auroc
 from patronus.interpret.shortcut_report import LinearProbe, association, split_targets
-from patronus.interpret.unexplained import effect_map, unexplained_signals
+from patronus.interpret.unexplained import effect_map, unexplained_signals, weak_links
 
 
 def case(n: int = 1500, p: float = 0.9, q: float = 0.05, seed: int = 0):
@@ -67,6 +67,33 @@ def test_flag_test_names_bad_settings():
         flag_test(s, t, c, alpha=1.5)
     with pytest.raises(ValueError, match="permutations"):
         flag_test(s, t, c, alpha=0.01, permutations=20)
+    with pytest.raises(ValueError, match="min_effect"):
+        flag_test(s, t, c, min_effect=1.5)
+
+
+def test_a_real_but_weak_link_is_named_not_flagged():
+    # The sweep's 0% level: the marker on 8% of class 3 and on no other image. Both permutation tests
+    # reject (it is a real link and p0, p1 detect the marker), but a perfect marker detector reaches
+    # AUROC 0.54 on class 3 at most: below the default minimum effect, so only the verdict names it.
+    from patronus.interpret.report import _verdict
+
+    s, where, y, marker, t, tn, c, cn = case(n=1500, p=0.08, q=0.0)
+    assert set(flag_test(s, t, c, alpha=0.05, permutations=40, min_effect=0.0).flagged) == {0, 1}
+    strict = flag_test(s, t, c, alpha=0.05, permutations=40)
+    assert strict.flagged == [] and strict.tested_pairs == 0 and strict.threshold() != strict.threshold()  # NaN
+    weak = weak_links(t, tn, c, cn, min_effect=0.1)
+    assert [(w.target, w.confounder) for w in weak] == [("class=3", "marker")]
+    assert 0.05 < weak[0].rate_target < 0.1 and weak[0].rate_rest == 0.0
+    assert weak_links(t, tn, c, cn, min_effect=0.05) == []  # counted (and tested) at a lower minimum
+    images, unseen = torch.zeros(len(y), 1, 8, 8), auroc_matrix(s, c) * 0 + 0.5  # as if no prototype saw the marker
+    uncarried = lambda m: unexplained_signals(images, s, where, t, tn, c, cn, unseen, auroc_matrix(s, t), set(),  # noqa: E731
+                                              [(0, 0, 8, 8)] * 64, min_effect=m)
+    assert uncarried(0.1) == [] and [u.target for u in uncarried(0.0)] == ["class=3"]  # nor is it "unexplained signal"
+    verdict = _verdict([], [], cn, 0.05, weak=weak, min_effect=0.1)
+    assert verdict.startswith("No shortcut found") and "marker goes with class=3" in verdict and "10 percentage points" in verdict
+    # A strong link is still flagged at the default minimum (the 20% level of the sweep, q = 5%).
+    s, where, y, marker, t, tn, c, cn = case(n=1500, p=0.2, q=0.05)
+    assert set(flag_test(s, t, c, alpha=0.05, permutations=40).flagged) == {0, 1}
 
 
 def test_prototypes_of_different_confounders_at_different_places_stay_apart():

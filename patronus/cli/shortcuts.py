@@ -29,6 +29,7 @@ def cmd_shortcuts(
     num_refs: int = 16,
     alpha: float = 0.05,
     permutations: int = 100,
+    min_effect: float = 0.1,
     info_timesteps: int = 10,
     info_noise: int = 2,
     num_images: int = 2000,
@@ -44,6 +45,8 @@ def cmd_shortcuts(
         num_refs: held-out images whose s the causal check and the mitigation sample from.
         alpha: the report's false-alarm rate (chance of flagging anything on data without a shortcut).
         permutations: shuffles per permutation test (at least 1/alpha).
+        min_effect: smallest difference in a confounder's rate between a target and the rest that
+            counts as a possible shortcut (0.1: ten percentage points); weaker links are named, not flagged.
         info_timesteps: quadrature nodes of the information maps.
         info_noise: noise draws per node of the information maps.
         num_images: images analysed.
@@ -58,7 +61,7 @@ def cmd_shortcuts(
     ds = ctx.dataset()
     groups, same = group_data(ctx, group_split, num_images) if group_split else (None, False)
     report = build_report(ctx.pipe, ds, ctx.statistics(), targets=targets, top=top, num_refs=num_refs, alpha=alpha,
-                          permutations=permutations, info_timesteps=info_timesteps, info_noise=info_noise,
+                          permutations=permutations, min_effect=min_effect, info_timesteps=info_timesteps, info_noise=info_noise,
                           steps=steps, seed=ctx.seed, num_images=num_images, group_data=groups,
                           group_data_is_report_split=same)
     out = ctx.out
@@ -134,7 +137,12 @@ def _findings_markdown(summary: dict[str, Any]) -> list[str]:
     lines = ["## Findings: one per confounder and place", "",
              f"A prototype is flagged only when two permutation tests ({ft['permutations']} shuffles each, family-wise over "
              f"every prototype, target and confounder) both reject: so on data without a shortcut this report flags "
-             f"anything with probability ≤ {ft['alpha']:.0%}. Score needed this time: {_fmt(ft['score_needed'])}.", ""]
+             f"anything with probability ≤ {ft['alpha']:.0%}. Only links where the confounder's rate differs by at least "
+             f"{100 * ft['min_effect']:.0f} percentage points between the target and the rest count (`--min_effect`). "
+             + (f"Score needed this time: {_fmt(ft['score_needed'])}." if ft.get("pairs_tested", 1)
+                else "No target–confounder pair reached that, so nothing could be flagged."), ""]
+    weak = [f"- Left out as too weak: {w['sentence']}." for w in summary.get("weak_links", [])]
+    lines += weak + ([""] if weak else [])
     if not summary["findings"]:
         return lines + ["Nothing flagged.", ""]
     lines += ["| finding | prototypes | target | via | p | marker AUROC best / group | neutral value from | "

@@ -30,6 +30,17 @@ def phi(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - a.mean()) * (b - b.mean())).mean() / (a.std(unbiased=False) * b.std(unbiased=False)))
 
 
+def rate_difference(target: torch.Tensor, confounder: torch.Tensor) -> float:
+    """P(confounder | target) − P(confounder | not target), rows with NaN left out: the effect size
+    of a link. Unlike φ it does not grow as the confounder gets rare, and it bounds what the
+    confounder alone can do for the target: a perfect detector of it has AUROC 0.5 + difference / 2."""
+    keep = ~(target.isnan() | confounder.isnan())
+    t, c = target[keep] == 1, confounder[keep].double()
+    if not (t.any() and (~t).any()):
+        return float("nan")
+    return float(c[t].mean() - c[~t].mean())
+
+
 def correlation_report(ds: LabelledImageDataset, names: Sequence[str]) -> dict[str, Any]:
     """Counts and pairwise phi correlations of the named attributes (what the paper's notebook printed)."""
     cols = {n: attribute_column(ds, n) for n in names}

@@ -17,6 +17,13 @@ A shortcut is "not H0a and not H0b"; requiring both rejections (an intersection-
 the report's false-alarm rate at most `alpha`: with probability ≥ 1 − alpha nothing is flagged on
 data without a shortcut. The p-value of J is the larger of its two adjusted p-values.
 
+With thousands of images both tests also reject for links too weak to matter (a marker on 5% of
+one class and none of the other). The statistic therefore only counts (t, c) pairs whose
+confounder rates differ by at least `min_effect` between the target and the rest
+(`rate_difference`: a perfect detector of such a confounder reaches at most AUROC 0.5 +
+min_effect / 2 on the target). Shuffling c within t keeps that difference, and shuffling the
+targets recomputes it, so both nulls are those of the gated statistic and the rate stays ≤ alpha.
+
 Flagged prototypes that carry the same confounder, or that fire together at the same place
 (activations correlated, closest cells within one feature cell of each other) form one finding: the unit the causal check and the mitigation act on, since one
 prototype of a redundant group moved alone is undone by the others.
@@ -29,17 +36,22 @@ from typing import Optional, Sequence
 
 import torch
 
+from patronus.data.shortcuts import rate_difference
 from patronus.interpret.quality import auroc_matrix, fast_auroc
 from patronus.interpret.shortcut_report import stratified_auroc
 
 
-def explained_scores(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor) -> torch.Tensor:
+def explained_scores(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor,
+                     min_effect: float = 0.0) -> torch.Tensor:
     """(T, C, K) explained-away AUROC u(J, t) − u_within-c(J, t) where u > 0.5, else 0 (rows with a
-    NaN target or confounder left out of that pair): the statistic both tests share."""
+    NaN target or confounder left out of that pair; pairs whose confounder rates differ by less
+    than `min_effect` between target and rest are 0): the statistic both tests share."""
     T, C, K = targets.shape[1], confounders.shape[1], s.shape[1]
     out = torch.zeros(T, C, K)
     for t in range(T):
         for c in range(C):
+            if min_effect > 0 and not abs(rate_difference(targets[:, t], confounders[:, c])) >= min_effect:
+                continue
             rows = ~(targets[:, t].isnan() | confounders[:, c].isnan())
             ss, y, cc = s[rows], targets[rows, t], confounders[rows, c]
             raw = fast_auroc(ss, y)
@@ -63,6 +75,8 @@ class FlagTest:
 
     alpha: float  # family-wise false-alarm rate of the whole report
     permutations: int
+    min_effect: float  # smallest target-confounder rate difference counted as a possible shortcut
+    tested_pairs: int  # (target, confounder) pairs whose rates differ by at least min_effect
     score: torch.Tensor  # (K,) observed max over (t, c) of the explained-away score
     p_conditional: torch.Tensor  # (K,) adjusted p of H0a (J carries nothing of c beyond t)
     p_association: torch.Tensor  # (K,) adjusted p of H0b (no target-confounder link beyond chance)
@@ -81,21 +95,26 @@ class FlagTest:
         return [j for j in order if float(self.p_value[j]) <= self.alpha and float(self.score[j]) > 0]
 
     def threshold(self) -> float:
-        """The score a prototype needed to be flagged: the larger (1 − alpha) quantile of the two nulls."""
+        """The score a prototype needed to be flagged: the larger (1 − alpha) quantile of the two nulls
+        (NaN when no pair reached the minimum effect: nothing could be flagged)."""
+        if not self.tested_pairs:
+            return float("nan")
         q = lambda t: float(torch.quantile(t.double(), 1 - self.alpha)) if len(t) else float("nan")  # noqa: E731
         return max(q(self.null_conditional), q(self.null_association))
 
 
 def flag_test(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor, alpha: float = 0.05,
-              permutations: int = 200, seed: int = 0) -> FlagTest:
+              permutations: int = 200, seed: int = 0, min_effect: float = 0.1) -> FlagTest:
     """Both permutation tests (module docstring) on activations s (N, K), targets (N, T), confounders (N, C)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha={alpha}; expected a false-alarm rate in (0, 1)")
+    if not 0 <= min_effect < 1:
+        raise ValueError(f"min_effect={min_effect}; expected a rate difference in [0, 1)")
     if permutations < 1 / alpha - 1:
         raise ValueError(f"permutations={permutations}: too few to reach alpha={alpha}; use at least {int(1 / alpha)}")
     K = s.shape[1]
     s = s.float().cpu()
-    observed = explained_scores(s, targets, confounders)
+    observed = explained_scores(s, targets, confounders, min_effect)
     score = observed.flatten(0, 1).amax(0) if observed.numel() else torch.zeros(K)
     gen = torch.Generator().manual_seed(seed)
     null_a, null_b = torch.zeros(permutations), torch.zeros(permutations)
@@ -105,12 +124,14 @@ def flag_test(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor,
             best = 0.0
             for t in range(T):
                 shuffled = torch.stack([_shuffle_within(confounders[:, c], targets[:, t], gen) for c in range(C)], 1)
-                best = max(best, float(explained_scores(s, targets[:, t : t + 1], shuffled).max()))
+                best = max(best, float(explained_scores(s, targets[:, t : t + 1], shuffled, min_effect).max()))
             null_a[b] = best
             perm = torch.randperm(len(s), generator=gen)
-            null_b[b] = float(explained_scores(s, targets[perm], confounders).max())
+            null_b[b] = float(explained_scores(s, targets[perm], confounders, min_effect).max())
     adjusted = lambda null: (1 + (null[None, :] >= score[:, None] - 1e-7).sum(1)).float() / (permutations + 1)  # noqa: E731
-    return FlagTest(alpha, permutations, score, adjusted(null_a), adjusted(null_b), null_a, null_b)
+    tested = sum(abs(rate_difference(targets[:, t], confounders[:, c])) >= min_effect
+                 for t in range(targets.shape[1]) for c in range(confounders.shape[1]))
+    return FlagTest(alpha, permutations, min_effect, tested, score, adjusted(null_a), adjusted(null_b), null_a, null_b)
 
 
 # --- grouping ------------------------------------------------------------------------------

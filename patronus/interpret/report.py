@@ -37,7 +37,7 @@ from patronus.interpret.shortcut_report import (
     sample_edited,
     split_targets,
 )
-from patronus.interpret.unexplained import Unexplained, unexplained_signals
+from patronus.interpret.unexplained import Unexplained, WeakLink, unexplained_signals, weak_links
 from patronus.interpret.stats import edit_levels
 from patronus.pipeline import PatronusPipeline
 
@@ -143,7 +143,7 @@ def detects_confounder(finding: dict[str, Any], carried_auroc: float = 0.9) -> b
 
 
 def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounder_names: list[str], alpha: float,
-             boxes_on_confounder: Optional[float] = None) -> str:
+             boxes_on_confounder: Optional[float] = None, weak: Sequence[WeakLink] = (), min_effect: float = 0.1) -> str:
     """The report's first sentence (and, when the top finding's prototypes do not see the confounder
     itself, the second: a flag without a detector is not an explanation)."""
     if findings_out:
@@ -152,9 +152,9 @@ def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounde
         more = f" ({len(findings_out)} findings; the strongest)" if len(findings_out) > 1 else ""
         first = (f"Shortcut found{more}: {f['target']} is predicted through {f['confounder']}, carried by {protos} "
                  f"(p = {f['p_value']:.3g}; false-alarm rate of this report ≤ {alpha:.0%}).")
-        weak = [u for u in unexplained if u.confounder == f["confounder"]]
-        if weak:
-            u = weak[0]
+        uncarried = [u for u in unexplained if u.confounder == f["confounder"]]
+        if uncarried:
+            u = uncarried[0]
             boxes = (f"; their boxes sit on it in {boxes_on_confounder:.0%} of their top patches"
                      if boxes_on_confounder is not None else "")
             first += (f" But these prototypes do not detect {f['confounder']} itself (best AUROC {u.best_auroc:.2f}{boxes}): "
@@ -167,8 +167,9 @@ def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounde
                 f"(φ = {u.phi:.2f}, best prototype AUROC {u.best_auroc:.2f}): see 'Unexplained signal'.")
     if not confounder_names:
         return "Nothing to check: the data has no candidate confounder attributes besides the targets."
-    return (f"No shortcut found: no prototype's link to the targets is explained away by {', '.join(confounder_names)} "
+    none = (f"No shortcut found: no prototype's link to the targets is explained away by {', '.join(confounder_names)} "
             f"beyond chance (false-alarm rate {alpha:.0%}).")
+    return none + (f" Left out as too weak: {weak[0].sentence(min_effect)}." if weak else "")
 
 
 @torch.no_grad()
@@ -182,6 +183,7 @@ def build_report(
     num_refs: int = 16,
     alpha: float = 0.05,
     permutations: int = 100,
+    min_effect: float = 0.1,
     info_timesteps: int = 10,
     info_noise: int = 2,
     steps: int = 25,
@@ -201,6 +203,9 @@ def build_report(
         num_refs: held-out images whose s the causal check and the mitigation sample from.
         alpha: the report's false-alarm rate: the chance it flags anything on data without a shortcut.
         permutations: shuffles per permutation test (at least 1/alpha).
+        min_effect: the smallest difference in a confounder's rate between a target and the rest
+            that counts as a possible shortcut (flags and unexplained signals); weaker links are
+            named in the verdict but not flagged.
         info_timesteps: quadrature nodes of the information maps.
         info_noise: noise draws per node of the information maps.
         steps: DDIM steps of every decode.
@@ -232,7 +237,7 @@ def build_report(
     assoc = association(s, t_cols, t_names, c_cols, c_names)
     concentration = location_concentration(s, acts.where)
     ranking = assoc.ranking()
-    test = flag_test(s, t_cols, c_cols, alpha, permutations, seed)
+    test = flag_test(s, t_cols, c_cols, alpha, permutations, seed, min_effect)
     flagged = test.flagged
     findings = group_findings(flagged, s, acts.where, test.score, test.p_value, assoc.target_of, assoc.confounder_of,
                               c_cols, grid_w)
@@ -364,7 +369,9 @@ def build_report(
     boxes = [rf.box(*divmod(c, grid_w)) for c in range(grid_h * grid_w)]
     carried = {c_names[f.confounder] for f, out in zip(findings, findings_out) if detects_confounder(out)}
     unexplained = unexplained_signals(pool, s, acts.where, t_cols, t_names, c_cols, c_names, assoc.confounder_auroc,
-                                      assoc.auroc, carried, boxes, masks)
+                                      assoc.auroc, carried, boxes, masks, min_effect=min_effect)
+    reported = {f["confounder"] for f in findings_out} | {u.confounder for u in unexplained}
+    weak = [w for w in weak_links(t_cols, t_names, c_cols, c_names, min_effect) if w.confounder not in reported]
 
     # 7. The ranked table.
     rows = []
@@ -388,14 +395,17 @@ def build_report(
                     "effect_emergence_time": float(emergence.effect_times[p]), **per_proto[j]}
         rows.append(row)
     top_boxes = per_proto.get(findings[0].prototypes[0], {}).get("boxes_on_confounder") if findings else None
-    summary = {"verdict": _verdict(findings_out, unexplained, c_names, alpha, top_boxes), "images": n, "targets": t_names,
+    summary = {"verdict": _verdict(findings_out, unexplained, c_names, alpha, top_boxes, weak, min_effect), "images": n,
+               "targets": t_names,
                "candidate_confounders": c_names, "flagged": flagged, "findings": findings_out,
-               "flag_test": {"alpha": alpha, "permutations": permutations, "score_needed": test.threshold(),
+               "flag_test": {"alpha": alpha, "permutations": permutations, "min_effect": min_effect,
+                             "pairs_tested": test.tested_pairs, "score_needed": test.threshold(),
                              "method": "max-T permutation tests (c shuffled within the target; target shuffled), both must reject"},
                "unexplained": [{"target": u.target, "confounder": u.confounder, "phi": u.phi, "z": u.z,
                                 "best_prototype": u.best_prototype, "best_auroc": u.best_auroc, "peak": list(u.peak),
                                 "peak_effect": u.peak_effect, "mask_peak": list(u.mask_peak) if u.mask_peak else None,
                                 "sentence": u.sentence()} for u in unexplained],
+               "weak_links": [asdict(w) | {"sentence": w.sentence(min_effect)} for w in weak],
                "classifier_held_out_accuracy": accuracy, "counterfactuals": asdict(counter) | {"fixed_by": None},
                "mitigation": mitigation, "ranking": rows, "has_confounder_masks": masks is not None}
     return ShortcutReport(summary, assoc, flagged, findings, test, candidates, levels, [nv for nv, _ in neutral], pool,

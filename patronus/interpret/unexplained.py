@@ -6,7 +6,9 @@ say) yields an empty shortcut report, which reads as "no shortcut" although the 
 and the denoiser may still draw it. The check needs no model output beyond the activations:
 
   1. Is the confounder linked to the target in these images? φ·√N ≥ `z` (a two-sided χ² test
-     of independence, z = 3 ≈ p 0.003).
+     of independence, z = 3 ≈ p 0.003), and strongly enough to matter: its rate differs by at
+     least `min_effect` between the target and the rest (`rate_difference`; the report's flags
+     use the same minimum).
   2. Does any prototype carry it? The best prototype's AUROC for the confounder.
   3. Where? Pixel effect size (Cohen's d) of "confounder present − absent" within the target
      class: the map is large where the confounder is drawn, and (with masks) the mask's mean.
@@ -21,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from patronus.data.shortcuts import phi
+from patronus.data.shortcuts import phi, rate_difference
 
 
 def effect_map(images: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,9 +79,10 @@ def unexplained_signals(images: torch.Tensor, s: torch.Tensor, where: torch.Tens
                         target_names: Sequence[str], confounders: torch.Tensor, confounder_names: Sequence[str],
                         confounder_auroc: torch.Tensor, target_auroc: torch.Tensor, carried: set[str],
                         boxes: Sequence[tuple[int, int, int, int]], masks: Optional[torch.Tensor] = None,
-                        z: float = 3.0, carried_auroc: float = 0.9) -> list[Unexplained]:
-    """Every (target, confounder) pair linked in the data (φ·√N ≥ z) whose confounder is neither in
-    `carried` (the report's findings) nor detected by any prototype at AUROC ≥ `carried_auroc`.
+                        z: float = 3.0, carried_auroc: float = 0.9, min_effect: float = 0.1) -> list[Unexplained]:
+    """Every (target, confounder) pair linked in the data (φ·√N ≥ z, rate difference ≥ min_effect)
+    whose confounder is neither in `carried` (the report's findings) nor detected by any prototype
+    at AUROC ≥ `carried_auroc`.
 
     confounder_auroc (C, K) and target_auroc (T, K) are sign-free AUROCs of the prototypes."""
     out = []
@@ -95,8 +98,8 @@ def unexplained_signals(images: torch.Tensor, s: torch.Tensor, where: torch.Tens
             known = ~(targets[:, t].isnan() | confounders[:, c].isnan())
             r = phi(targets[:, t], confounders[:, c])
             score = r * float(known.sum()) ** 0.5 if r == r else 0.0
-            if score < z:  # only a confounder that goes WITH the target can be its shortcut
-                continue
+            if score < z or not rate_difference(targets[:, t], confounders[:, c]) >= min_effect:
+                continue  # only a confounder that goes WITH the target, and by enough, can be its shortcut
             pos = known & (targets[:, t] == 1)
             d = effect_map(images, pos & (confounders[:, c] == 1), pos & (confounders[:, c] == 0))
             if not bool((pos & (confounders[:, c] == 0)).any()):  # the confounder is on every target image
@@ -111,3 +114,37 @@ def unexplained_signals(images: torch.Tensor, s: torch.Tensor, where: torch.Tens
                 mask_peak = divmod(int(m.argmax()), shape[1])
             out.append(Unexplained(tname, cname, r, score, best, best_auc, d, u, peak, float(u.max()), mask_peak))
     return sorted(out, key=lambda u: -u.z)
+
+
+@dataclass
+class WeakLink:
+    """A confounder linked to a target beyond chance but below the report's minimum effect."""
+
+    target: str
+    confounder: str
+    rate_target: float  # share of target images with the confounder
+    rate_rest: float  # share of the other images with it
+
+    def sentence(self, min_effect: float) -> str:
+        return (f"{self.confounder} goes with {self.target} in these images, but weakly: it is on {self.rate_target:.0%} "
+                f"of them and {self.rate_rest:.0%} of the rest, less than the {100 * min_effect:.0f} percentage points the "
+                "report counts as a possible shortcut (min_effect)")
+
+
+def weak_links(targets: torch.Tensor, target_names: Sequence[str], confounders: torch.Tensor,
+               confounder_names: Sequence[str], min_effect: float, z: float = 3.0) -> list[WeakLink]:
+    """(target, confounder) pairs where the confounder goes with the target beyond chance (φ·√N ≥ z)
+    but its rates differ by less than `min_effect`: what the report leaves out on purpose, so that
+    it can say so."""
+    out = []
+    for c, cname in enumerate(confounder_names):
+        for t, tname in enumerate(target_names):
+            known = ~(targets[:, t].isnan() | confounders[:, c].isnan())
+            r = phi(targets[:, t], confounders[:, c])
+            if not (r == r and r * float(known.sum()) ** 0.5 >= z
+                    and rate_difference(targets[:, t], confounders[:, c]) < min_effect):
+                continue
+            pos = known & (targets[:, t] == 1)
+            rest = known & (targets[:, t] == 0)
+            out.append(WeakLink(tname, cname, float(confounders[pos, c].mean()), float(confounders[rest, c].mean())))
+    return out
