@@ -81,10 +81,11 @@ def test_a_marker_the_model_never_saw_gets_a_prototype_that_detects_it(tiny_mode
                            min_support=4, protected={plan.index}, generator=torch.Generator().manual_seed(0))
     assert again is not None and again.index != plan.index  # a prototype is reseeded once at most
     # A place is seeded once: with the marker's place taken, the round looks elsewhere or nowhere.
+    taken = torch.cat([plan.place[None], plan.member_places])
     elsewhere, why = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, t=700, candidates=128, radius_share=0.05,
                                  min_support=4, protected={plan.index}, generator=torch.Generator().manual_seed(0),
-                                 seeded_places=plan.place[None])
-    assert elsewhere is None or bool(away_from(elsewhere.place[None], plan.place[None], (10, 10))), why
+                                 seeded_places=taken)
+    assert elsewhere is None or bool(away_from(elsewhere.member_places, taken, (10, 10)).all()), why
 
 
 class RecordingReseeding(PrototypeReseeding):
@@ -114,7 +115,8 @@ def test_the_callback_moves_the_prototype_and_its_ema_copy_and_survives_a_resume
     again = PrototypeReseeding()
     again.load_state_dict(reseed.state_dict())
     assert again.reseeded == reseed.reseeded  # a resumed run does not reseed the same prototype twice
-    assert again.places == reseed.places == [[float(v) for v in plan.place]]  # nor the same place
+    seeded = torch.cat([plan.place[None], plan.member_places]).tolist()
+    assert again.places == reseed.places == [[float(r), float(c)] for r, c in seeded]  # nor the same place
 
 
 def test_a_start_past_the_last_round_is_said_not_silent():

@@ -18,7 +18,10 @@ misses it the same way on many images. So, a few times early in training:
 
 A place an earlier round seeded is not seeded again: if its pattern is still missed, a prototype
 there did not help (measured on X-rays: the rounds kept re-seeding a textured corner of the image
-while the marker's corner, the next densest pattern, waited).
+while the marker's corner, the next densest pattern, waited). "Place" means every cell the seeded
+cluster was drawn from, not only their mean: a corner texture spread over several cells can have a
+mean more than a cell from each of them (measured on X-rays: one corner seeded twice that way, and
+the marker's cell not at all).
 """
 
 from __future__ import annotations
@@ -103,7 +106,8 @@ def prototype_use(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor
 @dataclass
 class Reseed:
     """One round's decision: prototype `index` moves to `feature` at `place`, the centroid of a pattern
-    `support` of the worst cells share; `image`, `cell`: the cluster's densest cell, for the log."""
+    `support` of the worst cells share, drawn from the cells at `member_places` (M, 2);
+    `image`, `cell`: the cluster's densest cell, for the log."""
 
     index: int
     feature: torch.Tensor
@@ -111,6 +115,7 @@ class Reseed:
     support: int
     image: int
     cell: int
+    member_places: torch.Tensor
 
 
 def plan_reseed(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int, candidates: int,
@@ -155,7 +160,7 @@ def plan_reseed(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, 
     if not free:
         return None, "every prototype has been reseeded once already"
     k = min(free, key=lambda j: float(use[j]))
-    return Reseed(k, feature, place, support, image, cell), ""
+    return Reseed(k, feature, place, support, image, cell, places[members].unique(dim=0)), ""
 
 
 class PrototypeReseeding(pl.Callback):
@@ -185,7 +190,7 @@ class PrototypeReseeding(pl.Callback):
         self.candidates, self.radius_share, self.min_support, self.seed = candidates, radius_share, min_support, seed
         self.pool: list[torch.Tensor] = []
         self.reseeded: dict[int, int] = {}  # prototype -> step
-        self.places: list[list[float]] = []  # (row, col) in [0, 1]² of every seeded pattern: each is seeded once
+        self.places: list[list[float]] = []  # (row, col) in [0, 1]² of every seeded pattern and its cells: each is seeded once
 
     def state_dict(self) -> dict[str, Any]:
         return {"reseeded": {str(k): v for k, v in self.reseeded.items()}, "places": self.places}
@@ -228,7 +233,7 @@ class PrototypeReseeding(pl.Callback):
             return
         self._apply(trainer, pl_module, plan, pool)
         self.reseeded[plan.index] = step
-        self.places.append([float(v) for v in plan.place])
+        self.places.extend([float(r), float(c)] for r, c in torch.cat([plan.place[None], plan.member_places]).tolist())
         rank_zero_info(f"step {step}: prototype {plan.index} reseeded on a pattern the denoiser misses in {plan.support} of the "
                        f"{self.candidates} worst cells (pool image {plan.image}, cell {plan.cell})")
 
