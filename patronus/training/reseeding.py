@@ -233,7 +233,7 @@ class PrototypeReseeding(pl.Callback):
             return
         self._apply(trainer, pl_module, plan, pool)
         self.reseeded[plan.index] = step
-        self.places.extend([float(r), float(c)] for r, c in torch.cat([plan.place[None], plan.member_places]).tolist())
+        self.places.extend(torch.cat([plan.place[None], plan.member_places]).tolist())  # (row, col) floats
         rank_zero_info(f"step {step}: prototype {plan.index} reseeded on a pattern the denoiser misses in {plan.support} of the "
                        f"{self.candidates} worst cells (pool image {plan.image}, cell {plan.cell})")
 
