@@ -211,6 +211,8 @@ class PrototypeReseeding(pl.Callback):
     L_distinct: real patch features all sit in the sigmoid's positive orthant (|cos| ≈ 0.95 to some
     other prototype), so its margin would push the prototype off the pattern within ~100 steps
     (measured); the seeding itself checked it is far, in L2, from every other prototype.
+    `column_fit_steps` > 0 then fits the new prototype's condition input alone for that many Adam steps
+    at `column_fit_lr` on the pool (`fit_condition_column`), so the denoiser reads it from the start.
     Under DDP rank 0 decides and every rank applies.
     """
 
