@@ -26,8 +26,9 @@ the marker's cell not at all).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -39,6 +40,24 @@ from patronus.diffusion import clean_estimate, diffusion_loss
 from patronus.models.patronus import PatronusModel
 from patronus.models.prototypes import ReceptiveField
 from patronus.training.callbacks import averaged_net
+
+
+@contextmanager
+def evaluating(net: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for a round's own passes (BatchNorm must not update on the pool); the train flag is restored."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+def live_and_averaged(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[PatronusModel]:
+    """The live net and, when an EMA callback holds one, its averaged copy: a round writes both, or the EMA
+    copy would blend the old prototype into the new for hundreds of steps."""
+    ema = averaged_net(trainer, pl_module)
+    return [pl_module.net] if ema is pl_module.net else [pl_module.net, ema]
 
 
 def pixel_owner(rf: ReceptiveField, grid: tuple[int, int]) -> torch.Tensor:
@@ -259,17 +278,13 @@ class PrototypeReseeding(pl.Callback):
 
     def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         net: PatronusModel = pl_module.net
-        was_training = net.training
-        net.eval()
         pool = torch.cat(self.pool)
-        try:
-            generator = torch.Generator().manual_seed(self.seed + step)
+        generator = torch.Generator().manual_seed(self.seed + step)
+        with evaluating(net):
             t = int(self.t_fraction * net.config.num_train_timesteps)
             plan, why = plan_reseed(net, pl_module.scheduler, pool, t, self.candidates, self.radius_share,
                                     self.min_support, set(self.reseeded), len(self.pool[-1]), generator,
                                     torch.tensor(self.places).reshape(-1, 2))
-        finally:
-            net.train(was_training)
         plan = trainer.strategy.broadcast(plan, src=0)
         if plan is None:
             rank_zero_info(f"step {step}: reseeding skipped: {why}")
@@ -286,16 +301,12 @@ class PrototypeReseeding(pl.Callback):
                     generator: torch.Generator) -> None:
         """Fit the new input column alone (`fit_condition_column`); rank 0's column goes to every rank and the EMA copy."""
         net = pl_module.net
-        was_training = net.training
-        net.eval()
-        try:
+        with evaluating(net):
             norm = fit_condition_column(net, pl_module.scheduler, pool, k, self.column_fit_steps, self.column_fit_lr,
                                         len(self.pool[-1]), pl_module.hparams.snr_gamma, generator)
-        finally:
-            net.train(was_training)
         column = trainer.strategy.broadcast(net.denoiser.cond_mlp[1].weight[:, k].detach().clone(), src=0)
         with torch.no_grad():
-            for copy in {id(n): n for n in (net, averaged_net(trainer, pl_module))}.values():  # live net, EMA copy
+            for copy in live_and_averaged(trainer, pl_module):
                 copy.denoiser.cond_mlp[1].weight[:, k] = column.to(copy.denoiser.cond_mlp[1].weight)
         rank_zero_info(f"prototype {k}: its condition input fitted alone for {self.column_fit_steps} steps "
                        f"(column norm {norm:.2f})")
@@ -303,22 +314,16 @@ class PrototypeReseeding(pl.Callback):
     @torch.no_grad()
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: Reseed, pool: torch.Tensor) -> None:
         k = plan.index
-        nets = [pl_module.net]
-        ema = averaged_net(trainer, pl_module)
-        if ema is not pl_module.net:
-            nets.append(ema)  # the EMA copy would otherwise blend the old prototype into the new for hundreds of steps
-        for net in nets:
-            was_training = net.training
-            net.eval()
-            net.encoder.place_prototype(k, plan.feature, plan.place)
-            s_k = net.encode(pool)[:, k].float()
-            norm = net.denoiser.cond_mlp[0]
-            norm.running_mean[k], norm.running_var[k] = s_k.mean(), s_k.var()  # running statistics of the old s_k
-            # The new input starts with zero weights (as ControlNet starts new inputs): the old prototype's
-            # weights would read it with the old meaning, and the noise that injects makes "flatten s_k",
-            # i.e. push the prototype off the pattern, the fastest way down the loss.
-            net.denoiser.cond_mlp[1].weight[:, k] = 0
-            net.train(was_training)
+        for net in live_and_averaged(trainer, pl_module):
+            with evaluating(net):
+                net.encoder.place_prototype(k, plan.feature, plan.place)
+                s_k = net.encode(pool)[:, k].float()
+                norm = net.denoiser.cond_mlp[0]
+                norm.running_mean[k], norm.running_var[k] = s_k.mean(), s_k.var()  # running statistics of the old s_k
+                # The new input starts with zero weights (as ControlNet starts new inputs): the old prototype's
+                # weights would read it with the old meaning, and the noise that injects makes "flatten s_k",
+                # i.e. push the prototype off the pattern, the fastest way down the loss.
+                net.denoiser.cond_mlp[1].weight[:, k] = 0
         pl_module.distinct_exempt = sorted({*self.reseeded, k})
         enc, live = pl_module.net.encoder, pl_module.net.denoiser.cond_mlp[1].weight
         moved = [(enc.prototypes, (k,)), (live, (slice(None), k))]
