@@ -26,6 +26,9 @@ COLUMNS = [
     ("class agr.", "class_agreement"), ("label agr.", "label_agreement"), ("attr agr.", "attribute_agreement"),
     ("s→class probe", "s_class_probe"), ("s cycle", "s_cycle"), ("judge FID", "judge_fid"), ("real FID", "judge_fid_real"), ("raise gain", "raise_gain"), ("lower gain", "lower_gain"),
     ("raise |Δx|", "raise_pixels"), ("lower |Δx|", "lower_pixels"), ("marker drawn", "drawn"), ("marker removed", "removed"),
+    ("removed under an unmarked s", "removed_by_swap"), ("drawn from noise", "drawn_from_noise"),
+    ("unedited", "drawn_from_noise_unedited"), ("removed from noise", "removed_from_noise"),
+    ("unedited", "removed_from_noise_unedited"),
     ("s", "seconds"),
 ]
 
@@ -33,6 +36,7 @@ COLUMNS = [
 def row_of(run: str, guidance: float, edit_guidance: float, out: dict[str, Any], seconds: float) -> dict[str, Any]:
     """The table's numbers from one faithfulness result."""
     marker = out.get("marker") or {}
+    refs = marker.get("references") or {}
     quality = out.get("sample_quality") or {}
     return {
         "run": run, "guidance": guidance, "edit_guidance": edit_guidance,
@@ -42,7 +46,10 @@ def row_of(run: str, guidance: float, edit_guidance: float, out: dict[str, Any],
         "judge_fid": quality.get("judge_fid"), "judge_fid_real": quality.get("judge_fid_real"),
         "raise_gain": out["edits"]["raise"]["gain_mean"], "lower_gain": out["edits"]["lower"]["gain_mean"],
         "raise_pixels": out["edits"]["raise"]["pixel_change_mean"], "lower_pixels": out["edits"]["lower"]["pixel_change_mean"],
-        "drawn": marker.get("drawn_rate"), "removed": marker.get("removed_rate"), "seconds": seconds,
+        "drawn": marker.get("drawn_rate"), "removed": marker.get("removed_rate"),
+        **{k: refs.get(k) for k in ("removed_by_swap", "drawn_from_noise", "drawn_from_noise_unedited",
+                                    "removed_from_noise", "removed_from_noise_unedited")},
+        "seconds": seconds,
     }
 
 

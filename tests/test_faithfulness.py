@@ -19,6 +19,7 @@ from patronus.interpret.faithfulness import (
     marker_effect,
     marker_prototypes_by_auroc,
     marker_rates,
+    same_class_partners,
     pearson_per_column,
     s_class_probe,
     sample_agreement,
@@ -224,6 +225,19 @@ def test_marker_effect_on_real_images_from_barely_noised_latents(tiny_pipe, mnis
     r = eff.rates
     assert (r.drawn, r.removed, r.drawn_in_reconstruction, r.kept_in_reconstruction) == (0.0, 0.0, 0.0, 1.0)
     assert eff.raised.shape == unmarked.shape and eff.lowered.shape == marked.shape and eff.s_raised.shape == (6, 2)
+    refs = eff.references
+    assert refs.removed_by_swap == 0.0  # the marked latents keep the marker under any s: nothing left to redraw
+    fresh = [refs.drawn_from_noise, refs.drawn_from_noise_unedited, refs.removed_from_noise, refs.removed_from_noise_unedited]
+    assert all(0.0 <= v <= 1.0 for v in fresh)
+    assert marker_effect(tiny_pipe, unmarked, marked, masks, [0, 1], levels, steps=10, partial_steps=1,
+                         references=False).references is None
+
+
+def test_same_class_partners_take_turns_within_the_class():
+    labels, partners = torch.tensor([1, 1, 0, 1, 2]), torch.tensor([0, 1, 1, 0])
+    # class 1 → partners 1, 2 in turn; class 0 → partner 0 first; class 2 has none → everyone in turn (index 4 % 4)
+    assert same_class_partners(labels, partners, 5, 4).tolist() == [1, 2, 0, 1, 0]
+    assert same_class_partners(None, partners, 5, 4).tolist() == [0, 1, 2, 3, 0]
 
 
 def test_faithfulness_command_end_to_end(tiny_model, tmp_path, capsys):
@@ -249,6 +263,8 @@ def test_faithfulness_command_end_to_end(tiny_model, tmp_path, capsys):
     m = out["marker"]
     assert m["unmarked_images"] == 16 and m["marked_images"] == 16 and m["detector"]["rule"] == "mask"
     assert m["prototypes"] and 0 <= m["drawn_rate"] <= 1 and 0 <= m["removed_rate"] <= 1
+    assert set(m["references"]) == {"removed_by_swap", "drawn_from_noise", "drawn_from_noise_unedited", "removed_from_noise",
+                                    "removed_from_noise_unedited"} and all(0 <= v <= 1 for v in m["references"].values())
     with pytest.raises(SystemExit) as exit_info:
         main(["faithfulness", "--checkpoint", str(run), "--guidance", "2.0"])
     assert exit_info.value.code == 2 and "guidance=2.0" in capsys.readouterr().err

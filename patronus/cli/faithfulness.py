@@ -85,7 +85,9 @@ def cmd_faithfulness(
     no change). On planted-marker data, the marker prototypes (AUROC ≥ 0.9 for `marker`, else the
     best one) are raised on unmarked and lowered on marked images together; the marker counts as
     drawn when the mean intensity inside the fixed marker mask (random positions: the brightest
-    marker-sized window) passes the midpoint between real unmarked and real marked images.
+    marker-sized window) passes the midpoint between real unmarked and real marked images. Beside
+    them: the marked latents decoded under the s of real unmarked images of their class (the most
+    any s edit removes from those latents) and the same edits from fresh noise (no inversion).
 
     Args:
         num_images: reference images (held-out split); also the unmarked and the marked images of the marker check.
@@ -194,7 +196,10 @@ def _marker(ctx: Context, ds: LabelledImageDataset, num_images: int, prototypes:
         auroc, chosen = {str(j): _nan_none(float(auc[j])) for j in prototypes}, f"AUROC >= {MARKER_AUROC} for 'marker' (else the best)"
     unmarked, _ = _load(ds, unmarked_rows)
     marked, masks = _load(ds, marked_rows, masks=True)
-    eff = marker_effect(ctx.pipe, unmarked, marked, masks, prototypes, levels, steps, partial_steps, edit_guidance)
+    labelled = bool((ds.labels >= 0).all())
+    eff = marker_effect(ctx.pipe, unmarked, marked, masks, prototypes, levels, steps, partial_steps, edit_guidance,
+                        unmarked_labels=ds.labels[unmarked_rows] if labelled else None,
+                        marked_labels=ds.labels[marked_rows] if labelled else None, seed=ctx.seed)
     c = min(len(unmarked), len(marked), FIGURE_COLUMNS)
     plots.save_rows([eff.unmarked[:c], eff.unmarked_reconstruction[:c], eff.raised[:c],
                      eff.marked[:c], eff.marked_reconstruction[:c], eff.lowered[:c]], ctx.out / "marker.png")
@@ -204,6 +209,8 @@ def _marker(ctx: Context, ds: LabelledImageDataset, num_images: int, prototypes:
         "unmarked_images": len(unmarked), "marked_images": len(marked),
         "drawn_rate": r.drawn, "removed_rate": r.removed,
         "drawn_in_reconstruction": r.drawn_in_reconstruction, "kept_in_reconstruction": r.kept_in_reconstruction,
+        # what bounds the edit: the swap ceiling of the latents, and the same edits from fresh noise
+        "references": eff.references.as_dict() if eff.references is not None else None,
         "detector": {"rule": det.rule, "window": list(det.window), "polarity": det.polarity, "threshold": det.threshold,
                      "real_unmarked_score": det.unmarked_score, "real_marked_score": det.marked_score,
                      "real_accuracy": det.real_accuracy},
