@@ -44,8 +44,8 @@ Four measurements, each a pure function (pipeline, tensors) -> dataclass:
    The rates of the plain reconstructions are reported beside them: an inverted latent can
    carry the marker's pixels itself. Two references say what limits the edit (`MarkerReferences`):
      * swap: each marked image's latent decoded under the whole s of a real *unmarked* image of
-       its class: the most any s can remove from that latent (measured on X-rays: the marker
-       stayed in 97% of such decodes, so 0% removal there is the latent's, not the prototype's);
+       its class: the most any s can remove from that latent (measured on the X-ray preset: the marker
+       stayed in 96% of such decodes, so 0% removal there is the latent's, not the prototype's);
      * fresh noise: the same raise / lower decoded from fresh x_T beside the same x_T under the
        unedited s: whether the generator reads the marker prototypes at all, no inversion involved.
    Marker prototypes, when not given: `marker_prototypes_by_auroc` — every prototype whose
@@ -563,12 +563,15 @@ class MarkerRates:
     kept_in_reconstruction: float  # share of plain reconstructions of marked images that keep it
 
 
+def _share(flags: torch.Tensor) -> float:
+    return float(flags.float().mean()) if len(flags) else float("nan")
+
+
 def marker_rates(detector: MarkerDetector, raised: torch.Tensor, lowered: torch.Tensor,
                  unmarked_reconstruction: torch.Tensor, marked_reconstruction: torch.Tensor) -> MarkerRates:
     """Score decoded images with a calibrated detector (the judgement half of `marker_effect`)."""
-    share = lambda t: float(t.float().mean()) if len(t) else float("nan")  # noqa: E731
-    return MarkerRates(share(detector.present(raised)), share(~detector.present(lowered)),
-                       share(detector.present(unmarked_reconstruction)), share(detector.present(marked_reconstruction)))
+    return MarkerRates(_share(detector.present(raised)), _share(~detector.present(lowered)),
+                       _share(detector.present(unmarked_reconstruction)), _share(detector.present(marked_reconstruction)))
 
 
 @dataclass
@@ -675,12 +678,11 @@ def marker_effect(
     rates = marker_rates(detector, raised, lowered, un_rec, mk_rec)
     refs = None
     if references:
-        share = lambda t: float(t.float().mean()) if len(t) else float("nan")  # noqa: E731
         un_plain, un_raised = from_noise(unmarked, "max", 0)
         mk_plain, mk_lowered = from_noise(marked, "min", len(unmarked))
-        refs = MarkerReferences(share(~detector.present(swapped)), share(detector.present(un_raised)),
-                                share(detector.present(un_plain)), share(~detector.present(mk_lowered)),
-                                share(~detector.present(mk_plain)))
+        refs = MarkerReferences(_share(~detector.present(swapped)), _share(detector.present(un_raised)),
+                                _share(detector.present(un_plain)), _share(~detector.present(mk_lowered)),
+                                _share(~detector.present(mk_plain)))
     enc = lambda x: pipe.encode(x).s.cpu()[:, prototypes]  # noqa: E731
     return MarkerEffect(prototypes, detector, rates, unmarked.cpu(), un_rec, raised, marked.cpu(), mk_rec, lowered,
                         enc(raised), enc(lowered), enc(un_rec), enc(mk_rec), refs)
