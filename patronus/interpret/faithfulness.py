@@ -648,8 +648,10 @@ def marker_effect(
     if not prototypes or any(not 0 <= j < K for j in prototypes):
         raise ValueError(f"marker_prototypes {prototypes}: expected one or more of 0..{K - 1}")
     detector = detector if detector is not None else marker_detector(unmarked, marked, masks)
-    s_unmarked = pipe.encode(unmarked).s
-    swap_s = s_unmarked[same_class_partners(marked_labels, unmarked_labels, len(marked), len(unmarked)).to(s_unmarked.device)]
+    swap_s = None
+    if references:  # each marked image's partner: a real unmarked image of its class
+        s_unmarked = pipe.encode(unmarked).s
+        swap_s = s_unmarked[same_class_partners(marked_labels, unmarked_labels, len(marked), len(unmarked)).to(s_unmarked.device)]
     edit_of = lambda level: [Edit(j, "set", level) for j in prototypes]  # noqa: E731
 
     def run(x: torch.Tensor, level: str, swap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -658,7 +660,7 @@ def marker_effect(
             res = pipe.edit(x[i : i + batch_size], [edit_of(level)], steps, partial_steps, levels, guidance=edit_guidance)
             rec.append(res.reconstruction.cpu())
             out.append(res.images[0].cpu())
-            if swap:
+            if swap_s is not None and swap:
                 swapped.append(pipe.decode_edited(res.latent, swap_s[i : i + batch_size], res.s, steps, start_step=res.start_step,
                                                   guidance=edit_guidance).cpu())
         return torch.cat(rec), torch.cat(out), torch.cat(swapped) if swap else torch.empty(0)
