@@ -648,40 +648,40 @@ def marker_effect(
     if not prototypes or any(not 0 <= j < K for j in prototypes):
         raise ValueError(f"marker_prototypes {prototypes}: expected one or more of 0..{K - 1}")
     detector = detector if detector is not None else marker_detector(unmarked, marked, masks)
-    swap_s = None
-    if references:  # each marked image's partner: a real unmarked image of its class
-        s_unmarked = pipe.encode(unmarked).s
-        swap_s = s_unmarked[same_class_partners(marked_labels, unmarked_labels, len(marked), len(unmarked)).to(s_unmarked.device)]
     edit_of = lambda level: [Edit(j, "set", level) for j in prototypes]  # noqa: E731
 
-    def run(x: torch.Tensor, level: str, swap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rec, out, swapped = [], [], []
+    def run(x: torch.Tensor, level: str, partner_s: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+        """(reconstructions, edited, the images' own s, their latents decoded under partner_s when given)."""
+        rec, out, own_s, swapped = [], [], [], []
         for i in range(0, len(x), batch_size):
             res = pipe.edit(x[i : i + batch_size], [edit_of(level)], steps, partial_steps, levels, guidance=edit_guidance)
             rec.append(res.reconstruction.cpu())
             out.append(res.images[0].cpu())
-            if swap_s is not None and swap:
-                swapped.append(pipe.decode_edited(res.latent, swap_s[i : i + batch_size], res.s, steps, start_step=res.start_step,
-                                                  guidance=edit_guidance).cpu())
-        return torch.cat(rec), torch.cat(out), torch.cat(swapped) if swap else torch.empty(0)
+            own_s.append(res.s)
+            if partner_s is not None:
+                swapped.append(pipe.decode_edited(res.latent, partner_s[i : i + batch_size], res.s, steps,
+                                                  start_step=res.start_step, guidance=edit_guidance).cpu())
+        return torch.cat(rec), torch.cat(out), torch.cat(own_s), torch.cat(swapped) if partner_s is not None else torch.empty(0)
 
-    def from_noise(x: torch.Tensor, level: str, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_noise(own_s: torch.Tensor, level: str, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         plain, edited = [], []
-        for i in range(0, len(x), batch_size):
-            s = pipe.encode(x[i : i + batch_size]).s
+        for i in range(0, len(own_s), batch_size):
+            s = own_s[i : i + batch_size]
             x_T = pipe.noise((len(s), *pipe.image_shape()), seed=seed + offset + i)
             plain.append(pipe.denoise(x_T, s, steps).cpu())
             edited.append(pipe.decode_edited(x_T, apply_edits(s, edit_of(level), levels), s, steps, guidance=edit_guidance,
                                              clip=True).cpu())
         return torch.cat(plain), torch.cat(edited)
 
-    un_rec, raised, _ = run(unmarked, "max", False)
-    mk_rec, lowered, swapped = run(marked, "min", references)
+    un_rec, raised, s_unmarked, _ = run(unmarked, "max")
+    # each marked image's partner for the swap: a real unmarked image of its class
+    partners = s_unmarked[same_class_partners(marked_labels, unmarked_labels, len(marked), len(unmarked)).to(s_unmarked.device)]
+    mk_rec, lowered, s_marked, swapped = run(marked, "min", partners if references else None)
     rates = marker_rates(detector, raised, lowered, un_rec, mk_rec)
     refs = None
     if references:
-        un_plain, un_raised = from_noise(unmarked, "max", 0)
-        mk_plain, mk_lowered = from_noise(marked, "min", len(unmarked))
+        un_plain, un_raised = from_noise(s_unmarked, "max", 0)
+        mk_plain, mk_lowered = from_noise(s_marked, "min", len(unmarked))
         refs = MarkerReferences(_share(~detector.present(swapped)), _share(detector.present(un_raised)),
                                 _share(detector.present(un_plain)), _share(~detector.present(mk_lowered)),
                                 _share(~detector.present(mk_plain)))
