@@ -13,7 +13,11 @@ patronus shortcuts`), then OUT/sweep.json, OUT/sweep.md (a table) and OUT/sweep.
 resumes finished runs. Per run:
 
   marker_finding_rank   which finding (1 = first) carries the marker; none if no finding does
-  marker_auroc          AUROC for the marker of that finding's best prototype (else of the best prototype overall)
+  marker_auroc          AUROC for the marker of that finding's best prototype (else of the best prototype overall),
+                        on the report's images (marker at `level` / `q`)
+  marker_auroc_balanced the same prototype's AUROC on the group-balanced held-out set (`--group_split`), where the
+                        marker is independent of the target: the one that tells a marker detector from a class
+                        detector (at 100% a pure class detector scores high on the report's images)
   box_hit_rate          share of its best prototype's top patches whose box holds the marker
   flagged / findings    prototypes flagged, findings they form
   sensitivity           confounder sensitivity of a linear classifier of the target on the activations:
@@ -24,7 +28,7 @@ resumes finished runs. Per run:
   worst_group_*         the report's worst-group accuracy before / after neutralising / balanced training, on a
                         group-balanced held-out set (`--group_split`, the marker re-planted with p = q = 0.5)
 Goals (issue 12): at level 0 nothing is flagged; at ≥ 50% the marker is the first finding with
-marker AUROC ≥ 0.95 and boxes on the marker ≥ 90%.
+marker AUROC ≥ 0.95 (the balanced one) and boxes on the marker ≥ 90%.
 """
 
 from __future__ import annotations
@@ -114,7 +118,9 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     else:
         best = max(by_proto, key=lambda j: by_proto[j]["auroc_confounder"] or 0.0)
         auroc, wg, rates = by_proto[best]["auroc_confounder"], {}, {}
-    return {"marker_finding_rank": rank, "marker_auroc": auroc, "box_hit_rate": by_proto[best].get("boxes_on_confounder"),
+    return {"marker_finding_rank": rank, "marker_auroc": auroc,
+            "marker_auroc_balanced": by_proto[best].get("auroc_confounder_balanced"),
+            "box_hit_rate": by_proto[best].get("boxes_on_confounder"),
             "flagged": len(report["flagged"]), "findings": len(findings), "verdict": report["verdict"],
             "marker_drawn": rates.get("drawn"), "marker_removed": rates.get("removed"),
             "worst_group_before": wg.get("before"), "worst_group_after": wg.get("after"),
@@ -125,17 +131,19 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def goals_met(row: dict[str, Any]) -> Optional[bool]:
-    """Issue 12's goals for one row: nothing flagged at level 0; at ≥ 50% the marker first, AUROC ≥ 0.95, boxes ≥ 90%."""
+    """Issue 12's goals for one row: nothing flagged at level 0; at ≥ 50% the marker first, AUROC ≥ 0.95 (on the
+    group-balanced images: on the report's own, a class detector also scores high when the marker goes with the class), boxes ≥ 90%."""
     if row["level"] == 0:
         return row["flagged"] == 0
     if row["level"] >= 0.5:
-        return (row["marker_finding_rank"] == 1 and (row["marker_auroc"] or 0) >= 0.95
+        return (row["marker_finding_rank"] == 1 and (row.get("marker_auroc_balanced") or 0) >= 0.95
                 and row["box_hit_rate"] is not None and row["box_hit_rate"] >= 0.9)
     return None
 
 
 COLUMNS = [("shape", "shape"), ("size", "size"), ("level", "level"), ("goals", "goals_met"), ("finding rank", "marker_finding_rank"),
-           ("marker AUROC", "marker_auroc"), ("boxes on marker", "box_hit_rate"), ("flagged", "flagged"),
+           ("marker AUROC", "marker_auroc"), ("marker AUROC balanced", "marker_auroc_balanced"),
+           ("boxes on marker", "box_hit_rate"), ("flagged", "flagged"),
            ("findings", "findings"), ("unexplained", "unexplained"), ("sensitivity", "sensitivity"),
            ("marker drawn", "marker_drawn"), ("marker removed", "marker_removed"), ("WGA before", "worst_group_before"),
            ("WGA after", "worst_group_after"), ("WGA balanced", "worst_group_balanced_training"),
@@ -188,11 +196,13 @@ def sweep(out: Path, preset: Path, levels: list[float], shapes: list[Optional[st
 def sweep_figure(rows: list[dict[str, Any]], path: Path) -> Path:
     """The sweep's metrics against the level, one panel each, bounded metrics on their full range."""
     plots.sweep_figure([r["level"] for r in rows], {
-        "marker AUROC": [r["marker_auroc"] for r in rows], "boxes on marker": [r["box_hit_rate"] for r in rows],
+        "marker AUROC": [r["marker_auroc"] for r in rows],
+        "marker AUROC balanced": [r["marker_auroc_balanced"] for r in rows],
+        "boxes on marker": [r["box_hit_rate"] for r in rows],
         "prototypes flagged": [float(r["flagged"]) for r in rows],
         "marker finding rank": [float(r["marker_finding_rank"]) if r["marker_finding_rank"] else float("nan") for r in rows],
         "confounder sensitivity": [r["sensitivity"] for r in rows]}, path,
-        limits={"marker AUROC": (0.5, 1.0), "boxes on marker": (0.0, 1.0), "marker finding rank": (1.0, 5.0),
+        limits={"marker AUROC": (0.5, 1.0), "marker AUROC balanced": (0.5, 1.0), "boxes on marker": (0.0, 1.0), "marker finding rank": (1.0, 5.0),
                 "confounder sensitivity": (0.0, 1.0)})
     return path
 

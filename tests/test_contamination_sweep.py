@@ -5,6 +5,9 @@ import json
 
 import pytest
 
+from patronus.cli.common import DataSource, load_pipeline, run_dataset
+from patronus.interpret.quality import auroc_matrix
+from patronus.interpret.report import ReportData
 from tests.conftest import REPO
 
 
@@ -23,8 +26,11 @@ def test_goals_follow_the_issue():
     sweep = load_sweep()
     assert sweep.goals_met({"level": 0.0, "flagged": 0}) is True
     assert sweep.goals_met({"level": 0.0, "flagged": 1}) is False
-    row = {"level": 0.8, "flagged": 2, "marker_finding_rank": 1, "marker_auroc": 0.97, "box_hit_rate": 0.9}
+    row = {"level": 0.8, "flagged": 2, "marker_finding_rank": 1, "marker_auroc": 0.97, "marker_auroc_balanced": 0.96,
+           "box_hit_rate": 0.9}
     assert sweep.goals_met(row) is True and sweep.goals_met({**row, "marker_finding_rank": 2}) is False
+    # a prototype that fires on the marked class scores high where the marker goes with the class, not where it does not
+    assert sweep.goals_met({**row, "marker_auroc": 0.99, "marker_auroc_balanced": 0.8}) is False
     assert sweep.goals_met({**row, "level": 0.2}) is None  # no goal at 20%
 
 
@@ -35,6 +41,17 @@ def test_quick_sweep_flags_nothing_at_zero_and_finds_the_marker_at_full_contamin
     assert zero["level"] == 0.0 and zero["flagged"] == 0 and zero["goals_met"] is True
     assert "No shortcut found" in zero["verdict"]
     assert full["level"] == 1.0 and full["marker_finding_rank"] == 1 and full["marker_auroc"] > 0.9
+    # the marker AUROC where the marker is independent of the class: against one computed here on the whole
+    # re-planted test set (the report leaves out the 560 images its classifiers were fit on)
+    run = tmp_path / "square_p100"
+    pipe = load_pipeline(str(run), "cpu")
+    balanced = run_dataset(str(run), pipe, DataSource(split="test"), group_balanced=True)
+    data = ReportData.from_dataset(balanced, 1600)
+    best = json.loads((run / "analysis" / "shortcuts" / "shortcuts.json").read_text())["findings"][0]["prototypes"][0]
+    marker = data.attributes[:, data.attribute_names.index("marker")]
+    assert 0.3 < marker.mean() < 0.7
+    here = float(auroc_matrix(pipe.encode(data.images).s[:, [best]].cpu(), marker[:, None])[0, 0])
+    assert abs(full["marker_auroc_balanced"] - here) < 0.03 and full["marker_auroc_balanced"] > 0.9
     assert full["verdict"].startswith("Shortcut found") and full["sensitivity"] > zero["sensitivity"]
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows
     # worst-group accuracy on a group-balanced set: at 100% no held-out 7 lacks the marker, so only the

@@ -145,7 +145,7 @@ def _findings_markdown(summary: dict[str, Any]) -> list[str]:
     lines += weak + ([""] if weak else [])
     if not summary["findings"]:
         return lines + ["Nothing flagged.", ""]
-    lines += ["| finding | prototypes | target | via | p | marker AUROC best / group | neutral value from | "
+    lines += ["| finding | prototypes | target | via | p | marker AUROC best / group / balanced | neutral value from | "
               "marker drawn (raised) | marker removed (neutral) | worst-group acc. before → after (balanced training) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for i, f in enumerate(summary["findings"], 1):
@@ -155,7 +155,8 @@ def _findings_markdown(summary: dict[str, Any]) -> list[str]:
         wg = (f"{_fmt(w['before'])} → {_fmt(w['after'])} ({_fmt(w['balanced_training'])})" if "before" in w
               else f"not scored: {w.get('skipped')}")
         lines.append(f"| {i} | {', '.join(f'p{j}' for j in f['prototypes'])} | {f['target']} | {f['confounder']} | "
-                     f"{_fmt(f['p_value'])} | {_fmt(f['auroc_confounder_best'])} / {_fmt(f['auroc_confounder_group'])} | "
+                     f"{_fmt(f['p_value'])} | {_fmt(f['auroc_confounder_best'])} / {_fmt(f['auroc_confounder_group'])} / "
+                     f"{_fmt(f.get('auroc_confounder_balanced'))} | "
                      f"{f['neutral_from']} | {drawn} | {removed} | {wg} |")
     f0 = summary["findings"][0]
     lines += ["", f"How sure: {f0['sure']}.", "",
@@ -165,7 +166,10 @@ def _findings_markdown(summary: dict[str, Any]) -> list[str]:
                                                   if "groups_present" in f0["worst_group"] else "")
               + (f"; the rarest group has {f0['worst_group']['smallest_group']} images" if "smallest_group" in f0["worst_group"] else "")
               + (f"; scored on {f0['worst_group']['scored_on']}" if "scored_on" in f0["worst_group"] else "")
-              + f". Members firing where the best one does: {', '.join(f'p{j}' for j in f0['same_place'])}.", ""]
+              + f". Members firing where the best one does: {', '.join(f'p{j}' for j in f0['same_place'])}."
+              + (" Marker AUROC 'balanced': the highest of its members on the worst-group images, where the confounder is independent "
+                 "of the target; on the report's own images a detector of the target alone scores high when the confounder "
+                 "goes with it." if f0.get("auroc_confounder_balanced") is not None else ""), ""]
     return lines + (["![worst-group accuracy](worst_group.png)", ""] if any("before" in f["worst_group"] for f in summary["findings"]) else [])
 
 
@@ -187,12 +191,13 @@ def write_markdown(summary: dict[str, Any], out: Path, title: str) -> Path:
              f"candidate confounders (not told which, if any): {', '.join(summary['candidate_confounders']) or 'none'}.", "",
              *_findings_markdown(summary), *_unexplained_markdown(summary),
              "## Ranking: AUROC for a target that a confounder explains away", "",
-             "| rank | prototype | score | p | finding | target | via | AUROC target | AUROC confounder | φ(target, confounder) | same spot | mistakes fixed by one edit |",
+             "| rank | prototype | score | p | finding | target | via | AUROC target | AUROC confounder (balanced) | φ(target, confounder) | same spot | mistakes fixed by one edit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["ranking"][:10]:
         lines.append(f"| {r['rank']} | p{r['prototype']}{' ⚠' if r['flagged'] else ''} | {_fmt(r['score'])} | {_fmt(r['p_value'])} | "
                      f"{_fmt(r['finding'])} | {_fmt(r['target'])} | "
-                     f"{_fmt(r['confounder'])} | {_fmt(r['auroc_target'])} | {_fmt(r['auroc_confounder'])} | "
+                     f"{_fmt(r['confounder'])} | {_fmt(r['auroc_target'])} | {_fmt(r['auroc_confounder'])} "
+                     f"({_fmt(r.get('auroc_confounder_balanced'))}) | "
                      f"{_fmt(r['phi_target_confounder'])} | {_fmt(r['location_concentration'])} | "
                      f"{_fmt(r['counterfactual_fix_rate'])} ({r['counterfactual_edit']}) |")
     lines += ["", "![ranking](ranking.png)", "", "![AUROC matrix](auroc_matrix.png)", "",
@@ -251,13 +256,15 @@ def log_to_wandb(summary: dict[str, Any], out: Path, project: str, run_dir: Opti
     run = wandb.init(project=project, dir=str(run_dir or out), mode="offline", job_type="shortcut-report",
                      config={k: summary[k] for k in ("images", "targets", "candidate_confounders", "flagged", "verdict")})
     keys = ["rank", "prototype", "score", "p_value", "flagged", "finding", "target", "confounder", "auroc_target",
-            "auroc_confounder", "location_concentration", "counterfactual_fix_rate"]
+            "auroc_confounder", "auroc_confounder_balanced", "location_concentration", "counterfactual_fix_rate"]
     table = wandb.Table(columns=keys, data=[[r[k] for k in keys] for r in summary["ranking"]])
-    fkeys = ["prototypes", "target", "confounder", "p_value", "auroc_confounder_best", "auroc_confounder_group", "neutral_from",
+    fkeys = ["prototypes", "target", "confounder", "p_value", "auroc_confounder_best", "auroc_confounder_group",
+             "auroc_confounder_balanced", "neutral_from",
              "drawn", "removed", "worst_group_before", "worst_group_after", "worst_group_balanced_training"]
     findings = wandb.Table(columns=fkeys, data=[[
         ", ".join(f"p{j}" for j in f["prototypes"]), f["target"], f["confounder"], f["p_value"], f["auroc_confounder_best"],
-        f["auroc_confounder_group"], f["neutral_from"], f["marker_rates"].get("drawn"), f["marker_rates"].get("removed"),
+        f["auroc_confounder_group"], f["auroc_confounder_balanced"], f["neutral_from"], f["marker_rates"].get("drawn"),
+        f["marker_rates"].get("removed"),
         f["worst_group"].get("before"), f["worst_group"].get("after"), f["worst_group"].get("balanced_training")]
         for f in summary["findings"]])
     images = {f"shortcuts/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
