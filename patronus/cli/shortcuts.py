@@ -56,6 +56,7 @@ def cmd_shortcuts(
             there independently of the target, so every target × marker group is well populated; other
             data is read as is (e.g. a `*_balanced` split written by `shortcut_data --balanced_splits`).
             When it is the report's own split, the images its classifiers were fit on are left out.
+            The report also gives each prototype's confounder AUROC on these images ("balanced").
         no_wandb: write files only (default: also an offline wandb run).
     """
     ds = ctx.dataset()
