@@ -132,7 +132,8 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 
 def goals_met(row: dict[str, Any]) -> Optional[bool]:
     """Issue 12's goals for one row: nothing flagged at level 0; at ≥ 50% the marker first, AUROC ≥ 0.95 (on the
-    group-balanced images: on the report's own, a class detector also scores high when the marker goes with the class), boxes ≥ 90%."""
+    group-balanced images: on the report's own, a class detector also scores high when the marker goes with the
+    class), boxes ≥ 90%."""
     if row["level"] == 0:
         return row["flagged"] == 0
     if row["level"] >= 0.5:
@@ -202,8 +203,8 @@ def sweep_figure(rows: list[dict[str, Any]], path: Path) -> Path:
         "prototypes flagged": [float(r["flagged"]) for r in rows],
         "marker finding rank": [float(r["marker_finding_rank"]) if r["marker_finding_rank"] else float("nan") for r in rows],
         "confounder sensitivity": [r["sensitivity"] for r in rows]}, path,
-        limits={"marker AUROC": (0.5, 1.0), "marker AUROC balanced": (0.5, 1.0), "boxes on marker": (0.0, 1.0), "marker finding rank": (1.0, 5.0),
-                "confounder sensitivity": (0.0, 1.0)})
+        limits={"marker AUROC": (0.5, 1.0), "marker AUROC balanced": (0.5, 1.0), "boxes on marker": (0.0, 1.0),
+                "marker finding rank": (1.0, 5.0), "confounder sensitivity": (0.0, 1.0)})
     return path
 
 

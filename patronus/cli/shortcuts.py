@@ -157,7 +157,7 @@ def _findings_markdown(summary: dict[str, Any]) -> list[str]:
               else f"not scored: {w.get('skipped')}")
         lines.append(f"| {i} | {', '.join(f'p{j}' for j in f['prototypes'])} | {f['target']} | {f['confounder']} | "
                      f"{_fmt(f['p_value'])} | {_fmt(f['auroc_confounder_best'])} / {_fmt(f['auroc_confounder_group'])} / "
-                     f"{_fmt(f.get('auroc_confounder_balanced'))} | "
+                     f"{_fmt(f['auroc_confounder_balanced'])} | "
                      f"{f['neutral_from']} | {drawn} | {removed} | {wg} |")
     f0 = summary["findings"][0]
     lines += ["", f"How sure: {f0['sure']}.", "",
@@ -170,7 +170,7 @@ def _findings_markdown(summary: dict[str, Any]) -> list[str]:
               + f". Members firing where the best one does: {', '.join(f'p{j}' for j in f0['same_place'])}."
               + (" Marker AUROC 'balanced': the highest of its members on the worst-group images, where the confounder is independent "
                  "of the target; on the report's own images a detector of the target alone scores high when the confounder "
-                 "goes with it." if f0.get("auroc_confounder_balanced") is not None else ""), ""]
+                 "goes with it." if f0["auroc_confounder_balanced"] is not None else ""), ""]
     return lines + (["![worst-group accuracy](worst_group.png)", ""] if any("before" in f["worst_group"] for f in summary["findings"]) else [])
 
 
@@ -198,7 +198,7 @@ def write_markdown(summary: dict[str, Any], out: Path, title: str) -> Path:
         lines.append(f"| {r['rank']} | p{r['prototype']}{' ⚠' if r['flagged'] else ''} | {_fmt(r['score'])} | {_fmt(r['p_value'])} | "
                      f"{_fmt(r['finding'])} | {_fmt(r['target'])} | "
                      f"{_fmt(r['confounder'])} | {_fmt(r['auroc_target'])} | {_fmt(r['auroc_confounder'])} "
-                     f"({_fmt(r.get('auroc_confounder_balanced'))}) | "
+                     f"({_fmt(r['auroc_confounder_balanced'])}) | "
                      f"{_fmt(r['phi_target_confounder'])} | {_fmt(r['location_concentration'])} | "
                      f"{_fmt(r['counterfactual_fix_rate'])} ({r['counterfactual_edit']}) |")
     lines += ["", "![ranking](ranking.png)", "", "![AUROC matrix](auroc_matrix.png)", "",
