@@ -16,6 +16,14 @@ misses it the same way on many images. So, a few times early in training:
    denoiser uses least (first-order estimate of the loss change if it were held at its mean) onto
    the cluster's centroid (feature and place), and let training refine it.
 
+With `contrast` α > 0 the seed is not the centroid c itself but c + α·(c − μ), μ the mean feature of
+every cell of the pool: the centroid also holds what every patch shares (the texture around a
+1-px line fills most of a 15-px receptive field), and under the L2 distance that shared part lets
+ordinary patches match it. Moving away from the typical patch keeps what makes the cluster unusual.
+Measured (probed with the marked cells' centroid on a trained X-ray encoder, 1-px line at 90%,
+524 held-out X-rays with the marker at p = q = 0.5): marker AUROC 0.90 at α = 0, 0.97 at α = 1;
+no labels are used, only the pool's own mean.
+
 A place an earlier round seeded is not seeded again: if its pattern is still missed, a prototype
 there did not help (measured on X-rays: the rounds kept re-seeding a textured corner of the image
 while the marker's corner, the next densest pattern, waited). "Place" means every cell the seeded
@@ -177,10 +185,11 @@ class Reseed:
 def plan_reseed(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int, candidates: int,
                 radius_share: float, min_support: int, protected: set[int], use_images: int = 64,
                 generator: Optional[torch.Generator] = None,
-                seeded_places: Optional[torch.Tensor] = None) -> tuple[Optional[Reseed], str]:
+                seeded_places: Optional[torch.Tensor] = None, contrast: float = 0.0) -> tuple[Optional[Reseed], str]:
     """The reseeding of one round on the pool `x0`, or None with the reason (steps 1–3 of the module docstring).
     Prototype use is estimated on the last `use_images` of the pool (it needs a backward pass); cells
-    within one step of `seeded_places` (M, 2) (earlier rounds' places) are not candidates."""
+    within one step of `seeded_places` (M, 2) (earlier rounds' places) are not candidates; the seed is
+    the centroid moved `contrast` times its offset from the pool's mean feature (module docstring)."""
     enc = net.encoder
     err = clean_estimate_error(net, scheduler, x0, t, generator)  # (B, S, S)
     grid = enc.feature_shape()
@@ -211,6 +220,8 @@ def plan_reseed(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, 
             break
         available, served = available & ~members, served + 1
     image, cell = divmod(int(worst[i]), cells)
+    if contrast:
+        feature = feature + contrast * (feature - z.mean(0))
     use = prototype_use(net, scheduler, x0[-use_images:], t, generator)
     free = [k for k in range(len(use)) if k not in protected]
     if not free:
@@ -232,13 +243,16 @@ class PrototypeReseeding(pl.Callback):
     (measured); the seeding itself checked it is far, in L2, from every other prototype.
     `column_fit_steps` > 0 then fits the new prototype's condition input alone for that many Adam steps
     at `column_fit_lr` on the pool (`fit_condition_column`), so the denoiser reads it from the start.
+    `contrast` α > 0 seeds c + α·(c − μ) instead of the centroid c (module docstring).
     Under DDP rank 0 decides and every rank applies.
     """
 
     def __init__(self, every_n_steps: int = 100, start_step: int = 600, stop_fraction: float = 0.8,
                  pool_batches: int = 4, timestep_fraction: float = 0.7, candidates: int = 128,
                  radius_share: float = 0.05, min_support: int = 4, seed: int = 0, column_fit_steps: int = 0,
-                 column_fit_lr: float = 1e-2):
+                 column_fit_lr: float = 1e-2, contrast: float = 0.0):
+        if not contrast >= 0:
+            raise ValueError(f"reseed: contrast={contrast!r}; expected a number >= 0")
         if column_fit_steps < 0 or not column_fit_lr > 0:
             raise ValueError(f"reseed: column_fit_steps={column_fit_steps} must be ≥ 0 and column_fit_lr={column_fit_lr} > 0")
         if every_n_steps < 1 or start_step < 0 or pool_batches < 1 or candidates < 2 or min_support < 2:
@@ -249,7 +263,7 @@ class PrototypeReseeding(pl.Callback):
         self.every, self.start, self.stop = every_n_steps, start_step, stop_fraction
         self.pool_batches, self.t_fraction = pool_batches, timestep_fraction
         self.candidates, self.radius_share, self.min_support, self.seed = candidates, radius_share, min_support, seed
-        self.column_fit_steps, self.column_fit_lr = column_fit_steps, column_fit_lr
+        self.column_fit_steps, self.column_fit_lr, self.contrast = column_fit_steps, column_fit_lr, contrast
         self.pool: list[torch.Tensor] = []
         self.reseeded: dict[int, int] = {}  # prototype -> step
         self.places: list[list[float]] = []  # (row, col) in [0, 1]² of every seeded pattern and its cells: each is seeded once
@@ -284,7 +298,7 @@ class PrototypeReseeding(pl.Callback):
             t = int(self.t_fraction * net.config.num_train_timesteps)
             plan, why = plan_reseed(net, pl_module.scheduler, pool, t, self.candidates, self.radius_share,
                                     self.min_support, set(self.reseeded), len(self.pool[-1]), generator,
-                                    torch.tensor(self.places).reshape(-1, 2))
+                                    torch.tensor(self.places).reshape(-1, 2), self.contrast)
         plan = trainer.strategy.broadcast(plan, src=0)
         if plan is None:
             rank_zero_info(f"step {step}: reseeding skipped: {why}")
