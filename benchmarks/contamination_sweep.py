@@ -168,13 +168,15 @@ def sweep(out: Path, preset: Path, levels: list[float], shapes: list[Optional[st
     if base.get("kind") != "planted_marker":
         raise ValueError(f"preset {preset}: data.shortcut must be a planted_marker (the sweep changes its p)")
     rows = []
+    # A finished run is not retrained; its training time is the one the previous sweep.json recorded.
+    before = {r["run"]: r for r in json.loads((out / "sweep.json").read_text())} if (out / "sweep.json").is_file() else {}
     for shape in shapes:
         for level in levels:
             spec = {**base, "p": float(level), **({"q": q} if q is not None else {}), **({"shape": shape} if shape else {}),
                     **({"size": size} if size else {})}
             name = f"{spec.get('shape', 'square')}_p{round(100 * level):03d}"
             run_dir = out / name
-            train_s = train_run(preset, run_dir, spec, max_steps, quick)
+            train_s = train_run(preset, run_dir, spec, max_steps, quick) or (before.get(name) or {}).get("train_seconds") or 0.0
             start = time.time()
             report = patronus_main(["shortcuts", "--checkpoint", str(run_dir), "--data.split", "test", "--no_wandb", "true",
                                     *report_args])

@@ -61,6 +61,13 @@ def test_quick_sweep_flags_nothing_at_zero_and_finds_the_marker_at_full_contamin
     assert full["worst_group_smallest"] >= 20 and 0 <= full["worst_group_before"] <= 1
     assert (tmp_path / "sweep.md").read_text().count("| square |") == 2 and (tmp_path / "sweep_square.png").is_file()
 
+    # the feature probe: the run's best prototype is at least the finding's, read the same way on the same set,
+    # and a prototype fitted with the labels on half the set detects the marker on the other half
+    probe = load_benchmark("marker_feature_probe").main(["--run", str(run), "--group_split", "test", "--num_images", "1600"])
+    assert probe["images"] == 1600 and probe["trained_best"]["auroc"] >= here - 1e-6
+    assert probe["fitted_with_labels_held_out"] > 0.9 and set(probe["contrast_seeds"]) == {"0.0", "0.5", "1.0", "2.0", "4.0"}
+    assert json.loads((run / "analysis" / "marker_feature_probe.json").read_text()) == probe
+
     # fine-tuning with the finding held (the report's finetune_held.yaml), then the marker-drawn rates
     result = load_benchmark("mitigation_finetune").main(["--run", str(tmp_path / "square_p100"), "--steps", "20",
                                                          "--num_images", "16", "--sampling_steps", "5"])

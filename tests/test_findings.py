@@ -213,3 +213,8 @@ def test_a_finding_whose_prototypes_miss_the_confounder_says_so_in_the_verdict()
     strong = weak | {"auroc_confounder_best": 0.97}
     assert detects_confounder(strong) and detects_confounder(weak | {"auroc_confounder_max": 0.93})
     assert "do not detect" not in _verdict([strong], [], ["line"], 0.05)
+    # Another prototype detects the marker (so it is not unexplained), but the flagged one does not: the verdict names both.
+    named = _verdict([weak], [], ["line"], 0.05, detectors={"line": (1, 0.95)})
+    own = max(weak["auroc_confounder_best"], 0.7)
+    assert f"do not detect line itself (AUROC {own:.2f})" in named and "p1 does (AUROC 0.95) and is not flagged" in named
+    assert "do not detect" not in _verdict([strong], [], ["line"], 0.05, detectors={"line": (1, 0.95)})

@@ -134,18 +134,28 @@ def _marker_judge(pool: torch.Tensor, masks: Optional[torch.Tensor], conf: torch
     return "none", None
 
 
-def detects_confounder(finding: dict[str, Any], carried_auroc: float = 0.9) -> bool:
-    """Whether a finding's prototypes detect its confounder (any member's or the group's AUROC,
-    sign-free), rather than only correlating with it through the target."""
+CARRIED_AUROC = 0.9  # a prototype at or above this (sign-free) AUROC for a confounder is taken to detect it
+
+
+def confounder_detection(finding: dict[str, Any]) -> float:
+    """How well a finding's prototypes detect its confounder: the best of any member's AUROC and the
+    group's, sign-free."""
     group = finding["auroc_confounder_group"]
     member = finding.get("auroc_confounder_max", finding["auroc_confounder_best"])
-    return max(member, group, 1 - group) >= carried_auroc
+    return max(member, group, 1 - group)
+
+
+def detects_confounder(finding: dict[str, Any], carried_auroc: float = CARRIED_AUROC) -> bool:
+    """Whether a finding's prototypes detect its confounder, rather than only correlating with it through the target."""
+    return confounder_detection(finding) >= carried_auroc
 
 
 def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounder_names: list[str], alpha: float,
-             boxes_on_confounder: Optional[float] = None, weak: Sequence[WeakLink] = (), min_effect: float = 0.1) -> str:
+             boxes_on_confounder: Optional[float] = None, weak: Sequence[WeakLink] = (), min_effect: float = 0.1,
+             detectors: Optional[dict[str, tuple[int, float]]] = None) -> str:
     """The report's first sentence (and, when the top finding's prototypes do not see the confounder
-    itself, the second: a flag without a detector is not an explanation)."""
+    itself, the second: a flag without a detector is not an explanation). `detectors`: per confounder,
+    the prototype that detects it best and its sign-free AUROC, named when it is not the flagged one."""
     if findings_out:
         f = findings_out[0]
         protos = ", ".join(f"p{j}" for j in f["prototypes"])
@@ -160,6 +170,12 @@ def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounde
             first += (f" But these prototypes do not detect {f['confounder']} itself (best AUROC {u.best_auroc:.2f}{boxes}): "
                       f"no prototype explains it; it differs most around pixel (row {u.peak[0]}, col {u.peak[1]}), "
                       "see 'Unexplained signal'.")
+        elif not detects_confounder(f) and f["confounder"] in (detectors or {}):
+            # Another prototype sees the confounder, so it is not unexplained, but the flag is not that detector.
+            j, auc = detectors[f["confounder"]]
+            first += (f" But these prototypes do not detect {f['confounder']} itself (AUROC {confounder_detection(f):.2f}); "
+                      f"p{j} does (AUROC {auc:.2f}) and is not flagged: read this flag as {f['confounder']} going with "
+                      f"{f['target']} in these images, and see the ranking.")
         return first
     if unexplained:
         u = unexplained[0]
@@ -403,7 +419,11 @@ def build_report(
                     "effect_emergence_time": float(emergence.effect_times[p]), **per_proto[j]}
         rows.append(row)
     top_boxes = per_proto.get(findings[0].prototypes[0], {}).get("boxes_on_confounder") if findings else None
-    summary = {"verdict": _verdict(findings_out, unexplained, c_names, alpha, top_boxes, weak, min_effect), "images": n,
+    sign_free = torch.maximum(assoc.confounder_auroc, 1 - assoc.confounder_auroc) if c_names else None  # (C, K)
+    detectors = {name: (int(sign_free[c].argmax()), float(sign_free[c].max())) for c, name in enumerate(c_names)
+                 if float(sign_free[c].max()) >= CARRIED_AUROC}
+    summary = {"verdict": _verdict(findings_out, unexplained, c_names, alpha, top_boxes, weak, min_effect, detectors),
+               "images": n,
                "targets": t_names,
                "candidate_confounders": c_names, "flagged": flagged, "findings": findings_out,
                "flag_test": {"alpha": alpha, "permutations": permutations, "min_effect": min_effect,
