@@ -20,9 +20,10 @@ With `contrast` α > 0 the seed is not the centroid c itself but c + α·(c − 
 every cell of the pool: the centroid also holds what every patch shares (the texture around a
 1-px line fills most of a 15-px receptive field), and under the L2 distance that shared part lets
 ordinary patches match it. Moving away from the typical patch keeps what makes the cluster unusual.
-Measured (probed with the marked cells' centroid on a trained X-ray encoder, 1-px line at 90%,
-524 held-out X-rays with the marker at p = q = 0.5): marker AUROC 0.90 at α = 0, 0.97 at α = 1;
-no labels are used, only the pool's own mean.
+Measured (`benchmarks/marker_feature_probe.py`: the marked cells' centroid on a trained X-ray
+encoder, 1-px line at 90%, 524 held-out X-rays with the marker at p = q = 0.5): marker AUROC 0.90
+at α = 0, 0.97 at α = 1; no labels are used, only the pool's own mean. On flat backgrounds (MNIST)
+it does not help, so it is off by default.
 
 A place an earlier round seeded is not seeded again: if its pattern is still missed, a prototype
 there did not help (measured on X-rays: the rounds kept re-seeding a textured corner of the image
