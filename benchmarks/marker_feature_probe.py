@@ -6,7 +6,8 @@ When the shortcut report finds a marker's prototype but its AUROC stays low, thi
 "the features do not carry the marker" from "the prototype sits in the wrong place". On the run's
 final encoder, scored on the group-balanced held-out set (the marker re-planted at p = q = 0.5,
 so the marker is independent of the target), each read as the report reads a prototype (ProtoPNet's
-minimum distance over cells):
+minimum distance over cells; the feature distance only: a position-aware encoder's place term is
+left out, so for one the numbers say what the features alone carry):
 
 - the run's own best prototype;
 - the best single feature channel at the marker's cell (what the features carry);

@@ -37,7 +37,8 @@ from patronus.interpret.shortcut_report import (
     sample_edited,
     split_targets,
 )
-from patronus.interpret.unexplained import Unexplained, WeakLink, unexplained_signals, weak_links
+from patronus.interpret.unexplained import (CARRIED_AUROC, Unexplained, WeakLink, best_detector, unexplained_signals,
+                                            weak_links)
 from patronus.interpret.stats import edit_levels
 from patronus.pipeline import PatronusPipeline
 
@@ -132,9 +133,6 @@ def _marker_judge(pool: torch.Tensor, masks: Optional[torch.Tensor], conf: torch
     if probe is not None:
         return "a probe of the confounder on the decoded images' activations", lambda x: probe.proba(pipe.encode(x).s.cpu())[:, 1] > 0.5
     return "none", None
-
-
-CARRIED_AUROC = 0.9  # a prototype at or above this (sign-free) AUROC for a confounder is taken to detect it
 
 
 def confounder_detection(finding: dict[str, Any]) -> float:
@@ -419,9 +417,8 @@ def build_report(
                     "effect_emergence_time": float(emergence.effect_times[p]), **per_proto[j]}
         rows.append(row)
     top_boxes = per_proto.get(findings[0].prototypes[0], {}).get("boxes_on_confounder") if findings else None
-    sign_free = torch.maximum(assoc.confounder_auroc, 1 - assoc.confounder_auroc) if c_names else None  # (C, K)
-    detectors = {name: (int(sign_free[c].argmax()), float(sign_free[c].max())) for c, name in enumerate(c_names)
-                 if float(sign_free[c].max()) >= CARRIED_AUROC}
+    detectors = {name: best_detector(assoc.confounder_auroc, c) for c, name in enumerate(c_names)}
+    detectors = {name: d for name, d in detectors.items() if d[1] >= CARRIED_AUROC}
     summary = {"verdict": _verdict(findings_out, unexplained, c_names, alpha, top_boxes, weak, min_effect, detectors),
                "images": n,
                "targets": t_names,

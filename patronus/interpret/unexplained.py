@@ -75,11 +75,23 @@ class Unexplained:
                 f"and the images differ most {where} (effect size {self.peak_effect:.2f}) where no target prototype looks.")
 
 
+CARRIED_AUROC = 0.9  # a prototype at or above this (sign-free) AUROC for a confounder is taken to detect it
+
+
+def best_detector(confounder_auroc: torch.Tensor, c: int) -> tuple[int, float]:
+    """The prototype that detects confounder c best and its AUROC, from sign-free AUROCs (C, K);
+    (0, nan) when there are no prototypes."""
+    if not confounder_auroc.shape[1]:
+        return 0, float("nan")
+    best = int(confounder_auroc[c].nan_to_num(0).argmax())
+    return best, float(confounder_auroc[c, best])
+
+
 def unexplained_signals(images: torch.Tensor, s: torch.Tensor, where: torch.Tensor, targets: torch.Tensor,
                         target_names: Sequence[str], confounders: torch.Tensor, confounder_names: Sequence[str],
                         confounder_auroc: torch.Tensor, target_auroc: torch.Tensor, carried: set[str],
                         boxes: Sequence[tuple[int, int, int, int]], masks: Optional[torch.Tensor] = None,
-                        z: float = 3.0, carried_auroc: float = 0.9, min_effect: float = 0.1) -> list[Unexplained]:
+                        z: float = 3.0, carried_auroc: float = CARRIED_AUROC, min_effect: float = 0.1) -> list[Unexplained]:
     """Every (target, confounder) pair linked in the data (φ·√N ≥ z, rate difference ≥ min_effect)
     whose confounder is neither in `carried` (the report's findings) nor detected by any prototype
     at AUROC ≥ `carried_auroc`.
@@ -90,8 +102,7 @@ def unexplained_signals(images: torch.Tensor, s: torch.Tensor, where: torch.Tens
     for c, cname in enumerate(confounder_names):
         if cname in carried:
             continue
-        best = int(confounder_auroc[c].nan_to_num(0).argmax()) if confounder_auroc.shape[1] else 0
-        best_auc = float(confounder_auroc[c, best]) if confounder_auroc.shape[1] else float("nan")
+        best, best_auc = best_detector(confounder_auroc, c)
         if best_auc >= carried_auroc:
             continue
         for t, tname in enumerate(target_names):
