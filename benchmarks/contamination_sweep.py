@@ -178,7 +178,7 @@ def sweep(out: Path, preset: Path, levels: list[float], shapes: list[Optional[st
             run_dir = out / name
             train_s = train_run(preset, run_dir, spec, max_steps, quick) or (before.get(name) or {}).get("train_seconds") or 0.0
             start = time.time()
-            report = patronus_main(["shortcuts", "--checkpoint", str(run_dir), "--data.split", "test", "--no_wandb", "true",
+            report = patronus_main(["shortcuts", "--checkpoint", str(run_dir), "--data.split", "test", "--wandb", "false",
                                     *report_args])
             row = {"run": name, "shape": spec.get("shape", "square"), "size": spec.get("size"), "level": float(level), "q": spec.get("q"),
                    **summarise(report), "sensitivity": sensitivity(run_dir, str(spec["target"])),

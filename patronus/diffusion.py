@@ -34,19 +34,17 @@ def reconstruction_loss(decoder: nn.Module, z: torch.Tensor, x0: torch.Tensor) -
 
 def diffusion_loss(
     model: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, snr_gamma: Optional[float] = None,
-    held: Optional[dict[int, float]] = None, condition_dropout: float = 0.0, cycle_weight: float = 0.0,
-    s: Optional[torch.Tensor] = None,
+    held: Optional[dict[int, float]] = None, condition_dropout: float = 0.0, s: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise-prediction MSE with s = g(x0) from the clean image, gradients into the encoder.
+    """Denoising MSE (on ε, or on v for `prediction="v"` models) with s = g(x0) from the clean image,
+    gradients into the encoder.
 
     `snr_gamma` turns on Min-SNR-γ weighting (Hang et al. 2023), which converges faster in
     short runs; None is the paper's plain MSE. `held` fixes prototypes at constant values in the
     condition (shortcut mitigation: the denoiser can no longer use them). `condition_dropout`
     replaces the condition of that share of the images by the model's learned null condition
-    (classifier-free guidance on s; Ho & Salimans 2022). `cycle_weight` adds λ·`cycle_loss`:
-    the predicted clean image must carry the activations it was conditioned on. `s`: the
-    activations g(x0) when the caller already computed them (with gradients). Returns
-    (loss, activations s).
+    (classifier-free guidance on s; Ho & Salimans 2022). `s`: the activations g(x0) when the
+    caller already computed them (with gradients). Returns (loss, activations s).
     """
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
@@ -59,14 +57,18 @@ def diffusion_loss(
     null = torch.rand(b, device=x0.device) < condition_dropout if condition_dropout > 0 else None
     eps = model(x_t, t, s=cond, null=null)
     per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is not None:
-        alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t]
-        snr = alpha_bar / (1 - alpha_bar)
+    alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    if model.config.prediction == "v":
+        # ‖ε̂ − ε‖² = ᾱ‖v̂ − v‖², so the v loss is ‖ε̂ − ε‖²/ᾱ = (SNR + 1)·‖x̂0 − x0‖². Min-SNR-γ
+        # clips that x0 weight at γ + 1 (Hang et al. 2023): weight min(SNR + 1, γ + 1)/(SNR + 1) on ‖v̂ − v‖².
+        # Unlike ε-Min-SNR (x0 weight min(SNR, γ) → 0 as t → T), the high-noise steps that lay out
+        # the image keep a weight of 1.
+        x0_weight = (snr + 1).clamp(max=snr_gamma + 1) if snr_gamma is not None else snr + 1
+        per_sample = per_sample * x0_weight / snr
+    elif snr_gamma is not None:
         per_sample = per_sample * snr.clamp(max=snr_gamma) / snr
     loss = per_sample.mean()
-    if cycle_weight > 0:
-        keep = ~null if null is not None else torch.ones(b, dtype=torch.bool, device=x0.device)
-        loss = loss + cycle_weight * cycle_loss(model, scheduler, x_t, t, eps, cond, keep)
     return loss, s
 
 
@@ -74,22 +76,3 @@ def clean_estimate(scheduler: DDPMScheduler, x_t: torch.Tensor, t: torch.Tensor,
     """x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (DDPM Eq. 15), clamped to the data range, in fp32."""
     alpha_bar = scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1, 1, 1)
     return ((x_t.float() - (1 - alpha_bar).sqrt() * eps.float()) / alpha_bar.sqrt()).clamp(-1, 1)
-
-
-def cycle_loss(model: PatronusModel, scheduler: DDPMScheduler, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-               s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """‖(s(x̂0) − s) / σ_s‖², weighted by ᾱ_t: the denoiser's clean-image estimate must carry the
-    activations it was conditioned on (what steering needs), not only what x_t already shows.
-
-    x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t is re-encoded by the encoder with its weights detached, so
-    the gradient only teaches the denoiser to follow s (the encoder cannot satisfy the loss by
-    changing what s means); σ_s is the batch spread of each prototype; ᾱ_t discounts the noisy
-    steps, whose x̂0 is a blurry mean image.
-    """
-    x0_hat = clean_estimate(scheduler, x_t, t, eps)
-    params = {k: v.detach() for k, v in model.encoder.named_parameters()}
-    s_hat = torch.func.functional_call(model.encoder, params, (x0_hat,))
-    target = s.detach().float()
-    err = ((s_hat.float() - target) / target.std(0).clamp_min(1e-6)).pow(2).mean(1)  # (B,)
-    w = scheduler.alphas_cumprod.to(x_t.device)[t].float() * keep.float()
-    return (w * err).sum() / keep.float().sum().clamp_min(1.0)

@@ -33,6 +33,9 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 # ε-prediction for (x_t, t): the denoiser under a fixed condition, or the activation prior.
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Literal["ddim", "ddpm"]
+# How `edit` inverts: "ddim" pins the image into x_T (deterministic, Song et al. 2021);
+# "edit_friendly" keeps one noise map per step (Huberman-Spiegelglas et al., CVPR 2024).
+Inversion = Literal["ddim", "edit_friendly"]
 
 
 @dataclass
@@ -54,6 +57,7 @@ class EditResult:
     images: torch.Tensor  # (E, B, C, H, W) decode of the same latent under each edited s
     requested: torch.Tensor  # (E, B, K) the edited activations
     start_step: int  # the decoding step the latent belongs to (0 for a full inversion)
+    corrections: Optional[torch.Tensor] = None  # (steps, B, C, H, W) noise maps of an edit-friendly inversion
 
 
 def make_scheduler(config, kind: Literal["ddim", "ddpm", "inverse"], steps: int, clip: bool = True):
@@ -82,6 +86,7 @@ def denoise_loop(
     callback: Optional[StepCallback] = None,
     progress: Optional[Callable] = None,
     fixed_point: int = 0,
+    corrections: Optional[torch.Tensor] = None,
     **step_kwargs,
 ) -> torch.Tensor:
     """Run `scheduler`'s steps start_step ≤ i < stop_step on x: the one loop of the package.
@@ -93,6 +98,9 @@ def denoise_loop(
     `fixed_point` k > 0 spends k more denoiser calls per step solving the implicit step
     y = f(x, ε(y, t)) (see `_solve_implicit_step`): for inversion, the exact inverse of the DDIM
     decoding step that plain inversion approximates with ε(x, t).
+
+    `corrections` (n_steps, B, C, H, W): added to the output of step i (the noise maps of an
+    edit-friendly inversion, `PatronusPipeline.invert_edit_friendly`).
     """
     timesteps = scheduler.timesteps
     stop = len(timesteps) if stop_step is None else stop_step
@@ -104,7 +112,7 @@ def denoise_loop(
         out = scheduler.step(eps(x, t), t, x, **step_kwargs)
         if fixed_point:
             out = _solve_implicit_step(scheduler, eps, x, t, out, fixed_point, step_kwargs)
-        x = out.prev_sample
+        x = out.prev_sample if corrections is None else out.prev_sample + corrections[i].to(x)
         if callback is not None:
             callback(i, int(t), x, out.pred_original_sample)
     return x
@@ -153,6 +161,7 @@ class PatronusPipeline(DiffusionPipeline):
         # and `generate`, edit guidance of `edit` and of `decode_edited`.
         self.guidance = 1.0
         self.edit_guidance = 1.0
+        self.inversion: Inversion = "ddim"  # how `edit` inverts (the CLI's --inversion)
 
     # --- loading -------------------------------------------------------------------------
 
@@ -251,19 +260,28 @@ class PatronusPipeline(DiffusionPipeline):
         callback: Optional[StepCallback] = None,
         guidance: float = 1.0,
         guide_from: Optional[torch.Tensor] = None,
+        corrections: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Decode x (x_T, or the x_t of step `start_step`) under condition s, steps start..stop.
 
         DDIM (deterministic for eta = 0) or ancestral DDPM. `clip=False` keeps x̂0 unclipped,
         which exact inversion and reconstruction need. `guidance` w ≠ 1 guides towards s:
         from `guide_from` (edit guidance) or from the null condition (classifier-free guidance).
+        `corrections`: the noise maps of `invert_edit_friendly`; each step is then the DDPM
+        posterior mean (DDIM with eta = 1, no fresh noise) plus that step's map.
         """
         x, s = x.to(self.device), s.to(self.device)
         sched = make_scheduler(self.scheduler.config, sampler, steps, clip)
-        kwargs = {"eta": eta, "generator": generator} if sampler == "ddim" else {"generator": generator}
+        if corrections is not None:
+            if sampler != "ddim" or len(corrections) != steps:
+                raise ValueError(f"corrections: expected {steps} noise maps for a DDIM-scheduled decode, "
+                                 f"got {len(corrections)} with sampler={sampler!r}")
+            kwargs = {"eta": 1.0, "variance_noise": torch.zeros_like(x)}
+        else:
+            kwargs = {"eta": eta, "generator": generator} if sampler == "ddim" else {"generator": generator}
         with self.inference():
             eps = self._eps(s, guidance, guide_from)
-            return denoise_loop(sched, x, eps, start_step, stop_step, callback, self.progress_bar, **kwargs)
+            return denoise_loop(sched, x, eps, start_step, stop_step, callback, self.progress_bar, corrections=corrections, **kwargs)
 
     def sample(
         self,
@@ -304,6 +322,31 @@ class PatronusPipeline(DiffusionPipeline):
         with self.inference():
             return denoise_loop(sched, x0, self._eps(s), 0, stop_step, progress=self.progress_bar, fixed_point=fixed_point)
 
+    def invert_edit_friendly(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50,
+                             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024, Alg. 1): (x_T, noise maps).
+
+        Every x_{t_i} of the decoding schedule is drawn *independently* from q(x_t | x0) =
+        N(√ᾱ_t x0, (1−ᾱ_t) I) (their Eq. 6), and each step's map is what the DDPM posterior mean
+        misses, c_i = x_{t_{i+1}} − μ(x_{t_i}, t_i, s) (their Eq. 5, σ_t z_t absorbed into c_i;
+        the last step's target is x0 itself). `denoise(x_T, s, steps, corrections=c)` reproduces
+        x0 exactly; the same maps under an edited s leave every step's mean free to follow the
+        edit, where DDIM inversion pins the image into one x_T that a changed s can barely move.
+        """
+        x0 = x0.to(self.device)
+        s = self.encode(x0).s if s is None else s.to(self.device)
+        sched = make_scheduler(self.scheduler.config, "ddim", steps, clip=False)
+        gen = torch.Generator().manual_seed(seed)
+        alpha_bar = sched.alphas_cumprod.to(self.device)
+        x_ts = [alpha_bar[t].sqrt() * x0 + (1 - alpha_bar[t]).sqrt() * self.noise(x0.shape, generator=gen)
+                for t in sched.timesteps.tolist()]
+        targets = x_ts[1:] + [x0]
+        eps, zeros = self._eps(s), torch.zeros_like(x0)
+        with self.inference():
+            means = [sched.step(eps(x, t), t, x, eta=1.0, variance_noise=zeros).prev_sample
+                     for x, t in zip(x_ts, sched.timesteps)]
+        return x_ts[0], torch.stack([y - m for y, m in zip(targets, means)])
+
     def reconstruct(self, x0: torch.Tensor, steps: int = 50, fixed_point: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Invert x0 under its own s and decode again: (x_T, reconstruction)."""
         s = self.encode(x0.to(self.device)).s
@@ -319,6 +362,8 @@ class PatronusPipeline(DiffusionPipeline):
         levels: Optional[dict[str, torch.Tensor]] = None,
         guidance: Optional[float] = None,
         fixed_point: int = 0,
+        inversion: Optional[Inversion] = None,
+        seed: int = 0,
     ) -> EditResult:
         """Invert x0 (fully, or only `partial_steps` of the `steps` DDIM steps), then decode the same
         latent under s and under each edited s. `levels` resolves named edit values ('max', ...).
@@ -326,30 +371,45 @@ class PatronusPipeline(DiffusionPipeline):
         `guidance` w > 1 is edit guidance, ε̂(s) + w·(ε̂(s_edit) − ε̂(s)): the edit's effect on the
         prediction is amplified w times, with no retraining (w = 1: plain decoding under s_edit;
         default `self.edit_guidance`).
-        `fixed_point` k: fixed-point inversion (see `invert`), for faithful reconstructions in few steps."""
+        `inversion` (default `self.inversion`): "ddim" (`invert`; `fixed_point` k solves each step
+        exactly, for faithful reconstructions in few steps) or "edit_friendly"
+        (`invert_edit_friendly`, its noise drawn from `seed`; exact reconstruction, and the edit
+        is free to change every step; no `partial_steps` or `fixed_point`)."""
+        inversion = self.inversion if inversion is None else inversion
+        if inversion not in ("ddim", "edit_friendly"):
+            raise ValueError(f"inversion={inversion!r}; expected 'ddim' or 'edit_friendly'")
         k = steps if partial_steps is None else partial_steps
         if not 0 < k <= steps:
             raise ValueError(f"partial_steps={partial_steps}; expected 1..steps={steps}")
+        if inversion == "edit_friendly" and (k != steps or fixed_point):
+            raise ValueError("inversion='edit_friendly' inverts every step exactly: leave partial_steps and fixed_point unset")
         x0 = x0.to(self.device)
         s = self.encode(x0).s
-        latent = self.invert(x0, s, steps, stop_step=k, fixed_point=fixed_point)
+        corrections = None
+        if inversion == "edit_friendly":
+            latent, corrections = self.invert_edit_friendly(x0, s, steps, seed)
+        else:
+            latent = self.invert(x0, s, steps, stop_step=k, fixed_point=fixed_point)
         start = steps - k
-        recon = self.denoise(latent, s, steps, start_step=start, clip=False)
+        recon = self.denoise(latent, s, steps, start_step=start, clip=False, corrections=corrections)
         requested = [apply_edits(s, list(e), levels) for e in edits]
-        images = [self.decode_edited(latent, r, s, steps, start_step=start, guidance=guidance) for r in requested]
+        images = [self.decode_edited(latent, r, s, steps, start_step=start, guidance=guidance, corrections=corrections)
+                  for r in requested]
         return EditResult(latent, s, recon, torch.stack(images) if images else recon.new_zeros(0, *recon.shape),
-                          torch.stack(requested) if requested else s.new_zeros(0, *s.shape), start)
+                          torch.stack(requested) if requested else s.new_zeros(0, *s.shape), start, corrections)
 
     def decode_edited(self, x: torch.Tensor, s_edit: torch.Tensor, s: torch.Tensor, steps: int = 50, *, start_step: int = 0,
                       guidance: Optional[float] = None, callback: Optional[StepCallback] = None,
-                      clip: bool = False) -> torch.Tensor:
+                      clip: bool = False, corrections: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode x (an inverted or fresh latent) under edited activations s_edit, with edit guidance
         ε̂(s) + w·(ε̂(s_edit) − ε̂(s)) relative to the unedited s (default w: `self.edit_guidance`).
 
         `clip=False` (default) suits an inverted latent, which must reproduce its image; pass
-        `clip=True` for a fresh x_T, as `sample` does (unclipped x̂0 from noise can run out of range)."""
+        `clip=True` for a fresh x_T, as `sample` does (unclipped x̂0 from noise can run out of range).
+        `corrections`: the noise maps of an edit-friendly inversion of x."""
         w = self.edit_guidance if guidance is None else guidance
-        return self.denoise(x, s_edit, steps, start_step=start_step, clip=clip, guidance=w, guide_from=s, callback=callback)
+        return self.denoise(x, s_edit, steps, start_step=start_step, clip=clip, guidance=w, guide_from=s, callback=callback,
+                            corrections=corrections)
 
     def sample_activations(self, n: int, steps: int = 50, seed: int = 0) -> torch.Tensor:
         """n activation vectors (n, K) from the diffusion prior over standardised s (Patronus §3.4)."""

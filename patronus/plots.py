@@ -83,8 +83,14 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_grid(refs: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-    """Row 1 the references, row 2 their samples; float (3, H, W) in [0, 1]."""
-    return make_grid(to_unit(torch.cat([refs.cpu(), samples.cpu()])), nrow=len(refs), padding=1)
+    """Row 1 the references, row 2 their samples; uint8 (3, H, W), like every figure here."""
+    return unit_to_uint8(make_grid(to_unit(torch.cat([refs.cpu(), samples.cpu()])), nrow=len(refs), padding=1))
+
+
+def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float -> uint8 exactly as torchvision's `save_image` rounds it, so a picture logged
+    from the tensor and the PNG written from it hold the same pixels."""
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def save_rows(rows: Sequence[torch.Tensor], path: Path) -> Path:

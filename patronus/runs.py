@@ -180,8 +180,18 @@ def export_model(net: PatronusModel, out_dir: str | Path) -> Path:
     return out_dir
 
 
+# Model options that were measured, did not help and were removed, with the value the model now
+# always has: a saved model that used that value still loads; any other value is named as retired.
+RETIRED_OPTIONS = {"condition_mode": "add"}
+
+
 def _net_from_config(config: dict[str, Any], where: Path) -> PatronusModel:
     """PatronusModel(**config) with a wrong field or type reported against the file it came from."""
+    config = dict(config)
+    for key, kept in RETIRED_OPTIONS.items():
+        if key in config and config.pop(key) != kept:
+            raise ValueError(f"{where}: {key} was removed from patronus (only {kept!r} remains); this model needs "
+                             "the release that trained it")
     _, unused, _ = PatronusModel.extract_init_dict(dict(config))
     unknown = [k for k in unused if not k.startswith("_")]
     if unknown:

@@ -19,7 +19,7 @@ from patronus.training.module import PatronusModule
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 
-# Toy widths (DESIGN practice 7): 32 px, channels (16, 32), K = 8.
+# Toy widths (DESIGN practice 7): 32 px, channels (16, 32), K = 8, the paper's ε output.
 TINY_NET = dict(
     image_size=32,
     in_channels=1,

@@ -35,6 +35,19 @@ def test_unknown_config_field_is_named(tmp_path):
         load_model(out)
 
 
+def test_models_saved_before_an_option_was_retired_still_load(tmp_path):
+    """condition_mode was removed (only "add" remains): an export that says "add" loads as it was trained;
+    one that used the removed AdaGN path is refused by name, never loaded into the wrong network."""
+    net = PatronusModel(**TINY_NET).eval()
+    out = export_model(net, tmp_path / "model")
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "condition_mode": "add"}))
+    assert _same_outputs(net, load_model(out))
+    (out / "config.json").write_text(json.dumps({**cfg, "condition_mode": "scale_shift"}))
+    with pytest.raises(ValueError, match="condition_mode was removed"):
+        load_model(out)
+
+
 class Boom:
     def __reduce__(self):
         return (exec, ("raise SystemExit('arbitrary code ran')",))

@@ -111,3 +111,63 @@ def test_apply_edits_semantics():
     with pytest.raises(ValueError, match="'median'"):
         apply_edits(s, [Edit(0, "set", "median")], levels)
     assert torch.equal(s, torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 1.0]]))  # input untouched
+
+
+@torch.no_grad()
+def test_edit_friendly_inversion_reproduces_the_image_and_frees_the_edit(tiny_pipe, mnist_test_images):
+    """Huberman-Spiegelglas et al. 2024: independent x_t per step + per-step noise maps; the maps
+    decode back to x0 exactly, and under an edited s every step's mean follows the edit."""
+    x0 = mnist_test_images[:8]
+    s = tiny_pipe.encode(x0).s
+    x_T, maps = tiny_pipe.invert_edit_friendly(x0, s, steps=20, seed=3)
+    assert maps.shape == (20, *x0.shape)
+    assert (tiny_pipe.denoise(x_T, s, 20, clip=False, corrections=maps) - x0).abs().max() < 1e-4
+    # The latent is a draw from q(x_T | x0), not a deterministic function of the image.
+    x_T_other, _ = tiny_pipe.invert_edit_friendly(x0, s, steps=20, seed=4)
+    assert (x_T - x_T_other).abs().mean() > 0.5
+    pool = tiny_pipe.encode(mnist_test_images).s
+    s_min, s_max = activation_range(pool)
+    j = most_variable_prototypes(pool, 1)[0]
+    res = tiny_pipe.edit(x0, [[Edit(j, "set", "max")], [Edit(j, "set", "min")]], steps=20,
+                         levels={"min": s_min, "max": s_max}, inversion="edit_friendly")
+    assert (res.reconstruction - x0).abs().max() < 1e-4 and res.corrections is not None
+    base = tiny_pipe.encode(res.reconstruction).s[:, j]
+    assert (tiny_pipe.encode(res.images[0]).s[:, j] - base).mean() > 0
+    assert (tiny_pipe.encode(res.images[1]).s[:, j] - base).mean() < 0
+    with pytest.raises(ValueError, match="partial_steps"):
+        tiny_pipe.edit(x0, [], steps=20, partial_steps=10, inversion="edit_friendly")
+
+
+def test_v_prediction_returns_epsilon_and_trains_on_v():
+    """prediction="v": the UNet's output is v = √ᾱ ε − √(1−ᾱ) x0, handed on as ε̂; the loss is
+    ‖v̂ − v‖² where SNR ≤ γ and clipped at SNR + 1 = γ + 1 above (Min-SNR on the x0 weight)."""
+    from patronus.diffusion import diffusion_loss
+    from patronus.models.patronus import PatronusModel
+    from tests.conftest import TINY_NET
+
+    torch.manual_seed(0)
+    net = PatronusModel(**{**TINY_NET, "prediction": "v"}).eval()
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    s = net.encode(x0)
+    t = torch.tensor([0, 100, 500, 999])
+    a = net.noise_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = torch.randn_like(x0)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v_hat = net.denoiser(x_t, t, s=s)
+    torch.testing.assert_close(net(x_t, t, s=s), a.sqrt() * v_hat + (1 - a).sqrt() * x_t)
+    sched = net.noise_scheduler()
+    for gamma in (None, 5.0):
+        torch.manual_seed(1)
+        loss, _ = diffusion_loss(net, sched, x0, gamma, s=s)
+        torch.manual_seed(1)  # the same t and ε as inside the loss
+        t = torch.randint(0, 1000, (4,))
+        eps = torch.randn_like(x0)
+        a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        per = (net.denoiser(x_t, t, s=s) - v).pow(2).mean((1, 2, 3))
+        snr = (a / (1 - a)).flatten()
+        w = torch.ones(4) if gamma is None else (snr + 1).clamp(max=gamma + 1) / (snr + 1)
+        torch.testing.assert_close(loss, (w * per).mean(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction"):
+        PatronusModel(**{**TINY_NET, "prediction": "x0"})

@@ -11,6 +11,7 @@ from torchvision.io import read_image
 from patronus.cli.analyses import main
 from patronus.edits import set_prototypes
 from patronus.interpret.emergence import edit_emergence, emergence_curves, emergence_times, recorded_steps, trace_activations
+from patronus.pipeline import PatronusPipeline
 from patronus.plots import emergence_curve_plot, emergence_heatmap
 from patronus.runs import export_model
 from tests.conftest import REPO
@@ -25,15 +26,26 @@ def s_max(tiny_model, tiny_pipe, mnist_test_images) -> torch.Tensor:
         return torch.quantile(tiny_pipe.encode(mnist_test_images).s, 0.99, dim=0)
 
 
+EDIT_GUIDANCE = 4.0  # sample.py's default for edits: at w = 1 the tiny model's edits rise 0.0004-0.002
+# (spread of s 0.003-0.008), about the run-to-run noise of the plain decode
+
+
 @pytest.fixture(scope="module")
-def raised(tiny_model, tiny_pipe, mnist_test_images, s_max):
+def guided_pipe(tiny_model) -> PatronusPipeline:
+    pipe = PatronusPipeline(model=tiny_model)
+    pipe.edit_guidance = EDIT_GUIDANCE
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def raised(tiny_model, guided_pipe, mnist_test_images, s_max):
     """The most variable prototype (the one edits move most on this tiny model), its spread over
-    the images, one quiet prototype, and both edits traced."""
+    the images, one quiet prototype, and both edits traced (edit guidance as sample.py edits)."""
     with torch.no_grad():
-        spread = tiny_pipe.encode(mnist_test_images).s.std(0)
+        spread = guided_pipe.encode(mnist_test_images).s.std(0)
         j = int(spread.argmax())
         quiet = (j + 1) % tiny_model.config.num_prototypes
-        return j, float(spread[j]), quiet, edit_emergence(tiny_pipe, mnist_test_images[:8], [j, quiet], s_max, EDIT_STEPS)
+        return j, float(spread[j]), quiet, edit_emergence(guided_pipe, mnist_test_images[:8], [j, quiet], s_max, EDIT_STEPS)
 
 
 @torch.no_grad()
@@ -114,13 +126,13 @@ def test_raising_a_prototype_rises_more_than_the_plain_decode(tiny_model, tiny_p
 
 
 @torch.no_grad()
-def test_batched_edits_match_one_separate_traced_decode(tiny_model, tiny_pipe, mnist_test_images, raised, s_max):
+def test_batched_edits_match_one_separate_traced_decode(tiny_model, guided_pipe, mnist_test_images, raised, s_max):
     j, spread, quiet, res = raised
     x0 = mnist_test_images[:8]
     s = tiny_model.encode(x0)
-    x_T = tiny_pipe.invert(x0, s, EDIT_STEPS)
+    x_T = guided_pipe.invert(x0, s, EDIT_STEPS)
     s_edit = set_prototypes(s, [quiet], s_max)
-    alone = trace_activations(tiny_pipe, x_T, s_edit, EDIT_STEPS)
+    alone = trace_activations(guided_pipe, x_T, s_edit, EDIT_STEPS, s_plain=s)
     torch.testing.assert_close(res.edited[:, :, 1], alone.activations[..., quiet], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(res.images[2], alone.images, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(res.s_ref, s)

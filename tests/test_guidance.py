@@ -16,7 +16,7 @@ from tests.conftest import TINY_NET
 @pytest.fixture(scope="module")
 def null_pipe() -> PatronusPipeline:
     torch.manual_seed(0)
-    net = PatronusModel(**TINY_NET, null_condition=True, condition_mode="scale_shift")
+    net = PatronusModel(**TINY_NET, null_condition=True)
     with torch.no_grad():
         net.denoiser.null_embedding.normal_()  # untrained: make "no condition" differ from any MLP(s)
     return PatronusPipeline(model=net.eval())

@@ -8,7 +8,7 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from safetensors.torch import load_file
 
 from patronus.training.callbacks import EMA, InterpretMonitor
@@ -19,6 +19,7 @@ from patronus.interpret.stats import activation_statistics
 from patronus.models.patronus import PatronusModel
 from patronus.training.module import PatronusModule
 from tests.conftest import REPO, TINY_NET
+from tests.wandb_records import read_run
 
 STEPS, EVERY, IMAGES, DDIM, POOL, TOP_K = 20, 10, 4, 5, 48, 3
 FILES = {"heatmap.png", "histograms.png", "samples.png", "gallery.png", "stats.json", "gallery.json", "probe.safetensors"}
@@ -26,13 +27,14 @@ FILES = {"heatmap.png", "histograms.png", "samples.png", "gallery.png", "stats.j
 
 @pytest.fixture(scope="module")
 def monitored_run(tmp_path_factory: pytest.TempPathFactory):
-    """20 real training steps of the tiny model with EMA, a probe every 10 steps, CSV + offline wandb."""
+    """20 real training steps of the tiny model with EMA, a probe every 10 steps, CSV + offline wandb + TensorBoard."""
     run = tmp_path_factory.mktemp("monitor")
     pl.seed_everything(0, verbose=False)
     module = PatronusModule(PatronusModel(**TINY_NET), lr=2e-3, warmup_steps=5, snr_gamma=5.0)
     data = PatronusDataModule(root=str(REPO / "data"), batch_size=32, val_subset=64)
     monitor = InterpretMonitor(every_n_steps=EVERY, num_images=IMAGES, ddim_steps=DDIM, pool_size=POOL, top_k=TOP_K, bins=10)
-    loggers = [CSVLogger(run / "csv", name="", version=""), WandbLogger(save_dir=run, project="test", offline=True)]
+    loggers = [CSVLogger(run / "csv", name="", version=""), WandbLogger(save_dir=run, project="test", offline=True),
+               TensorBoardLogger(run / "tb", name="", version="")]
     trainer = pl.Trainer(
         accelerator="cpu", precision="bf16-mixed", max_steps=STEPS, logger=loggers, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=run,
@@ -82,10 +84,23 @@ def test_stats_table_matches_activation_statistics(monitored_run):
         assert stored[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-7)
     for q, row in expected["quantiles"].items():
         assert stored["quantiles"][q] == pytest.approx(row, rel=1e-4, abs=1e-7)
-    tables = list(run.glob("wandb/offline-run-*/files/media/table/interpret/prototype_stats_*.table.json"))
-    assert len(tables) == 2  # one wandb.Table per probe
-    table = json.loads(tables[0].read_text())
+    # One wandb.Table per probe; with image cells wandb stages it as a `run_table` artifact (table
+    # JSON + tile PNGs) that `wandb sync` uploads: read the last probe's back from its manifest.
+    (folder,) = run.glob("wandb/offline-run-*")
+    logged = read_run(folder)
+    tables = [files for name, files in zip(logged.artifacts, logged.artifact_files) if name.endswith(":run_table")]
+    assert len(tables) == 2
+    files = tables[-1]
+    table = json.loads(files["interpret/prototypes.table.json"].read_text())
     assert table["columns"][:3] == ["prototype", "mean", "std"] and len(table["data"]) == net.config.num_prototypes
+    assert table["columns"][-2:] == ["emerges_at_t", "gallery"]
+    col = table["columns"].index("mean")
+    for j, row in enumerate(table["data"]):
+        assert row[0] == j and row[col] == pytest.approx(expected["mean"][j], rel=1e-4, abs=1e-7)
+        tile = row[-1]  # an image cell: the prototype's gallery row, a real picture next to the table
+        assert tile["_type"] == "image-file" and f"p{j}" in tile["caption"]
+        pixels = _png(files[tile["path"]])
+        assert pixels.float().std() > 10, f"p{j}'s gallery tile is flat"
 
 
 @pytest.mark.slow  # all share one short monitored training run (~45 s on a busy 2-core machine)
@@ -124,3 +139,32 @@ def test_cli_adds_the_monitor_after_ema(tmp_path):
     assert EMA in kinds and InterpretMonitor in kinds and kinds.index(EMA) < kinds.index(InterpretMonitor)
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, InterpretMonitor))
     assert cli.trainer.max_steps % monitor.every == 0  # the default run ends on a probe
+
+
+def _png(path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(str(path), mode=ImageReadMode.RGB)
+
+
+@pytest.mark.slow  # all share one short monitored training run (~45 s on a busy 2-core machine)
+def test_wandb_and_tensorboard_pictures_are_the_pngs_on_disk(monitored_run):
+    """What a reviewer sees in wandb / TensorBoard is the picture on disk, pixel for pixel (a float
+    image read by a newer wandb as uint8 without rescaling was all black, max 1 of 255)."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    run, _, _, _ = monitored_run
+    media = next(run.glob("wandb/offline-run-*/files/media/images/interpret"))
+    events = EventAccumulator(str(run / "tb"), size_guidance={IMAGES: 0}).Reload()
+    for name in ("samples", "heatmap", "histograms", "gallery"):
+        logged = sorted(media.glob(f"{name}_*.png"), key=lambda p: int(p.stem.split("_")[1]))
+        assert len(logged) == 2, f"{name}: one wandb picture per probe, got {[p.name for p in logged]}"
+        tb = events.Images(f"interpret/{name}")
+        assert [e.step for e in tb] == [10, 20]
+        for step, wb, tb_event in zip((10, 20), logged, tb):
+            disk = _png(run / "interpret" / f"step_{step:07d}" / f"{name}.png")
+            assert disk.float().std() > 10, f"{name} at step {step} on disk is flat"
+            assert torch.equal(_png(wb), disk), f"wandb's {wb.name} differs from the PNG on disk"
+            tb_img = torch.ops.image.decode_png(torch.frombuffer(bytearray(tb_event.encoded_image_string), dtype=torch.uint8),
+                                                0, False)[:3]
+            assert torch.equal(tb_img, disk), f"TensorBoard's interpret/{name} at step {step} differs from the PNG on disk"

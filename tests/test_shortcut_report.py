@@ -150,7 +150,7 @@ def marker_run(tmp_path_factory):
 @pytest.mark.slow
 def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run):
     out = main(["shortcuts", "--checkpoint", str(marker_run), "--data.split", "test", "--num_images", "1000", "--top", "2",
-                "--num_refs", "8", "--steps", "10", "--info_timesteps", "6", "--info_noise", "1", "--no_wandb", "true"])
+                "--num_refs", "8", "--steps", "10", "--info_timesteps", "6", "--info_noise", "1", "--wandb", "false"])
     first = out["ranking"][0]
     assert out["candidate_confounders"] == ["marker"] and out["flagged"][0] == first["prototype"]
     assert first["target"] == "class=7" and first["confounder"] == "marker" and first["score"] > 0.3

@@ -28,6 +28,7 @@ from patronus.cli.common import (
 from patronus.cli.explain import cmd_attribution, cmd_information
 from patronus.cli.faithfulness import cmd_faithfulness
 from patronus.cli.shortcuts import cmd_shortcuts
+from patronus.cli.wandb_runs import log_analysis, wants_wandb
 from patronus.edits import Edit, most_variable_prototypes
 from patronus.interpret.consistency import prototype_consistency
 from patronus.interpret.emergence import edit_emergence, emergence_curves, emergence_times
@@ -352,6 +353,8 @@ def run_command(name: str, options: dict[str, Any]) -> dict:
     ctx = open_context(options, lambda checkpoint: runs.analysis_dir(checkpoint) / name, default_split)
     result = fn(ctx, **options)
     write_json(result, ctx.out / f"{name}.json")
+    if name != "shortcuts" and wants_wandb(ctx.wandb, ctx.checkpoint):  # the report logs its own tables
+        result["wandb_dir"] = log_analysis(ctx.checkpoint, name, result, ctx.out)
     print(f"wrote {ctx.out}")
     return result
 

@@ -21,7 +21,7 @@ from patronus import runs
 from patronus.data.datasets import LabelledImageDataset, SubsetDataset, holdout_split
 from patronus.data.registry import build_dataset, dataset_options
 from patronus.interpret.stats import activation_statistics
-from patronus.pipeline import PatronusPipeline
+from patronus.pipeline import Inversion, PatronusPipeline
 
 USER_ERRORS = (ValueError, FileNotFoundError, IndexError)
 STATS_IMAGES = 2000  # images behind every command's activation statistics (so they share one cache file)
@@ -101,6 +101,7 @@ class Context:
     seed: int
     data: DataSource
     default_split: str = "validation"
+    wandb: Optional[bool] = None  # log to a linked wandb run (None: when the run was trained with wandb)
     _datasets: dict = field(default_factory=dict, repr=False)
 
     def dataset(self, split: Optional[str] = None) -> LabelledImageDataset:
@@ -140,7 +141,8 @@ def check_positive(**values: int) -> None:
             raise ValueError(f"{name}={v}; expected at least 1")
 
 
-def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = None, default_edit_guidance: float = 1.0) -> None:
+def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = None, default_edit_guidance: float = 1.0,
+                         default_inversion: Inversion = "ddim") -> None:
     """--checkpoint, --data.*, --out, --seed, --device, --debug: the same names in every command."""
     parser.add_argument("--checkpoint", type=str, required=True, help="run directory, exported model directory, saved pipeline or .ckpt")
     parser.add_class_arguments(DataSource, "data")
@@ -151,20 +153,26 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
                         help="classifier-free guidance on s for every sample, ε(∅) + w(ε(s) − ε(∅)) (models with a null condition)")
     parser.add_argument("--edit_guidance", type=float, default=default_edit_guidance,
                         help="edit guidance for every edit, ε(s) + w(ε(s_edit) − ε(s)) (any model)")
+    parser.add_argument("--inversion", type=Inversion, default=default_inversion,
+                        help="how every edit inverts its images: ddim (one x_T) or edit_friendly (DDPM noise maps)")
     parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
+    parser.add_argument("--wandb", type=Optional[bool], default=None,
+                        help="also log pictures and numbers to an offline wandb run grouped with the training run "
+                             "(default: when the run was trained with wandb)")
 
 
-COMMON = ("checkpoint", "out", "seed", "device", "debug", "guidance", "edit_guidance")
+COMMON = ("checkpoint", "out", "seed", "device", "debug", "guidance", "edit_guidance", "inversion", "wandb")
 
 
-def load_pipeline(checkpoint: str, device: Optional[str], guidance: float = 1.0, edit_guidance: float = 1.0) -> PatronusPipeline:
+def load_pipeline(checkpoint: str, device: Optional[str], guidance: float = 1.0, edit_guidance: float = 1.0,
+                  inversion: Inversion = "ddim") -> PatronusPipeline:
     """The pipeline of a checkpoint on `device`, with the command's guidance scales as its defaults."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = PatronusPipeline.from_pretrained(checkpoint, device=device)
     if guidance != 1.0 and not pipe.model.config.null_condition:
         raise ValueError(f"guidance={guidance}: classifier-free guidance needs a model trained with a null condition "
                          "(model.net.null_condition=true, model.condition_dropout > 0); use edit_guidance for edits")
-    pipe.guidance, pipe.edit_guidance = guidance, edit_guidance
+    pipe.guidance, pipe.edit_guidance, pipe.inversion = guidance, edit_guidance, inversion
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False)
     return pipe
 
@@ -175,10 +183,10 @@ def open_context(options: dict[str, Any], out: Callable[[str], Path], default_sp
     folder (`--out`, else `out(checkpoint)`) is created."""
     common = {k: options.pop(k) for k in COMMON}
     data = DataSource(**dict(options.pop("data") or {}))
-    pipe = load_pipeline(common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"])
+    pipe = load_pipeline(common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"], common["inversion"])
     folder = Path(common["out"]) if common["out"] else out(common["checkpoint"])
     folder.mkdir(parents=True, exist_ok=True)
-    return Context(pipe, common["checkpoint"], folder, common["seed"], data, default_split)
+    return Context(pipe, common["checkpoint"], folder, common["seed"], data, default_split, common["wandb"])
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:

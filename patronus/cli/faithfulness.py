@@ -16,6 +16,7 @@ from patronus.cli.common import STATS_IMAGES, Context, check_positive
 from patronus.data.datasets import LabelledImageDataset
 from patronus.interpret.faithfulness import (
     MARKER_AUROC,
+    Judge,
     edit_gain,
     judge_accuracy,
     marker_effect,
@@ -25,6 +26,7 @@ from patronus.interpret.faithfulness import (
     sample_quality,
     train_judge,
 )
+from patronus.interpret.generation_metrics import psnr
 from patronus.interpret.stats import edit_levels
 
 FIGURE_COLUMNS = 16  # images per row in the figures
@@ -33,6 +35,10 @@ JUDGE_EVAL_IMAGES = 1000  # real held-out images the judge's accuracy is measure
 
 def _nan_none(v: float) -> Optional[float]:
     return None if v != v else v
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _json_safe(value: Any) -> Any:
@@ -63,6 +69,36 @@ def _load(ds: LabelledImageDataset, rows: list[int], masks: bool = False) -> tup
     return torch.stack([it["image"] for it in items]), torch.stack([it["marker_mask"] for it in items]) if masks else None
 
 
+def judged_data(ctx: Context, num_images: int, judge_images: int, judge_epochs: int
+                ) -> tuple[Judge, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], dict[str, Any]]:
+    """The judge trained on the run's real training split (seeded subset of `judge_images`), the
+    held-out images it is scored on (the first max(num_images, JUDGE_EVAL_IMAGES) of the command's
+    split), their labels and attributes where the judge knows them, and the judge's summary."""
+    ds, train = ctx.dataset(), ctx.dataset("training")
+    cols, names = judge_columns(train)
+    n_train = min(judge_images, len(train))
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.seed))[:n_train].sort().values.tolist()
+    x_train, _ = _load(train, rows)
+    has_labels = bool((train.labels >= 0).any())
+    num_classes = (len(train.classes) or int(train.labels.max()) + 1) if has_labels else 0
+    judge = train_judge(x_train, train.labels[rows] if has_labels else None, train.attributes[rows][:, cols] if cols else None,
+                        epochs=judge_epochs, seed=ctx.seed, num_classes=num_classes or None, device=ctx.pipe.device)
+    del x_train
+    n_eval = min(len(ds), max(num_images, JUDGE_EVAL_IMAGES))
+    held = ctx.images(n_eval)
+    labels = ds.labels[:n_eval] if bool((ds.labels[:n_eval] >= 0).any()) and has_labels else None
+    same_columns = bool(names) and all(n in ds.attribute_names for n in names)
+    attrs = ds.attributes[:n_eval][:, [ds.attribute_names.index(n) for n in names]] if same_columns else None
+    acc = judge_accuracy(judge, held, labels, attrs)
+    summary = {
+        "training_images": n_train, "epochs": judge_epochs, "training_loss": judge.losses, "held_out_images": n_eval,
+        "class_accuracy": _nan_none(acc.class_accuracy), "attributes": names,
+        "attribute_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_accuracy)},
+        "attribute_balanced_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_balanced_accuracy)},
+    }
+    return judge, held, labels, attrs, summary
+
+
 def cmd_faithfulness(
     ctx: Context,
     num_images: int = 256,
@@ -73,6 +109,7 @@ def cmd_faithfulness(
     judge_epochs: int = 2,
     marker_prototypes: Union[list[int], int, None] = None,
     judge_images: int = 10000,
+    edit_images: Optional[int] = None,
 ) -> dict:
     """Faithfulness to s: sample agreement by an independent judge, s cycle, edit gain, marker causality.
 
@@ -98,44 +135,27 @@ def cmd_faithfulness(
         judge_epochs: training epochs of the judge.
         marker_prototypes: marker prototypes moved together, e.g. [3,7] (default: AUROC ≥ 0.9 for `marker`, else the best).
         judge_images: at most this many training images (a seeded random subset) train the judge.
+        edit_images: edit gain on the first N references only (default: all `num_images`); edits cost
+            2 × num_edit_prototypes decodes per image, sampling one.
     """
     check_positive(num_images=num_images, samples_per_ref=samples_per_ref, steps=steps, num_edit_prototypes=num_edit_prototypes,
-                   judge_epochs=judge_epochs, judge_images=judge_images, partial_steps=partial_steps)
+                   judge_epochs=judge_epochs, judge_images=judge_images, partial_steps=partial_steps, edit_images=edit_images)
     pipe = ctx.pipe
     guidance, edit_guidance = pipe.guidance, pipe.edit_guidance  # the common --guidance / --edit_guidance
     if partial_steps is not None and partial_steps > steps:
         raise ValueError(f"partial_steps={partial_steps}; expected 1..steps={steps}")
     marker_prototypes = ctx.check_prototypes(marker_prototypes, "marker_prototypes")
-    ds, train = ctx.dataset(), ctx.dataset("training")
+    ds = ctx.dataset()
     if len(ds) < 2:
         raise ValueError(f"num_images: the {ds.source['split']} split has {len(ds)} image(s); need at least 2")
     out = ctx.out
 
     # 1. the judge, on the run's real training split
-    cols, names = judge_columns(train)
-    n_train = min(judge_images, len(train))
-    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.seed))[:n_train].sort().values.tolist()
-    x_train, _ = _load(train, rows)
-    has_labels = bool((train.labels >= 0).any())
-    num_classes = (len(train.classes) or int(train.labels.max()) + 1) if has_labels else 0
-    judge = train_judge(x_train, train.labels[rows] if has_labels else None, train.attributes[rows][:, cols] if cols else None,
-                        epochs=judge_epochs, seed=ctx.seed, num_classes=num_classes or None, device=pipe.device)
-    del x_train
-    n_eval = min(len(ds), max(num_images, JUDGE_EVAL_IMAGES))
-    held = ctx.images(n_eval)
-    labels = ds.labels[:n_eval] if bool((ds.labels[:n_eval] >= 0).any()) and has_labels else None
-    same_columns = bool(names) and all(n in ds.attribute_names for n in names)
-    attrs = ds.attributes[:n_eval][:, [ds.attribute_names.index(n) for n in names]] if same_columns else None
-    acc = judge_accuracy(judge, held, labels, attrs)
-    judge_summary = {
-        "training_images": n_train, "epochs": judge_epochs, "training_loss": judge.losses, "held_out_images": n_eval,
-        "class_accuracy": _nan_none(acc.class_accuracy), "attributes": names,
-        "attribute_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_accuracy)},
-        "attribute_balanced_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_balanced_accuracy)},
-    }
+    judge, held, labels, attrs, judge_summary = judged_data(ctx, num_images, judge_images, judge_epochs)
+    names = judge_summary["attributes"]
 
     # 2. sample agreement and the s cycle
-    refs = held[: min(num_images, n_eval)]
+    refs = held[:num_images]
     B = len(refs)
     agree = sample_agreement(pipe, refs, judge, samples_per_ref, steps, guidance, ctx.seed,
                              labels[:B] if labels is not None else None, attrs[:B] if attrs is not None else None)
@@ -159,16 +179,19 @@ def cmd_faithfulness(
     levels = edit_levels(stats)
     K = pipe.num_prototypes
     prototypes = torch.tensor(stats["std"]).argsort(descending=True)[: min(num_edit_prototypes, K)].tolist()
-    gain = edit_gain(pipe, refs, prototypes, levels, steps, partial_steps, edit_guidance)
+    edited = refs[:edit_images] if edit_images is not None else refs
+    gain = edit_gain(pipe, edited, prototypes, levels, steps, partial_steps, edit_guidance)
     for name, d in (("raise", gain.raised), ("lower", gain.lowered)):
         plots.save_rows([refs[:c], gain.reconstruction[:c], *d.images[:, :c]], out / f"edits_{name}.png")
 
     result: dict[str, Any] = {
         "images": B, "samples_per_ref": samples_per_ref, "steps": steps, "guidance": guidance, "edit_guidance": edit_guidance,
+        "inversion": pipe.inversion,
         "partial_steps": partial_steps, "judge": judge_summary, "agreement": agreement_summary,
         "sample_quality": quality,
         "s_cycle": {"mean": _nan_none(agree.s_cycle), "per_prototype": [_nan_none(v) for v in agree.s_cycle_per_prototype.tolist()]},
-        "edits": {"prototypes": prototypes, "raise": gain.raised.summary(prototypes), "lower": gain.lowered.summary(prototypes)},
+        "edits": {"prototypes": prototypes, "raise": gain.raised.summary(prototypes), "lower": gain.lowered.summary(prototypes),
+                  "images": len(edited), "reconstruction_psnr_db_mean": _mean(psnr(gain.reconstruction, edited))},
         "marker": None,
     }
 

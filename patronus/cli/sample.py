@@ -20,6 +20,7 @@ from patronus.cli.common import (
     wants_debug,
     write_json,
 )
+from patronus.cli.wandb_runs import log_analysis, wants_wandb
 from patronus.data.images import read_image
 from patronus.edits import Edit, joint, parse_edit, redundant_groups
 from patronus.interpret.generation_metrics import psnr
@@ -145,6 +146,8 @@ def sample(
         summary["files"]["unconditional"] = str(plots.save_rows([generated], out / "unconditional.png"))
     summary["activation_range"] = {"min": stats["min"], "max": stats["max"]}
     write_json(summary, out / "summary.json")
+    if wants_wandb(ctx.wandb, ctx.checkpoint):
+        summary["wandb_dir"] = log_analysis(ctx.checkpoint, "sample", summary, out)
     return summary
 
 

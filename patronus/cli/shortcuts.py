@@ -12,9 +12,10 @@ from typing import Any, Optional
 
 import torch
 
-from patronus import plots, runs
+from patronus import plots
 from patronus.cli.common import Context, DataSource, run_dataset
 from patronus.cli.report_html import write_html
+from patronus.cli.wandb_runs import linked_run, wants_wandb
 from patronus.interpret.report import ReportData, ShortcutReport, build_report
 from patronus.interpret.shortcut_report import finetune_config
 
@@ -35,7 +36,6 @@ def cmd_shortcuts(
     num_images: int = 2000,
     steps: int = 25,
     group_split: Optional[str] = None,
-    no_wandb: bool = False,
 ) -> dict:
     """Shortcut report: which prototypes carry a confounder, where, when, does editing them change predictions.
 
@@ -57,7 +57,6 @@ def cmd_shortcuts(
             data is read as is (e.g. a `*_balanced` split written by `shortcut_data --balanced_splits`).
             When it is the report's own split, the images its classifiers were fit on are left out.
             The report also gives each prototype's confounder AUROC on these images ("balanced").
-        no_wandb: write files only (default: also an offline wandb run).
     """
     ds = ctx.dataset()
     groups, same = group_data(ctx, group_split, num_images) if group_split else (None, False)
@@ -75,7 +74,7 @@ def cmd_shortcuts(
     summary["report"] = str(md)
     summary["report_html"] = str(write_html(md.read_text(), summary["verdict"], out, f"Shortcut report: {title}",
                                             clear=not (summary["findings"] or summary["unexplained"])))
-    summary["wandb_dir"] = None if no_wandb else log_to_wandb(summary, out, "patronus", runs.analysis_dir(ctx.checkpoint))
+    summary["wandb_dir"] = log_to_wandb(summary, out, ctx.checkpoint) if wants_wandb(ctx.wandb, ctx.checkpoint) else None
     return summary
 
 
@@ -247,15 +246,13 @@ def write_markdown(summary: dict[str, Any], out: Path, title: str) -> Path:
     return path
 
 
-def log_to_wandb(summary: dict[str, Any], out: Path, project: str, run_dir: Optional[Path]) -> Optional[str]:
-    """The same tables and figures as an offline wandb run (`wandb sync` it later), under `run_dir`
-    (the checkpoint's analysis folder) or else `out`."""
+def log_to_wandb(summary: dict[str, Any], out: Path, checkpoint: str) -> Optional[str]:
+    """The same tables and figures, `report.html` included, as an offline wandb run (`wandb sync` it
+    later) in the group of the training run it audits (`patronus.cli.wandb_runs`)."""
     import wandb
 
-    if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, dir=str(run_dir or out), mode="offline", job_type="shortcut-report",
-                     config={k: summary[k] for k in ("images", "targets", "candidate_confounders", "flagged", "verdict")})
+    run = linked_run(checkpoint, "shortcut-report",
+                     {k: summary[k] for k in ("images", "targets", "candidate_confounders", "flagged", "verdict")})
     keys = ["rank", "prototype", "score", "p_value", "flagged", "finding", "target", "confounder", "auroc_target",
             "auroc_confounder", "auroc_confounder_balanced", "location_concentration", "counterfactual_fix_rate"]
     table = wandb.Table(columns=keys, data=[[r[k] for k in keys] for r in summary["ranking"]])
@@ -268,9 +265,11 @@ def log_to_wandb(summary: dict[str, Any], out: Path, project: str, run_dir: Opti
         f["marker_rates"].get("removed"),
         f["worst_group"].get("before"), f["worst_group"].get("after"), f["worst_group"].get("balanced_training")]
         for f in summary["findings"]])
-    images = {f"shortcuts/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
-    run.summary["shortcuts/verdict"] = summary["verdict"]
-    run.log({"shortcuts/ranking": table, "shortcuts/findings": findings,
-             "shortcuts/verdict": wandb.Html(f"<p><b>{summary['verdict']}</b></p>"), **images})
+    images = {f"shortcuts/{p.stem}": wandb.Image(str(p), caption=p.stem.replace("_", " ")) for p in sorted(out.glob("*.png"))}
+    run.summary.update({"shortcuts/verdict": summary["verdict"], "shortcuts/flagged": len(summary["flagged"]),
+                        "shortcuts/findings": len(summary["findings"])})
+    report = {"shortcuts/report": wandb.Html(Path(summary["report_html"]).read_text())} if summary.get("report_html") else {}
+    run.log({"shortcuts/ranking": table, "shortcuts/findings_table": findings,
+             "shortcuts/verdict": wandb.Html(f"<p><b>{summary['verdict']}</b></p>"), **report, **images})
     run.finish()
     return run.dir

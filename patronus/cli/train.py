@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from patronus.cli.common import report_user_errors
 from patronus.data.datamodule import PatronusDataModule
+from patronus.models.patronus import PatronusModel
 from patronus.runs import CHECKPOINT_DIR, CONFIG_FILE, MODEL_DIR, ResumePoint, atomic_write, export_model, find_resume_point, load_model
-from patronus.training.callbacks import EMA, InterpretMonitor, SampleGrid, StatusLine
+from patronus.training.callbacks import EMA, InterpretMonitor, RunSummary, SampleGrid, StatusLine
 from patronus.training.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from patronus.training.logs import AppendingCSVLogger
 from patronus.training.module import PatronusModule
@@ -64,9 +66,9 @@ def cpu_has_native_bf16() -> bool:
 class PatronusCLI(LightningCLI):
     """LightningCLI with a run directory: config, checkpoints, samples, logs and the export live there."""
 
-    def __init__(self, args: Optional[list[str]] = None, **kwargs: Any):
+    def __init__(self, args: Optional[list[str]] = None, model_class: type[PatronusModule] = PatronusModule, **kwargs: Any):
         super().__init__(
-            PatronusModule,
+            model_class,
             PatronusDataModule,
             save_config_callback=SaveConfigToLoggers,
             save_config_kwargs={"overwrite": True},
@@ -82,6 +84,8 @@ class PatronusCLI(LightningCLI):
         parser.add_argument("--logger", type=LoggerKind, default="wandb", help="wandb (offline), csv, tensorboard, none")
         parser.add_argument("--wandb_project", type=str, default="patronus")
         parser.add_argument("--wandb_online", type=bool, default=False, help="stream to wandb (needs an account)")
+        parser.add_argument("--wandb_log_model", type=bool, default=False,
+                            help="also log the exported model (safetensors + config) as a wandb artifact of type 'model'")
         parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -103,6 +107,7 @@ class PatronusCLI(LightningCLI):
         parser.add_lightning_class_args(StatusLine, "status")
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(InterpretMonitor, "interpret_monitor")  # after EMA: probes its current copy
+        parser.add_lightning_class_args(RunSummary, "run_summary")
 
     def before_instantiate_classes(self) -> None:
         t = self.config["trainer"]
@@ -133,8 +138,12 @@ class PatronusCLI(LightningCLI):
 def check_same_model(resume: ResumePoint, net_config: dict[str, Any]) -> None:
     """A re-run must build the model its checkpoint was trained as; name the fields that differ."""
     ours = {k: (list(v) if isinstance(v, tuple) else v) for k, v in net_config.items() if not k.startswith("_")}
-    diff = [f"model.net.{k}: checkpoint {resume.net_config[k]!r}, this command {ours[k]!r}"
-            for k in sorted(ours) if k in resume.net_config and resume.net_config[k] != ours[k]]
+    # A field the checkpoint predates was trained at its default (e.g. prediction="epsilon").
+    defaults = {k: p.default for k, p in inspect.signature(PatronusModel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    theirs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**defaults, **resume.net_config}.items()}
+    diff = [f"model.net.{k}: checkpoint {theirs[k]!r}, this command {ours[k]!r}"
+            for k in sorted(ours) if k in theirs and theirs[k] != ours[k]]
     if diff:
         raise ValueError(f"{resume.path} was trained with a different model ({'; '.join(diff)}); re-run with the run's "
                          "own config.yaml, or train the new model in a new --run_dir (nothing was changed)")
@@ -160,6 +169,20 @@ def _train(cli: PatronusCLI) -> None:
     if cli.trainer.is_global_zero:
         out = export_model(cli.model.net, run_dir / MODEL_DIR)
         rank_zero_info(f"exported model to {out}")
+        if cli.config_init["wandb_log_model"]:
+            log_model_artifact(cli.trainer, out)
+
+
+def log_model_artifact(trainer: Trainer, model_dir: Path) -> None:
+    """The exported model as a wandb artifact, so a reviewer pulls the exact weights of the run."""
+    import wandb
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model",
+                                      metadata={"step": trainer.global_step})
+            artifact.add_dir(str(model_dir))
+            logger.experiment.log_artifact(artifact, aliases=["latest", f"step{trainer.global_step}"])
 
 
 def _check_config_files(args: Optional[list[str]]) -> None:
@@ -179,13 +202,14 @@ def _check_config_files(args: Optional[list[str]]) -> None:
             raise ValueError(f"--config {f}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
 
 
-def train_main(args: Optional[list[str]] = None) -> PatronusCLI:
+def train_main(args: Optional[list[str]] = None, model_class: type[PatronusModule] = PatronusModule) -> PatronusCLI:
     """`python train.py --config configs/X.yaml [overrides]`; re-running the same command resumes
-    from the newest checkpoint that loads, and a finished run re-run unchanged does nothing."""
+    from the newest checkpoint that loads, and a finished run re-run unchanged does nothing.
+    `model_class`: a PatronusModule subclass with the same options (a benchmark's variant)."""
     argv = sys.argv[1:] if args is None else args
     debug = any(a in ("--debug", "--debug=true", "--debug=True") for a in argv)
     report_user_errors(lambda: _check_config_files(args), debug)
-    cli = PatronusCLI(args=args)
+    cli = PatronusCLI(args=args, model_class=model_class)
     report_user_errors(lambda: _train(cli), cli.config_init["debug"])
     return cli
 

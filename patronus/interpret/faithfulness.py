@@ -333,15 +333,19 @@ def sample_agreement(
     labels: Optional[torch.Tensor] = None,
     attributes: Optional[torch.Tensor] = None,
     batch_size: int = 256,
+    conditions: Optional[torch.Tensor] = None,
 ) -> SampleAgreement:
     """Decode each reference's s from `samples_per_ref` fresh x_T (one seeded noise stream; CFG
-    scale `guidance`), judge samples against references, and re-encode them for the s cycle."""
+    scale `guidance`), judge samples against references, and re-encode them for the s cycle.
+
+    `conditions` (B, K): decode these instead of the references' s (a benchmark's ceiling: a model
+    conditioned on the true class); the s cycle is then read against them."""
     if samples_per_ref < 1:
         raise ValueError(f"samples_per_ref={samples_per_ref}; expected at least 1")
     if len(references) < 2:
         raise ValueError(f"references: {len(references)} images; a correlation needs at least 2")
     _check_judge_data(references, labels, attributes)
-    s_ref = pipe.encode(references).s.cpu()
+    s_ref = pipe.encode(references).s.cpu() if conditions is None else conditions.float().cpu()
     gen = torch.Generator().manual_seed(seed)
     samples = torch.stack([torch.cat([pipe.sample(s_ref[i : i + batch_size], generator=gen, steps=steps, guidance=guidance).cpu()
                                       for i in range(0, len(s_ref), batch_size)]) for _ in range(samples_per_ref)])

@@ -18,9 +18,9 @@ class PatronusModel(ModelMixin, ConfigMixin):
     The constructor arguments are the config schema (LightningCLI reads them from the type
     hints) and are stored with the weights, so `from_pretrained(dir)` needs nothing else.
     Paper defaults: T=1000, linear β 1e-4→0.02, UNet 64·(1,2,4,4), 2 blocks per level, D=128,
-    MLP(s) added to the time embedding (`condition_mode="add"`), no null condition.
-    `condition_mode="scale_shift"` feeds that embedding through AdaGN instead; `null_condition`
-    adds the learned embedding that condition dropout trains and classifier-free guidance uses.
+    MLP(s) added to the time embedding, no null condition, ε output (`prediction="epsilon"`;
+    "v" reads the UNet's output as v, see `forward`). `null_condition` adds the learned embedding
+    that condition dropout trains and classifier-free guidance uses.
     `position_weight` > 0 makes prototypes position-aware (`PrototypeEncoder.distance_maps`).
     """
 
@@ -44,8 +44,8 @@ class PatronusModel(ModelMixin, ConfigMixin):
         mid_attention: bool = True,
         norm_num_groups: int = 8,
         dropout: float = 0.0,
-        condition_mode: Literal["add", "scale_shift"] = "add",
         null_condition: bool = False,
+        prediction: Literal["epsilon", "v"] = "epsilon",
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,
@@ -61,6 +61,8 @@ class PatronusModel(ModelMixin, ConfigMixin):
                 f"image_size={image_size} must be divisible by 2**(len(block_out_channels)-1)="
                 f"{2 ** (len(block_out_channels) - 1)} for the UNet's downsampling"
             )
+        if prediction not in ("epsilon", "v"):
+            raise ValueError(f"model.net.prediction={prediction!r}; expected 'epsilon' or 'v'")
         if beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
             raise ValueError(f"beta_schedule={beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2")
         self.encoder = PrototypeEncoder(
@@ -84,9 +86,10 @@ class PatronusModel(ModelMixin, ConfigMixin):
             mid_attention=mid_attention,
             norm_num_groups=norm_num_groups,
             dropout=dropout,
-            condition_mode=condition_mode,
             null_condition=null_condition,
         )
+        # ᾱ_t of the training schedule, for the v-parameterised output (derived from the config, not saved).
+        self.register_buffer("alphas_cumprod", self.noise_scheduler().alphas_cumprod.float(), persistent=False)
 
     def noise_scheduler(self) -> DDPMScheduler:
         """The training schedule; DDIM/inverse schedulers are built `from_config` of this one."""
@@ -105,5 +108,14 @@ class PatronusModel(ModelMixin, ConfigMixin):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predicted noise ε_θ(x_t, t, s); `s` is required. Rows where `null` (B,) is True get the
-        learned null condition (models with `null_condition=True`)."""
-        return self.denoiser(x_t, t, s=s, null=null)
+        learned null condition (models with `null_condition=True`).
+
+        `prediction="v"`: the UNet's output is read as v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022)
+        and returned as ε̂ = √ᾱ v̂ + √(1−ᾱ) x_t (fp32), so every sampler and analysis still sees ε.
+        At high noise ε̂ is then mostly x_t itself and the UNet's output is the image's x̂0, the part
+        that decides the digit; an ε-output must instead copy x_t through to the last decimal."""
+        out = self.denoiser(x_t, t, s=s, null=null)
+        if self.config.prediction == "epsilon":
+            return out
+        a = self.alphas_cumprod.to(x_t.device)[t.expand(len(x_t)) if t.ndim == 0 else t].view(-1, 1, 1, 1)
+        return a.sqrt() * out.float() + (1 - a).sqrt() * x_t.float()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from diffusers import UNet2DModel
@@ -28,12 +28,9 @@ class ConditionedUNet(nn.Module):
         mid_attention: bool = True,
         norm_num_groups: int = 8,
         dropout: float = 0.0,
-        condition_mode: Literal["add", "scale_shift"] = "add",
         null_condition: bool = False,
     ):
         super().__init__()
-        if condition_mode not in ("add", "scale_shift"):
-            raise ValueError(f"condition_mode={condition_mode!r}; expected 'add' or 'scale_shift'")
         if len(attention_levels) != len(block_out_channels):
             raise ValueError(
                 f"attention_levels has {len(attention_levels)} entries but block_out_channels has "
@@ -54,9 +51,6 @@ class ConditionedUNet(nn.Module):
             add_attention=mid_attention,
             class_embed_type="identity",
             attention_head_dim=None,
-            # "scale_shift" (AdaGN, as in DiffAE / improved DDPM): the time + condition embedding
-            # scales and shifts every ResBlock's normalised features instead of being added to them.
-            resnet_time_scale_shift="scale_shift" if condition_mode == "scale_shift" else "default",
         )
         emb_dim = block_out_channels[0] * 4  # UNet2DModel's time_embed_dim
         # Per-prototype standardisation first: raw log-similarities sit around 1e-2 with much

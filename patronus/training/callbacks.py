@@ -16,7 +16,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import save_file
-from torchvision.utils import save_image
 
 from patronus import plots
 from patronus.pipeline import PatronusPipeline
@@ -110,19 +109,88 @@ class SampleGrid(pl.Callback):
         grid = plots.reference_grid(refs, samples)
         out = Path(trainer.default_root_dir) / SAMPLES_DIR / f"step_{trainer.global_step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, out)
-        log_images(trainer, {"samples/reference_vs_ddim": grid})
+        plots.save_png(grid, out)
+        caption = f"step {trainer.global_step}: row 1 references, row 2 {self.ddim_steps}-step DDIM samples from their s"
+        log_images(trainer, {"samples/reference_vs_ddim": grid}, {"samples/reference_vs_ddim": caption})
 
 
-def log_images(trainer: pl.Trainer, images: dict[str, torch.Tensor]) -> None:
-    """(3, H, W) images (float in [0, 1] or uint8) to wandb / TensorBoard at the current step."""
+def log_images(trainer: pl.Trainer, images: dict[str, torch.Tensor], captions: Optional[dict[str, str]] = None) -> None:
+    """uint8 (3, H, W) pictures (the PNGs' pixels) to wandb / TensorBoard at the current step.
+
+    Loggers get uint8 only: how a logger reads a float image is its version's choice (wandb 0.31
+    casts floats to uint8 without rescaling, which turned every [0, 1] picture black)."""
+    captions = captions or {}
     for key, img in images.items():
-        img = img.float() / 255 if img.dtype == torch.uint8 else img  # one convention for every logger: [0, 1]
+        if img.dtype != torch.uint8 or img.ndim != 3:
+            raise TypeError(f"log_images: {key!r} is {img.dtype} {tuple(img.shape)}; expected a uint8 (C, H, W) picture")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key, [img], step=trainer.global_step)
+                hwc = img.permute(1, 2, 0).cpu().numpy()
+                logger.log_image(key, [hwc], step=trainer.global_step,
+                                 **({"caption": [captions[key]]} if key in captions else {}))
             elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(key, img, trainer.global_step)
+                logger.experiment.add_image(key, img.cpu(), trainer.global_step, dataformats="CHW")
+
+
+def validation_images(trainer: pl.Trainer, n: int) -> torch.Tensor:
+    """The first n validation images (training images if there is no validation data)."""
+    loader = trainer.train_dataloader
+    if trainer.datamodule is not None:
+        try:
+            loader = trainer.datamodule.val_dataloader()
+        except MisconfigurationException:  # a datamodule without validation data
+            pass
+    images, got = [], 0
+    for batch in loader:
+        images.append(batch["image"])
+        got += len(batch["image"])
+        if got >= n:
+            break
+    return torch.cat(images)[:n]
+
+
+class RunSummary(pl.Callback):
+    """At the end of training, the run's headline numbers into every logger (wandb: the run summary):
+    `summary/reconstruction_psnr_db` (DDIM inversion → decode of the first validation images, the
+    EMA weights, as `sample.py` measures it), `summary/img_per_s` over the whole run, `summary/steps`.
+    A reviewer sorting runs in wandb sees them without opening a file. `num_images=0` turns it off."""
+
+    def __init__(self, num_images: int = 8, steps: int = 50):
+        if num_images < 0 or steps < 1:
+            raise ValueError("run_summary: num_images must be >= 0 and steps >= 1")
+        self.num_images, self.steps = num_images, steps
+        self._t0: Optional[float] = None
+        self._images = 0
+        self.summary: dict[str, float] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._images += batch["image"].shape[0] * trainer.world_size
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.num_images and self._t0 is not None:
+            self._write(trainer, pl_module, self._images / max(time.perf_counter() - self._t0, 1e-9))
+
+    @rank_zero_only
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rate: float) -> None:
+        from patronus.interpret.generation_metrics import psnr
+
+        refs = validation_images(trainer, self.num_images)
+        pipe = PatronusPipeline(model=averaged_net(trainer, pl_module))
+        _, recon = pipe.reconstruct(refs.to(pipe.device), self.steps)
+        scores = psnr(recon.cpu(), refs)
+        self.summary = {"summary/reconstruction_psnr_db": sum(scores) / len(scores), "summary/img_per_s": rate,
+                        "summary/steps": float(trainer.global_step)}
+        rank_zero_info(f"run summary: reconstruction {self.summary['summary/reconstruction_psnr_db']:.2f} dB PSNR "
+                       f"({len(refs)} validation images, {self.steps} DDIM steps), {rate:.1f} img/s")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(self.summary)
+            else:
+                logger.log_metrics(self.summary, step=trainer.global_step)
+                logger.save()
 
 
 def averaged_net(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
@@ -213,28 +281,14 @@ class InterpretMonitor(pl.Callback):
             logger.log_metrics({"interpret/cost_fraction": self.cost_fraction(), "interpret/seconds": self.seconds},
                                step=trainer.global_step)
 
-    def _real_images(self, trainer: pl.Trainer) -> torch.Tensor:
-        """The first `pool_size` validation images (training images if there is no validation data)."""
-        loader = trainer.train_dataloader
-        if trainer.datamodule is not None:
-            try:
-                loader = trainer.datamodule.val_dataloader()
-            except MisconfigurationException:  # a datamodule without validation data
-                pass
-        images, n = [], 0
-        for batch in loader:
-            images.append(batch["image"])
-            n += len(batch["image"])
-            if n >= self.pool_size:
-                break
-        return torch.cat(images)[: self.pool_size]
 
     @rank_zero_only
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from patronus.interpret.emergence import emergence_times
         from patronus.interpret.monitor import run_probe, stats_table
 
         if self._pool is None:
-            self._pool = self._real_images(trainer)
+            self._pool = validation_images(trainer, self.pool_size)
         pool, step = self._pool, trainer.global_step
         # The pipeline runs the probe in eval mode, fp32, without gradients, and restores train mode.
         pipe = PatronusPipeline(model=averaged_net(trainer, pl_module))
@@ -246,14 +300,26 @@ class InterpretMonitor(pl.Callback):
         figures = write_probe(result, pool, probe.cpu(), x_T.cpu(), out, step,
                               {"size": rf.size, "jump": rf.jump, "start": rf.start, "image_size": rf.image_size})
         grid = plots.reference_grid(probe, result.decoded)
-        save_image(grid, out / "samples.png")
-        log_images(trainer, {**{f"interpret/{k}": v for k, v in figures.items()}, "interpret/samples": grid})
+        plots.save_png(grid, out / "samples.png")
+        log_images(trainer, {**{f"interpret/{k}": v for k, v in figures.items()}, "interpret/samples": grid},
+                   {"interpret/samples": f"step {step}: row 1 probe images, row 2 {self.ddim_steps}-step DDIM decodes of their s",
+                    "interpret/heatmap": f"step {step}: s_J(x̂0(t)) − s_J(x0) per prototype (rows) and timestep (columns)",
+                    "interpret/histograms": f"step {step}: each prototype's activations over {len(pool)} real images",
+                    "interpret/gallery": f"step {step}: one row per prototype (p0 at the top), its {self.top_k} nearest "
+                                         "real patches with receptive-field boxes"})
         columns, rows = stats_table(result.stats)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
 
-                logger.log_table("interpret/prototype_stats", columns=columns, data=rows, step=step)
+                # One row per prototype, sortable in wandb: its statistics, when it emerges while
+                # decoding, and its gallery row (nearest real patches with receptive-field boxes).
+                emerges = emergence_times(result.timesteps, result.heatmap.T)
+                tiles = [wandb.Image(plots.patch_gallery(pool, [hits]).permute(1, 2, 0).numpy(),
+                                     caption=f"p{j}: mean activation {result.stats['mean'][j]:.3g}")
+                         for j, hits in enumerate(result.hits)]
+                data = [[*row, None if t != t else float(t), tile] for row, t, tile in zip(rows, emerges.tolist(), tiles)]
+                logger.log_table("interpret/prototypes", columns=[*columns, "emerges_at_t", "gallery"], data=data, step=step)
                 logger.log_metrics({f"interpret/hist/p{j}": wandb.Histogram(np_histogram=(c.numpy(), e.numpy()))
                                     for j, (c, e) in enumerate(result.hists)}, step=step)
             elif isinstance(logger, TensorBoardLogger):

@@ -54,8 +54,6 @@ class PatronusModule(pl.LightningModule):
         reconstruction_weight: μ of the reconstruction loss: a decoder redraws the image from the
             encoder's feature map (`patronus.diffusion.reconstruction_loss`), so features keep small
             patterns the prototypes do not match yet and reseeding can find them; 0 = the paper's objective.
-        cycle_weight: λ of the cycle loss: the denoiser's x̂0, re-encoded, must carry the s it was
-            conditioned on (`patronus.diffusion.cycle_loss`); 0 = the paper's objective.
         held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
             away a shortcut the report flagged; `python -m patronus shortcuts` writes this config).
         init_from: start from the weights of a run / exported model / .ckpt (fine-tuning);
@@ -73,7 +71,6 @@ class PatronusModule(pl.LightningModule):
         distinct_margin: float = 0.3,
         snr_gamma: Optional[float] = None,
         condition_dropout: float = 0.0,
-        cycle_weight: float = 0.0,
         held_prototypes: Optional[dict[int, float]] = None,
         init_from: Optional[str] = None,
         reconstruction_weight: float = 0.0,
@@ -115,11 +112,10 @@ class PatronusModule(pl.LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dropout = self.hparams.condition_dropout if self.training else 0.0
-        cycle = self.hparams.cycle_weight if self.training else 0.0
         x0, enc = batch["image"], self.net.encoder
         z = enc.features(x0) if self.feature_decoder is not None else None  # one encoder pass for both losses
         s = enc.encode_features(z)[0] if z is not None else None
-        mse, s = diffusion_loss(self.net, self.scheduler, x0, self.hparams.snr_gamma, self.held, dropout, cycle, s)
+        mse, s = diffusion_loss(self.net, self.scheduler, x0, self.hparams.snr_gamma, self.held, dropout, s)
         dist = distinct_loss(enc.prototypes, self.hparams.distinct_margin, self.distinct_exempt)
         out = {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
         if z is not None:
