@@ -25,6 +25,9 @@ from patronus.interpret.stats import activation_statistics
 from patronus.models.patronus import PatronusModel
 from patronus.pipeline import PatronusPipeline
 from patronus.runs import export_model
+from torchvision.io import ImageReadMode, decode_image
+
+from tests.wandb_records import read_run
 from tests.conftest import REPO, TINY_NET, train_tiny
 
 MARKER = {"kind": "planted_marker", "target": "7", "p": 0.9, "q": 0.1, "shape": "square", "size": 8,
@@ -150,7 +153,7 @@ def marker_run(tmp_path_factory):
 @pytest.mark.slow
 def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run):
     out = main(["shortcuts", "--checkpoint", str(marker_run), "--data.split", "test", "--num_images", "1000", "--top", "2",
-                "--num_refs", "8", "--steps", "10", "--info_timesteps", "6", "--info_noise", "1", "--wandb", "false"])
+                "--num_refs", "8", "--steps", "10", "--info_timesteps", "6", "--info_noise", "1", "--wandb", "true"])
     first = out["ranking"][0]
     assert out["candidate_confounders"] == ["marker"] and out["flagged"][0] == first["prototype"]
     assert first["target"] == "class=7" and first["confounder"] == "marker" and first["score"] > 0.3
@@ -173,7 +176,17 @@ def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run)
     html = (marker_run / "analysis" / "shortcuts" / "report.html").read_text()
     assert html.index(out["verdict"][:20]) < html.index("<h1>") and "data:image/png;base64," in html
     assert json.loads((marker_run / "analysis" / "shortcuts" / "shortcuts.json").read_text())["flagged"] == out["flagged"]
-    assert out["report"] == str(marker_run / "analysis" / "shortcuts" / "report.md") and out["wandb_dir"] is None
+    assert out["report"] == str(marker_run / "analysis" / "shortcuts" / "report.md")
+    # the same report in its offline wandb run: verdict in the summary, report.html and every figure logged
+    (folder,) = (marker_run / "analysis" / "wandb").glob("offline-run-*")
+    logged = read_run(folder)
+    assert logged.job_type == "shortcut-report" and logged.summary["shortcuts/verdict"] == out["verdict"]
+    row = next(r for r in logged.history if "shortcuts/report" in r)
+    assert row["shortcuts/report"]["_type"] == "html-file"
+    assert out["verdict"][:20] in (folder / "files" / row["shortcuts/report"]["path"]).read_text()
+    causal = row["shortcuts/causal"]
+    logged_png = decode_image(str(folder / "files" / causal["path"]), mode=ImageReadMode.RGB)
+    assert torch.equal(logged_png, decode_image(str(marker_run / "analysis" / "shortcuts" / "causal.png"), mode=ImageReadMode.RGB))
 
 
 def test_build_report_names_the_bad_input():

@@ -47,7 +47,9 @@ def _put(target: dict[str, Any], item: Any) -> None:
     """An update item into `target`: a plain key, or a nested key path (["interpret/gallery", "captions"])."""
     path = [item.key] if item.key else list(item.nested_key)
     for k in path[:-1]:
-        target = target.setdefault(k, {})
+        if not isinstance(target.get(k), dict):  # a later update of the key as an object replaces a plain value
+            target[k] = {}
+        target = target[k]
     target[path[-1]] = json.loads(item.value_json)
 
 

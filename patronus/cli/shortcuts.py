@@ -270,6 +270,6 @@ def log_to_wandb(summary: dict[str, Any], out: Path, checkpoint: str) -> Optiona
                         "shortcuts/findings": len(summary["findings"])})
     report = {"shortcuts/report": wandb.Html(Path(summary["report_html"]).read_text())} if summary.get("report_html") else {}
     run.log({"shortcuts/ranking": table, "shortcuts/findings_table": findings,
-             "shortcuts/verdict": wandb.Html(f"<p><b>{summary['verdict']}</b></p>"), **report, **images})
+             "shortcuts/verdict_html": wandb.Html(f"<p><b>{summary['verdict']}</b></p>"), **report, **images})
     run.finish()
     return run.dir

@@ -171,6 +171,9 @@ def _train(cli: PatronusCLI) -> None:
         rank_zero_info(f"exported model to {out}")
         if cli.config_init["wandb_log_model"]:
             log_model_artifact(cli.trainer, out)
+    for logger in cli.trainer.loggers:  # flush the offline run now: the process may exit before wandb's atexit hook is done
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def log_model_artifact(trainer: Trainer, model_dir: Path) -> None:
