@@ -155,7 +155,7 @@ def plot(curves: dict[str, Any], path: Path) -> None:
                     ax.plot(x, y, marker="o", label=f"{name} ({e_name.removesuffix('_e1')})")
             elif any(p.get(k) is not None for p in pts):
                 ax.plot(x, [p.get(k) for p in pts], marker="o", label=name)
-            ax.set(title=title, xlabel="training steps (batch 64; ~5.2 min per 900 on 2 CPU cores)")
+            ax.set(title=title, xlabel="training steps (900 ≈ 5.2 min)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
