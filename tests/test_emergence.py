@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from torchvision.io import read_image
 
 from patronus.cli.analyses import main
+from patronus.cli.sample import EDIT_GUIDANCE
 from patronus.edits import set_prototypes
 from patronus.interpret.emergence import edit_emergence, emergence_curves, emergence_times, recorded_steps, trace_activations
 from patronus.pipeline import PatronusPipeline
@@ -26,8 +27,8 @@ def s_max(tiny_model, tiny_pipe, mnist_test_images) -> torch.Tensor:
         return torch.quantile(tiny_pipe.encode(mnist_test_images).s, 0.99, dim=0)
 
 
-EDIT_GUIDANCE = 4.0  # sample.py's default for edits: at w = 1 the tiny model's edits rise 0.0004-0.002
-# (spread of s 0.003-0.008), about the run-to-run noise of the plain decode
+# Edits at sample.py's edit guidance (EDIT_GUIDANCE): at w = 1 the tiny model's edits rise 0.0004-0.002
+# (spread of s 0.003-0.008), about the run-to-run noise of the plain decode.
 
 
 @pytest.fixture(scope="module")

@@ -141,8 +141,7 @@ def check_positive(**values: int) -> None:
             raise ValueError(f"{name}={v}; expected at least 1")
 
 
-def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = None, default_edit_guidance: float = 1.0,
-                         default_inversion: Inversion = "ddim") -> None:
+def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = None, default_edit_guidance: float = 1.0) -> None:
     """--checkpoint, --data.*, --out, --seed, --device, --debug: the same names in every command."""
     parser.add_argument("--checkpoint", type=str, required=True, help="run directory, exported model directory, saved pipeline or .ckpt")
     parser.add_class_arguments(DataSource, "data")
@@ -153,7 +152,7 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
                         help="classifier-free guidance on s for every sample, ε(∅) + w(ε(s) − ε(∅)) (models with a null condition)")
     parser.add_argument("--edit_guidance", type=float, default=default_edit_guidance,
                         help="edit guidance for every edit, ε(s) + w(ε(s_edit) − ε(s)) (any model)")
-    parser.add_argument("--inversion", type=Inversion, default=default_inversion,
+    parser.add_argument("--inversion", type=Inversion, default="ddim",
                         help="how every edit inverts its images: ddim (one x_T) or edit_friendly (DDPM noise maps)")
     parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
     parser.add_argument("--wandb", type=Optional[bool], default=None,

@@ -14,8 +14,6 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from patronus import runs
 
 _RUN_DIR = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>[a-z0-9]+)$")
@@ -39,16 +37,6 @@ def linked_run(checkpoint: str | Path, job_type: str, config: dict[str, Any], pr
                       config={"checkpoint": str(checkpoint), "audited_run_id": audited, **config}, reinit="create_new")
 
 
-def wandb_image(picture: torch.Tensor, caption: Optional[str] = None):
-    """A uint8 (C, H, W) picture as a wandb.Image from uint8 H×W×C: what wandb stores is the PNG's pixels
-    whatever its version does with float arrays."""
-    import wandb
-
-    if picture.dtype != torch.uint8:
-        raise TypeError(f"wandb_image: expected a uint8 picture, got {picture.dtype}")
-    return wandb.Image(picture.permute(1, 2, 0).cpu().numpy(), caption=caption)
-
-
 def scalars(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Every number, string and bool of a (nested) result dict, keyed by its path ("edits/raise/gain_mean");
     lists are left to the JSON file."""
@@ -57,7 +45,7 @@ def scalars(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             flat.update(scalars(v, key + "/"))
-        elif isinstance(v, (int, float, str, bool)) and v is not None:
+        elif isinstance(v, (int, float, str, bool)):
             flat[key] = v
     return flat
 
