@@ -1,5 +1,6 @@
 """Sample, invert and edit with a trained Patronus model.
 
+    python sample.py                      # the default run (runs/mnist_cpu) -> outputs/mnist_cpu
     python sample.py --checkpoint runs/mnist_cpu --out outputs/mnist_cpu --edit "[3=max, 7=0]"
 """
 

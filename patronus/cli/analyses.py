@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from jsonargparse import ArgumentParser
 
-from patronus import plots, runs
+from patronus import __version__, plots, runs
 from patronus.cli.common import (
     STATS_IMAGES,
     Context,
@@ -336,7 +336,10 @@ COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m patronus", description="Patronus analyses: PNG figures + JSON numbers.")
+    parser = ArgumentParser(prog="python -m patronus", description=(
+        "Patronus analyses: PNG figures + JSON numbers. Training: `python train.py` (patronus-train); "
+        "sampling and editing: `python sample.py` (patronus-sample)."))
+    parser.add_argument("--version", action="version", version=f"patronus {__version__}")
     sub = parser.add_subcommands(dest="command")
     for name, (fn, _) in COMMANDS.items():
         summary = (fn.__doc__ or "").strip().splitlines()[0]

@@ -30,6 +30,7 @@ from patronus.runs import resolve_checkpoint
 
 EDIT_GUIDANCE = 4.0
 DEFAULT_OUT = "outputs/sample"
+DEFAULT_RUN = Path("runs/mnist_cpu")  # what `python train.py` alone trains
 
 
 def references(ctx: Context, images: Optional[list[str]], resize: bool, indices: Optional[list[int]]) -> tuple[torch.Tensor, list[str]]:
@@ -160,8 +161,22 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def with_default_run(argv: list[str]) -> list[str]:
+    """`python sample.py` alone samples from the default run into outputs/<run name>; exit 2 with the one
+    command that makes the run if there is none."""
+    if any(a in ("-h", "--help") or a == "--checkpoint" or a.startswith("--checkpoint=") for a in argv):
+        return argv
+    if not DEFAULT_RUN.is_dir():
+        print(f"sample.py: no --checkpoint and no default run at {DEFAULT_RUN}; make it with `python train.py` "
+              f"(about 5 min on 2 CPU cores) or pass --checkpoint RUN", file=sys.stderr)
+        raise SystemExit(2)
+    out = [] if any(a == "--out" or a.startswith("--out=") for a in argv) else ["--out", f"outputs/{DEFAULT_RUN.name}"]
+    return ["--checkpoint", str(DEFAULT_RUN), *out, *argv]
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
-    """`python sample.py --checkpoint RUN --out DIR [--edit 3=max] ...`"""
+    """`python sample.py [--checkpoint RUN --out DIR] [--edit 3=max] ...`"""
+    argv = with_default_run(sys.argv[1:] if argv is None else list(argv))
     debug = wants_debug(argv)
     options = build_parser().parse_args(argv).as_dict()
 

@@ -205,13 +205,29 @@ def _check_config_files(args: Optional[list[str]]) -> None:
             raise ValueError(f"--config {f}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
 
 
-def train_main(args: Optional[list[str]] = None, model_class: type[PatronusModule] = PatronusModule) -> PatronusCLI:
+def with_default_config(argv: list[str], default_config: Optional[Path]) -> list[str]:
+    """`python train.py` alone trains the default preset: without a --config, `default_config` comes first
+    (a whole preset, not defaults merged under another one, so no preset's keys leak into another's)."""
+    if default_config is None or any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=") for a in argv):
+        return argv
+    rank_zero_info(f"no --config given: training the default preset {default_config}")
+    return ["--config", str(default_config), *argv]
+
+
+def train_main(args: Optional[list[str]] = None, model_class: type[PatronusModule] = PatronusModule,
+               default_config: Optional[Path] = None) -> PatronusCLI:
     """`python train.py --config configs/X.yaml [overrides]`; re-running the same command resumes
     from the newest checkpoint that loads, and a finished run re-run unchanged does nothing.
-    `model_class`: a PatronusModule subclass with the same options (a benchmark's variant)."""
-    argv = sys.argv[1:] if args is None else args
+    `model_class`: a PatronusModule subclass with the same options (a benchmark's variant).
+    `default_config`: the preset trained when no --config is given (None: --config is required)."""
+    if args is None:  # the command line itself (LightningCLI warns when given both args and a command line)
+        sys.argv[1:] = argv = with_default_config(sys.argv[1:], default_config)
+    else:
+        args = argv = with_default_config(list(args), default_config)
     debug = any(a in ("--debug", "--debug=true", "--debug=True") for a in argv)
-    report_user_errors(lambda: _check_config_files(args), debug)
+    report_user_errors(lambda: _check_config_files(argv), debug)
     cli = PatronusCLI(args=args, model_class=model_class)
     report_user_errors(lambda: _train(cli), cli.config_init["debug"])
     return cli
