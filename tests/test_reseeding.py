@@ -93,7 +93,7 @@ def test_a_marker_the_model_never_saw_gets_a_prototype_that_detects_it(tiny_mode
 
 def test_a_contrast_seed_moves_the_centroid_away_from_the_typical_patch(tiny_model: PatronusModel):
     """contrast α seeds c + α·(c − μ), μ the pool's mean cell feature, on the same pattern as the plain round.
-    Whether that detects the marker better depends on the data: on X-rays it does (the sweep, README); on
+    Whether that detects the marker better depends on the data: on X-rays it does (the sweep, docs/benchmarks.md); on
     this tiny MNIST model, whose background is flat, it does not, so both detectors are checked to stay
     well above chance, not ranked."""
     x, has, _ = marked_pool(256, 0.25)

@@ -155,7 +155,7 @@ def sample(
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="sample.py", description=(sample.__doc__ or "").strip().splitlines()[0])
     # Edit guidance 4: on the default run it takes an edit from ~1/4 to ~0.87 of the requested
-    # change (README, "Steering"); the analyses keep 1 unless asked.
+    # change (docs/sampling.md); the analyses keep 1 unless asked.
     add_common_arguments(parser, default_out=DEFAULT_OUT, default_edit_guidance=EDIT_GUIDANCE)
     parser.add_function_arguments(sample, skip={"ctx"}, fail_untyped=True)
     return parser

@@ -28,7 +28,7 @@ class PatronusDataModule(pl.LightningDataModule):
             target: "1", p: 0.9, q: 0.1} (see patronus.data.shortcuts); its correlations are printed.
         train_subset / val_subset: use only the first N images (quick runs).
         dataset: registry name: mnist, fashion_mnist, cifar10, celeba, ffhq, medmnist, chexpert,
-            image_folder, attribute_folder (see patronus.data.registry and README).
+            image_folder, attribute_folder (see patronus.data.registry and docs/training.md).
         train_split / val_split: split names used for training and validation (MNIST-like:
             "train"/"test"; MedMNIST "train"/"val"; CelebA and CheXpert "train"/"valid").
         holdout: for data without a held-out split (the CelebA subset, FFHQ): validate on this
