@@ -10,8 +10,6 @@ from einops import rearrange
 from torchvision.io import write_png
 from torchvision.utils import make_grid, save_image
 
-from patronus.interpret.generation_metrics import to_uint8
-
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1] for image files and loggers."""
@@ -24,8 +22,15 @@ def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
+# Copied from patronus.interpret.generation_metrics.to_uint8: importing that module here would load
+# torchmetrics (and matplotlib.pyplot with it) into every caller of patronus.plots.
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8, exactly what a PNG stores."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] (C, H, W) -> uint8 RGB (as a PNG stores it, `to_uint8`), for drawing."""
+    """[-1, 1] (C, H, W) -> uint8 RGB (`to_uint8`), for drawing."""
     x = to_uint8(x)
     return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
