@@ -7,7 +7,7 @@ For every run directory and every (guidance, edit_guidance) pair, runs the faith
 one markdown table and writes benchmarks/faithfulness.json. Classifier-free guidance ≠ 1 is
 skipped (with a note) for runs whose model has no null condition. The judge is retrained for
 every setting from the same seed, so every row of a run is judged by the same classifier.
-Definitions: patronus/interpret/faithfulness.py.
+Definitions: patronus/interpret/{judge,agreement,edit_gain,marker_rule,marker_effect}.py.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from patronus.cli.analyses import main as patronus_main
 from patronus.cli.common import Context, DataSource, load_pipeline
 from patronus.cli.faithfulness import judged_data
 from patronus.diffusion import diffusion_loss, distinct_loss
-from patronus.interpret.faithfulness import sample_agreement, sample_quality
+from patronus.interpret.agreement import sample_agreement, sample_quality
 from patronus.training.module import PatronusModule
 
 HERE = Path(__file__).resolve().parent
@@ -138,13 +138,11 @@ def markdown(curves: dict[str, Any]) -> str:
 
 
 def plot(curves: dict[str, Any], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from patronus.plots import render
+    from patronus.plots import render, subplots
 
     keys = [("class_agreement", "class agreement (judge)"), ("s_probe", "s → class probe"), ("s_cycle", "s cycle"),
             ("edit", "raise gain, w = 1"), ("judge_fid", "judge FID")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
+    fig, axes = subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
     for name, curve in curves.items():
         pts = curve["points"]
         x = [p["step"] for p in pts]

@@ -35,7 +35,7 @@ from patronus import plots, runs
 from patronus.cli.common import DataSource, load_pipeline, run_dataset
 from patronus.cli.train import train_main
 from patronus.edits import hold_prototypes
-from patronus.interpret.faithfulness import marker_detector
+from patronus.interpret.marker_rule import marker_detector
 
 FINETUNE_CONFIG = Path(runs.ANALYSIS_DIR) / "shortcuts" / "finetune_held.yaml"
 

@@ -12,21 +12,11 @@ from torch.nn.functional import one_hot as F_one_hot
 from patronus.cli.analyses import main
 from patronus.data.registry import build_dataset
 from patronus.data.shortcuts import marker_mask, planted_marker
-from patronus.interpret.faithfulness import (
-    edit_gain,
-    judge_accuracy,
-    marker_detector,
-    marker_effect,
-    marker_prototypes_by_auroc,
-    marker_rates,
-    same_class_partners,
-    pearson_per_column,
-    s_class_probe,
-    sample_agreement,
-    sample_quality,
-    s_cycle,
-    train_judge,
-)
+from patronus.interpret.agreement import pearson_per_column, s_class_probe, s_cycle, sample_agreement, sample_quality
+from patronus.interpret.edit_gain import edit_gain
+from patronus.interpret.judge import judge_accuracy, train_judge
+from patronus.interpret.marker_effect import marker_effect, marker_prototypes_by_auroc, same_class_partners
+from patronus.interpret.marker_rule import marker_detector, marker_rates
 from patronus.interpret.stats import activation_statistics, edit_levels
 from patronus.runs import export_model
 from tests.conftest import REPO

@@ -31,15 +31,15 @@ from patronus.cli.shortcuts import cmd_shortcuts
 from patronus.cli.wandb_runs import log_analysis, wants_wandb
 from patronus.edits import Edit, most_variable_prototypes
 from patronus.interpret.consistency import prototype_consistency
-from patronus.interpret.emergence import edit_emergence, emergence_curves, emergence_times
-from patronus.interpret.generation_metrics import feature_network, fid_kid, psnr, to_uint8, write_pngs
+from patronus.interpret.emergence import edit_emergence, plain_settling
+from patronus.interpret.generation_metrics import feature_network, fid_kid, generate_like, psnr, to_uint8, write_pngs
 from patronus.interpret.interpolate import extrapolate, interpolate, variations
 from patronus.interpret.localise import edit_and_localise, edit_each_prototype
+from patronus.interpret.prior_check import prior_check
 from patronus.interpret.projection import nearest_patches
 from patronus.interpret.quality import class_indicators, prototype_quality
 from patronus.interpret.stats import edit_levels
-from patronus.models.prior import ActivationPrior
-from patronus.training.prior import fit_prior
+from patronus.training.prior import train_activation_prior
 
 Prototypes = Union[list[int], int, None]
 
@@ -134,25 +134,12 @@ def cmd_prior(ctx: Context, num_images: int = 5000, prior_steps: int = 3000, ste
     """
     check_positive(prior_steps=prior_steps, steps=steps)
     pipe = ctx.pipe
-    train = pipe.encode(ctx.images(num_images)).s
-    held_out = pipe.encode(ctx.images(1000, split="validation")).s
-    prior = ActivationPrior(num_prototypes=pipe.num_prototypes)
-    losses = fit_prior(prior, train.cpu(), steps=prior_steps, seed=ctx.seed)
+    prior, losses = train_activation_prior(pipe, ctx.images(num_images), prior_steps, ctx.seed)  # pipe.generate now uses it
     prior.save_pretrained(runs.prior_dir(ctx.checkpoint), safe_serialization=True)
-    pipe.register_modules(prior=prior.to(pipe.device))
-    draws = pipe.sample_activations(len(held_out), steps=steps, seed=ctx.seed).cpu()
-    held_out = held_out.cpu()
-    sd = held_out.std(0).clamp_min(1e-8)
+    check = prior_check(pipe, ctx.images(1000, split="validation"), steps, ctx.seed)
     images, _ = pipe.generate(16, steps, ctx.seed)
     plots.save_rows(list(images.view(2, 8, *images.shape[1:])), ctx.out / "prior_samples.png")
-    return {
-        "losses_every_100_steps": losses,
-        "held_out_images": len(held_out),
-        "max_mean_error_in_std": float(((draws.mean(0) - held_out.mean(0)).abs() / sd).max()),
-        "std_ratio_range": [float((draws.std(0) / sd).min()), float((draws.std(0) / sd).max())],
-        "mean_abs_correlation_error": float((torch.corrcoef(draws.T) - torch.corrcoef(held_out.T)).abs().mean()),
-        "saved_to": str(runs.prior_dir(ctx.checkpoint)),
-    }
+    return {"losses_every_100_steps": losses, **check.as_dict(), "saved_to": str(runs.prior_dir(ctx.checkpoint))}
 
 
 def cmd_localise(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, partial_steps: Optional[int] = None,
@@ -243,15 +230,7 @@ def cmd_fid(ctx: Context, num_images: int = 500, steps: int = 50, features: str 
     real = ctx.images(num_images)
     if len(real) < num_images:
         print(f"note: the {ctx.dataset().source['dataset']} split has only {len(real)} images")
-    fake = []
-    for i in range(0, len(real), batch_size):
-        chunk = real[i : i + batch_size]
-        if unconditional:
-            imgs, _ = pipe.generate(len(chunk), steps, ctx.seed + i)
-        else:  # s of a real image, fresh x_T: how well s pins down an image
-            imgs = pipe.sample(pipe.encode(chunk).s, seed=ctx.seed + i, steps=steps)
-        fake.append(to_uint8(imgs).cpu())
-    fake_u8, real_u8 = torch.cat(fake), to_uint8(real)
+    fake_u8, real_u8 = generate_like(pipe, real, steps, ctx.seed, batch_size, unconditional), to_uint8(real)
     write_pngs(fake_u8, ctx.out / "generated")
     write_pngs(real_u8, ctx.out / "real")
     plots.save_rows([fake_u8[:16].float() / 127.5 - 1], ctx.out / "generated_grid.png")
@@ -291,10 +270,9 @@ def cmd_emergence(ctx: Context, num_images: int = 8, prototypes: Prototypes = No
                             out / "emergence_heatmap.png", names)
     plots.emergence_curve_plot(res.mean, res.std, res.timesteps, [f"p{j} → {float(v):.3g}" for j, v in zip(prototypes, res.s_target)],
                                out / "emergence_curves.png", title="s_J(x̂0(t) | s_J = max) − s_J(x0), mean ± std")
-    plain_mean, plain_std = emergence_curves(res.plain, res.s_ref)  # (S, K)
+    plain_mean, plain_std, settle = plain_settling(res)  # (S, K), (S, K), (K,)
     plots.emergence_heatmap(plain_mean.T, res.timesteps, "plain reconstruction: s(x̂0(t)) − s(x0)", out / "plain_heatmap.png",
                             [f"p{j}" for j in range(K)])
-    settle = emergence_times(res.timesteps, plain_mean, two_sided=True)  # (K,)
     tensors = {
         "timesteps": res.timesteps, "prototypes": torch.tensor(prototypes, dtype=torch.long), "s_ref": res.s_ref,
         "s_target": res.s_target, "plain": res.plain, "edited": res.edited, "mean": res.mean, "std": res.std,

@@ -1,8 +1,9 @@
 """`python -m patronus faithfulness`: how faithfully the generator follows s, judged from outside the encoder.
 
-The measurements are pure functions in `patronus.interpret.faithfulness` (see its docstring for
-every definition); this module picks the data, trains the judge on the run's training split,
-draws the figures (`patronus.plots`) and returns the numbers (written as faithfulness.json).
+The measurements are pure functions in `patronus.interpret` (their docstrings hold every definition:
+`judge`, `agreement`, `edit_gain`, `marker_rule`, `marker_effect`); this module picks the data, trains
+the judge on the run's training split, draws the figures (`patronus.plots`) and returns the numbers
+(written as faithfulness.json).
 """
 
 from __future__ import annotations
@@ -14,19 +15,11 @@ import torch
 from patronus import plots
 from patronus.cli.common import STATS_IMAGES, Context, check_positive
 from patronus.data.datasets import LabelledImageDataset
-from patronus.interpret.faithfulness import (
-    MARKER_AUROC,
-    Judge,
-    edit_gain,
-    judge_accuracy,
-    marker_effect,
-    marker_prototypes_by_auroc,
-    s_class_probe,
-    sample_agreement,
-    sample_quality,
-    train_judge,
-)
+from patronus.interpret.agreement import s_class_probe, sample_agreement, sample_quality
+from patronus.interpret.edit_gain import edit_gain
 from patronus.interpret.generation_metrics import psnr
+from patronus.interpret.judge import Judge, judge_accuracy, train_judge
+from patronus.interpret.marker_effect import MARKER_AUROC, marker_effect, marker_prototypes_by_auroc
 from patronus.interpret.stats import edit_levels
 
 FIGURE_COLUMNS = 16  # images per row in the figures

@@ -183,3 +183,11 @@ def edit_emergence(
         effect_times=emergence_times(trace.timesteps, mean - plain_mean),
         images=rearrange(trace.images, "(n b) ... -> n b ...", n=n),
     )
+
+
+def plain_settling(res: EditEmergence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unedited decode of `res` for every prototype, not only the edited ones: mean and std over
+    images (S, K) of s(x̂0(t)) − s(x0), and the timestep (K,) where each curve settles (reaches half
+    of its final rise or fall and stays: `emergence_times`, two-sided)."""
+    mean, std = emergence_curves(res.plain, res.s_ref)
+    return mean, std, emergence_times(res.timesteps, mean, two_sided=True)

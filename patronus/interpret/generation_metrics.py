@@ -23,6 +23,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.io import write_png
 
 from patronus.models.patronus import PatronusModel
+from patronus.pipeline import PatronusPipeline
 from patronus.safe_load import load_torch_file
 
 
@@ -159,3 +160,22 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature, extra: Optional[dic
     kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std),
             "real_images": len(real), "generated_images": len(fake), "kid_subset_size": subset}
+
+
+def generate_like(pipe: PatronusPipeline, real: torch.Tensor, steps: int = 50, seed: int = 0, batch_size: int = 100,
+                  unconditional: bool = False) -> torch.Tensor:
+    """One generated image per real image (N, C, H, W), as uint8 the way a PNG stores it.
+
+    Conditional (default): x̃ decoded from s = g(x0) of the real image and a fresh x_T, so the
+    score says how well s pins down an image. `unconditional`: s drawn from the run's activation
+    prior instead (`pipe.generate`), as many as there are real images. Batch b (of `batch_size`
+    images, from image i = b · batch_size) is seeded `seed + i`."""
+    fake = []
+    for i in range(0, len(real), batch_size):
+        chunk = real[i : i + batch_size]
+        if unconditional:
+            images, _ = pipe.generate(len(chunk), steps, seed + i)
+        else:
+            images = pipe.sample(pipe.encode(chunk).s, seed=seed + i, steps=steps)
+        fake.append(to_uint8(images).cpu())
+    return torch.cat(fake)

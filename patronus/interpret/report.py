@@ -16,7 +16,7 @@ from patronus.interpret.emergence import EditEmergence, edit_emergence
 from patronus.interpret.information import prototype_information
 from patronus.interpret.projection import PatchHit, top_patches
 from patronus.edits import set_prototypes
-from patronus.interpret.faithfulness import marker_detector
+from patronus.interpret.marker_rule import marker_detector
 from patronus.interpret.findings import Finding, FlagTest, flag_test, group_findings, neutral_values
 from patronus.interpret.mitigation import worst_group_scores
 from patronus.interpret.quality import auroc_matrix

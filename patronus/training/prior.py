@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from patronus.models.prior import ActivationPrior
+
+if TYPE_CHECKING:
+    from patronus.pipeline import PatronusPipeline
 
 
 @torch.enable_grad()  # callable from no_grad analysis code
@@ -37,3 +42,14 @@ def fit_prior(prior: ActivationPrior, activations: torch.Tensor, steps: int = 30
             losses.append(float(loss.detach()))
     prior.eval()
     return losses
+
+
+def train_activation_prior(pipe: "PatronusPipeline", images: torch.Tensor, steps: int = 3000,
+                           seed: int = 0) -> tuple[ActivationPrior, list[float]]:
+    """A fresh `ActivationPrior` fitted (`fit_prior`) on s = g(x0) of real `images`, and registered on
+    `pipe`, whose `generate` then draws from it; returns it and the loss every 100 steps."""
+    activations = pipe.encode(images).s
+    prior = ActivationPrior(num_prototypes=pipe.num_prototypes)
+    losses = fit_prior(prior, activations.cpu(), steps=steps, seed=seed)
+    pipe.register_modules(prior=prior.to(pipe.device))
+    return prior, losses
