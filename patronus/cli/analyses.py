@@ -45,7 +45,7 @@ Prototypes = Union[list[int], int, None]
 
 
 def cmd_stats(ctx: Context, num_images: int = STATS_IMAGES) -> dict:
-    """Per-prototype activation statistics over a split (cached; the 'max'/'min' of edits).
+    """Per-prototype activation statistics over a split (cached; the q99/q01 of edits).
 
     Args:
         num_images: images the statistics are computed on.
@@ -105,23 +105,23 @@ def cmd_interpolate(ctx: Context, a: list[int] = [0, 1], b: list[int] = [2, 3], 
 
 
 def cmd_extrapolate(ctx: Context, prototype: int, num_images: int = 8, n: int = 6, beyond: float = 1.5, steps: int = 50) -> dict:
-    """Sweep one prototype's activation from 0 to beyond its dataset max, from the same inverted x_T.
+    """Sweep one prototype's activation from 0 to beyond its dataset q99, from the same inverted x_T.
 
     Args:
         prototype: the prototype to sweep.
         num_images: reference images.
         n: values in the sweep.
-        beyond: sweep up to this multiple of the dataset max.
+        beyond: sweep up to this multiple of the dataset q99.
         steps: DDIM steps.
     """
     ctx.check_prototypes([prototype], "prototype")
     check_positive(n=n, steps=steps)
     refs = ctx.images(num_images)
-    top = ctx.statistics()["max"][prototype]
+    top = ctx.statistics()["q99"][prototype]
     values = torch.linspace(0, beyond * top, n).tolist()
     imgs, measured = extrapolate(ctx.pipe, refs, prototype, values, steps)
     plots.save_rows(list(imgs.transpose(0, 1)), ctx.out / f"extrapolation_p{prototype}.png")
-    return {"prototype": prototype, "values": values, "measured_mean": measured.mean(1).tolist(), "dataset_max": top}
+    return {"prototype": prototype, "values": values, "measured_mean": measured.mean(1).tolist(), "dataset_q99": top}
 
 
 def cmd_prior(ctx: Context, num_images: int = 5000, prior_steps: int = 3000, steps: int = 50) -> dict:
@@ -155,39 +155,39 @@ def cmd_prior(ctx: Context, num_images: int = 5000, prior_steps: int = 3000, ste
     }
 
 
-def cmd_localise(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, partial_steps: Optional[int] = None,
+def cmd_localise(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, inverted_steps: Optional[int] = None,
                  steps: int = 50) -> dict:
-    """Raise each prototype to its max, decode, box where it fires (optionally from partial noise).
+    """Raise each prototype to its q99, decode, box where it fires (optionally from partial noise).
 
     Args:
         num_images: images each prototype is raised in.
         prototypes: prototypes to raise, e.g. [3,7] (default: all).
-        partial_steps: invert only this many of the DDIM steps and edit from there (default: all).
+        inverted_steps: invert only this many of the DDIM steps and edit from there (default: all).
         steps: DDIM steps.
     """
     check_positive(steps=steps)
     refs = ctx.images(num_images)
     prototypes = ctx.check_prototypes(prototypes) or list(range(ctx.pipe.num_prototypes))
     levels = edit_levels(ctx.statistics())
-    found, plain, edited = edit_and_localise(ctx.pipe, refs, prototypes, levels["max"], steps, partial_steps)
+    found, plain, edited = edit_and_localise(ctx.pipe, refs, prototypes, levels["q99"], steps, inverted_steps)
     plots.save_png(plots.localisation_gallery(plain.cpu(), edited.cpu(), found), ctx.out / "localise.png")
-    return {"partial_steps": partial_steps, "steps": steps, "localisations": [vars(f) for f in found]}
+    return {"inverted_steps": inverted_steps, "steps": steps, "localisations": [vars(f) for f in found]}
 
 
-def cmd_consistency(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, partial_steps: Optional[int] = None,
+def cmd_consistency(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, inverted_steps: Optional[int] = None,
                     steps: int = 50) -> dict:
-    """Edit each prototype into many images: how consistent are place and patch (one score each).
+    """Edit each prototype into many images: how consistent are position and patch (one score each).
 
     Args:
         num_images: images each prototype is raised in.
         prototypes: prototypes to raise, e.g. [3,7] (default: all).
-        partial_steps: invert only this many of the DDIM steps and edit from there (default: all).
+        inverted_steps: invert only this many of the DDIM steps and edit from there (default: all).
         steps: DDIM steps.
     """
     check_positive(steps=steps)
     refs = ctx.images(num_images)
     prototypes = ctx.check_prototypes(prototypes) or list(range(ctx.pipe.num_prototypes))
-    outcome = edit_each_prototype(ctx.pipe, refs, prototypes, edit_levels(ctx.statistics())["max"], steps, partial_steps)
+    outcome = edit_each_prototype(ctx.pipe, refs, prototypes, edit_levels(ctx.statistics())["q99"], steps, inverted_steps)
     scores = prototype_consistency(ctx.pipe, outcome)
     plots.save_png(plots.consistency_grid(outcome, ctx.pipe.model.encoder.receptive_field()), ctx.out / "consistency.png")
     valid = [c.consistency for c in scores if c.consistency == c.consistency]

@@ -87,7 +87,7 @@ class ShortcutReport:
     summary: dict[str, Any]  # JSON-able: verdict, findings, images, targets, candidate_confounders, flagged, ranking, ...
     association: Association  # explained-away scores of all K prototypes
     flagged: list[int]  # prototypes flagged by the calibrated test, best first
-    findings: list[Finding]  # flagged prototypes grouped: one per confounder and place
+    findings: list[Finding]  # flagged prototypes grouped: one per confounder and position
     flag_test: FlagTest  # the permutation nulls behind the flags
     candidates: list[int]  # the best prototype of each causal unit (findings first), which got the where and when checks
     levels: dict[str, torch.Tensor]  # "min" / "median" / "max" (K,): the values edits used
@@ -328,7 +328,7 @@ def build_report(
         group_score = ((s[:, f.prototypes] - s[:, f.prototypes].mean(0)) / s[:, f.prototypes].std(0).clamp_min(1e-8)).mean(1)
         out: dict[str, Any] = {
             "prototypes": f.prototypes, "target": t_names[f.target], "confounder": c_names[f.confounder],
-            "same_place": f.same_place, "score": f.score, "p_value": f.p_value, "alpha": alpha, "permutations": permutations,
+            "same_position": f.same_position, "score": f.score, "p_value": f.p_value, "alpha": alpha, "permutations": permutations,
             "sure": f"p = {f.p_value:.3g} from {permutations} permutations (family-wise over all prototypes, targets and "
                     f"confounders): on data without a shortcut a finding this strong turns up with probability ≤ {f.p_value:.3g}",
             "auroc_confounder_best": float(assoc.confounder_auroc[f.confounder, f.prototypes[0]]),
