@@ -1,4 +1,4 @@
-"""Two small torch helpers every layer shares: eval mode for a while, and images as uint8."""
+"""Small torch helpers every layer shares: eval mode for a while, and images to and from uint8."""
 
 from __future__ import annotations
 
@@ -31,3 +31,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     hold the same pixels."""
     unit = ((images.float() + 1) / 2).clamp(0, 1)
     return unit.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] images -> float in [-1, 1] (the inverse of `to_uint8` up to its rounding)."""
+    return images.float() / 127.5 - 1

@@ -122,7 +122,7 @@ def test_fitting_the_new_input_alone_lowers_its_loss_and_moves_nothing_else(tiny
     (same noise, same timesteps), and no other weight (the prototype included) may move."""
     net = copy.deepcopy(tiny_model).eval()
     x, _, _ = marked_pool(256, 0.5)
-    scheduler, k, weight = net.noise_scheduler(), 3, net.denoiser.cond_mlp[1].weight
+    scheduler, k, weight = net.noise_scheduler(), 3, net.denoiser.condition_input.weight
     with torch.no_grad():
         weight[:, k] = 0  # as a reseeded prototype starts
 
@@ -168,7 +168,7 @@ def test_the_callback_moves_the_prototype_and_its_ema_copy_and_survives_a_resume
     # training ends on the EMA weights: they hold the new prototype, not a blend that keeps most of the old one
     final = module.net.encoder.prototypes[plan.index].detach()
     assert (final - plan.feature).norm() < 0.25 * (old - plan.feature).norm()
-    columns = module.net.denoiser.cond_mlp[1].weight.norm(dim=0)  # the new input's weights started from zero
+    columns = module.net.denoiser.condition_input.weight.norm(dim=0)  # the new input's weights started from zero
     # measured on this tiny run: 0.05 × the median column norm without the fit, 0.40 × with 20 fit steps
     if column_fit_steps:  # fitted alone first, the new input is read several times more strongly
         assert columns[plan.index] > 0.3 * columns.median(), (columns[plan.index], columns.median())

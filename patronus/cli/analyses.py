@@ -29,7 +29,7 @@ from patronus.cli.explain import cmd_attribution, cmd_information
 from patronus.cli.faithfulness import cmd_faithfulness
 from patronus.cli.shortcuts import cmd_shortcuts
 from patronus.cli.wandb_runs import log_analysis, wants_wandb
-from patronus.edits import Edit, most_variable_prototypes
+from patronus.edits import most_variable_prototypes
 from patronus.interpret.consistency import prototype_consistency
 from patronus.interpret.emergence import edit_emergence, emergence_curves, emergence_times
 from patronus.interpret.generation_metrics import feature_network, fid_kid, psnr, to_uint8, write_pngs

@@ -44,7 +44,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from patronus.data.shortcuts import phi
-from patronus.edits import Edit, apply_edits, set_prototypes
+from patronus.edits import set_prototypes
 from patronus.interpret.quality import auroc_matrix, class_indicators, fast_auroc, fit_logistic, predict_proba
 from patronus.pipeline import PatronusPipeline
 
