@@ -32,13 +32,14 @@ from patronus.cli.wandb_runs import log_analysis, wants_wandb
 from patronus.edits import most_variable_prototypes
 from patronus.interpret.consistency import prototype_consistency
 from patronus.interpret.emergence import edit_emergence, emergence_curves, emergence_times
-from patronus.interpret.generation_metrics import feature_network, fid_kid, psnr, to_uint8, write_pngs
+from patronus.interpret.generation_metrics import feature_network, fid_kid, psnr, write_pngs
 from patronus.interpret.interpolate import extrapolate, interpolate, variations
 from patronus.interpret.localise import edit_and_localise, edit_each_prototype
 from patronus.interpret.projection import nearest_patches
 from patronus.interpret.quality import class_indicators, prototype_quality
 from patronus.interpret.stats import edit_levels
 from patronus.models.prior import ActivationPrior
+from patronus.torch_utils import to_uint8
 from patronus.training.prior import fit_prior
 
 Prototypes = Union[list[int], int, None]

@@ -25,7 +25,7 @@ from torchvision.io import write_png
 from patronus.models.patronus import PatronusModel
 from patronus.safe_load import load_torch_file
 from patronus.torch_utils import from_uint8
-from patronus.torch_utils import to_uint8  # noqa: F401  (still imported from here by interpret/faithfulness.py and cmd_fid)
+from patronus.torch_utils import to_uint8  # noqa: F401  (still imported from here by interpret/faithfulness.py)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
