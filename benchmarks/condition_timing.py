@@ -21,7 +21,8 @@ import torch
 
 from patronus.cli.common import Context, DataSource, load_pipeline
 from patronus.cli.faithfulness import judged_data
-from patronus.pipeline import make_scheduler
+from patronus.sampling import denoise_loop
+from patronus.schedulers import scheduler_for
 
 SWITCH_STEPS = [0, 3, 6, 10, 15, 20, 25, 30, 40, 50]
 
@@ -37,10 +38,17 @@ def condition_timing(run: str, num_images: int, steps: int) -> dict[str, Any]:
     a, b, ya, yb = refs[pair], refs[partner][pair], cls[pair], cls[partner][pair]
     s_a, s_b = pipe.encode(a).s, pipe.encode(b).s
     x_T = pipe.noise(a.shape, seed=0)
-    timesteps = make_scheduler(pipe.scheduler.config, "ddim", steps).timesteps.tolist() + [0]
+    sched = scheduler_for(pipe.scheduler.config, "ddim", steps)
+    timesteps = sched.timesteps.tolist() + [0]
     rows = []
     for k in [k for k in SWITCH_STEPS if k <= steps]:
-        x = pipe.denoise(pipe.denoise(x_T, s_a, steps, stop_step=k), s_b, steps, start_step=k)
+        under_a = set(timesteps[:k])  # decoding steps 0..k-1 see s_A, the rest s_B
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return pipe.model(x, t.expand(len(x)), s=s_a if int(t) in under_a else s_b)
+
+        with pipe.inference():
+            x = denoise_loop(sched, x_T, eps)
         got = judge.predict(x).classes
         rows.append({"switch_step": k, "switch_t": timesteps[k], "class_of_A": float((got == ya).float().mean()),
                      "class_of_B": float((got == yb).float().mean())})

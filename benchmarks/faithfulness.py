@@ -80,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--samples_per_ref", type=int, default=1)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--num_edit_prototypes", type=int, default=4)
-    p.add_argument("--partial_steps", type=int, default=None)
+    p.add_argument("--inverted_steps", type=int, default=None)
     p.add_argument("--judge_epochs", type=int, default=2)
     p.add_argument("--judge_images", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
@@ -90,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     options = ["--num_images", str(a.num_images), "--samples_per_ref", str(a.samples_per_ref), "--steps", str(a.steps),
                "--num_edit_prototypes", str(a.num_edit_prototypes), "--judge_epochs", str(a.judge_epochs),
                "--judge_images", str(a.judge_images), "--seed", str(a.seed)]
-    options += ["--partial_steps", str(a.partial_steps)] if a.partial_steps is not None else []
+    options += ["--inverted_steps", str(a.inverted_steps)] if a.inverted_steps is not None else []
     options += ["--device", a.device] if a.device else []
     rows, results, skipped = [], [], []
     for run in a.runs:

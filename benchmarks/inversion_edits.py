@@ -37,12 +37,12 @@ def measure(run: str, num_images: int, guidance: list[float], pool: int = 300) -
     for inversion in ("ddim", "edit_friendly"):
         for w in guidance:
             t0 = time.perf_counter()
-            res = pipe.edit(refs, [[Edit(j, "set", "max")] for j in prototypes], 50, levels=levels, guidance=w, inversion=inversion)
+            res = pipe.edit(refs, [[Edit(j, "set", "q99")] for j in prototypes], 50, levels=levels, guidance=w, inversion=inversion)
             s_rec = pipe.encode(res.reconstruction).s
             gains = []
             for k, j in enumerate(prototypes):
-                gap = levels["max"][j] - s_rec[:, j]
-                ok = gap.abs() >= 0.1 * (levels["max"][j] - levels["min"][j])
+                gap = levels["q99"][j] - s_rec[:, j]
+                ok = gap.abs() >= 0.1 * (levels["q99"][j] - levels["q01"][j])
                 gains.append(float(((pipe.encode(res.images[k]).s[:, j] - s_rec[:, j]) / gap)[ok].mean()))
             scores = psnr(res.reconstruction, refs)
             rows.append({"run": run, "inversion": inversion, "edit_guidance": w, "prototypes": prototypes,

@@ -3,10 +3,10 @@
     python benchmarks/marker_feature_probe.py --run runs/sweep_pneumonia/line_p090
 
 When the shortcut report finds a marker's prototype but its AUROC stays low, this tells apart
-"the features do not carry the marker" from "the prototype sits in the wrong place". On the run's
+"the features do not carry the marker" from "the prototype sits in the wrong position". On the run's
 final encoder, scored on the group-balanced held-out set (the marker re-planted at p = q = 0.5,
 so the marker is independent of the target), each read as the report reads a prototype (ProtoPNet's
-minimum distance over cells; the feature distance only: a position-aware encoder's place term is
+minimum distance over cells; the feature distance only: a position-aware encoder's position term is
 left out, so for one the numbers say what the features alone carry):
 
 - the run's own best prototype;

@@ -1,4 +1,4 @@
-"""Training losses on diffusers' noise schedule (sampling and inversion live in `patronus.pipeline`)."""
+"""Training losses on diffusers' noise schedule (sampling and inversion: `patronus.pipeline`, `patronus.sampling`)."""
 
 from __future__ import annotations
 

@@ -15,11 +15,13 @@ from typing import Literal, Mapping, Optional, Sequence, Union
 import torch
 
 Op = Literal["set", "scale", "add"]
-# A number, a named level resolved from `levels` ("max", "min", "median", "mean", "q95", ...), or a
+# A number, a named level resolved from `levels` ("q99", "q01", "median", "mean", "q95", ...), or a
 # tensor of per-image values (B,) / one value (): what an edit sets, multiplies by or adds.
 Value = Union[float, str, torch.Tensor]
-_LEVEL = r"max|min|median|mean|q\d\d"
-_SPEC = re.compile(rf"^\s*(\d+)\s*(=|\*|\+|-)\s*({_LEVEL}|[0-9.eE+-]+?)\s*(sd)?\s*$")
+_LEVEL = r"median|mean|q\d\d"
+# Level names that were renamed: an edit that still uses one is told the new name.
+RENAMED_LEVELS = {"max": "q99", "min": "q01"}
+_SPEC = re.compile(rf"^\s*(\d+)\s*(=|\*|\+|-)\s*({_LEVEL}|max|min|[0-9.eE+-]+?)\s*(sd)?\s*$")
 
 
 @dataclass(frozen=True)
@@ -42,18 +44,21 @@ class Edit:
 
 
 def parse_edit(spec: str, num_prototypes: int) -> list[Edit]:
-    """'3=max' | '3=q95' | '7=0' | '5*2' | '2+1.5' | '4-0.5' | '2+2sd' | '4-1sd', comma-joined for one
-    combined edit ('3=max,7=min'). Levels (max = q99, min = q01, median, mean, qNN) and sd come
-    from the data's activation statistics."""
+    """'3=q99' | '3=q95' | '7=0' | '5*2' | '2+1.5' | '4-0.5' | '2+2sd' | '4-1sd', comma-joined for one
+    combined edit ('3=q99,7=q01'). Levels (qNN quantiles such as q99 and q01, median, mean) and sd
+    come from the data's activation statistics."""
     edits = []
     for part in spec.split(","):
         m = _SPEC.match(part)
         if not m:
             raise ValueError(
                 f"edit {spec!r}: cannot parse {part!r}; expected J=VALUE, J*FACTOR, J+DELTA or J-DELTA "
-                "with VALUE a number, max, min, median, mean or qNN, and DELTA a number or Nsd (e.g. 3=max,7=0,5+2sd)"
+                "with VALUE a number, qNN (q99, q01, ...), median or mean, and DELTA a number or Nsd (e.g. 3=q99,7=0,5+2sd)"
             )
         j, sym, raw, unit = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if raw in RENAMED_LEVELS:
+            raise ValueError(f"edit {spec!r}: '{raw}' is now called '{RENAMED_LEVELS[raw]}' "
+                             f"(write {j}{sym}{RENAMED_LEVELS[raw]})")
         if not 0 <= j < num_prototypes:
             raise ValueError(f"edit {spec!r}: prototype {j} does not exist; the model has K={num_prototypes} (0..{num_prototypes - 1})")
         if re.fullmatch(_LEVEL, raw):
@@ -75,6 +80,8 @@ def parse_edit(spec: str, num_prototypes: int) -> list[Edit]:
 
 
 def _level(name: str, j: int, s: torch.Tensor, levels: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    if name in RENAMED_LEVELS and not (levels and name in levels):
+        raise ValueError(f"edit value {name!r} is now called {RENAMED_LEVELS[name]!r}")
     if not levels or name not in levels:
         raise ValueError(f"edit value {name!r} needs activation statistics with {name!r} (levels={sorted(levels or {})})")
     level = levels[name].to(s)
@@ -95,7 +102,7 @@ def _resolve(e: Edit, s: torch.Tensor, levels: Optional[Mapping[str, torch.Tenso
 def apply_edits(s: torch.Tensor, edits: Sequence[Edit], levels: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
     """New activations (B, K) with every edit applied in order; the input is untouched.
 
-    `levels` resolves named values and units: {"max": q99, "min": q01, "median": q50, "sd": std,
+    `levels` resolves named values and units: {"q99": ..., "q01": ..., "median": ..., "sd": std,
     ...}, each (K,) or (B, K) (`patronus.interpret.stats.edit_levels`).
     Differentiable in s (training holds prototypes through it).
     """
@@ -158,7 +165,7 @@ def redundant_groups(activations: torch.Tensor, threshold: float = 0.9) -> list[
 
 def joint(edits: Sequence[Edit], groups: Sequence[Sequence[int]]) -> list[Edit]:
     """Every edit applied to each prototype of its prototype's group as well (named levels and
-    units resolve per prototype, so "3=max" sets each member to its own max)."""
+    units resolve per prototype, so "3=q99" sets each member to its own q99)."""
     group_of = {j: list(g) for g in groups for j in g}
     out, done = [], set()
     for e in edits:
@@ -170,7 +177,7 @@ def joint(edits: Sequence[Edit], groups: Sequence[Sequence[int]]) -> list[Edit]:
 
 
 def activation_range(activations: torch.Tensor, low: float = 0.01, high: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prototype quantiles of activations (N, K): robust 'min'/'max' rather than one outlier."""
+    """Per-prototype q01 and q99 of activations (N, K): robust low and high levels rather than one outlier."""
     q = torch.quantile(activations.float(), torch.tensor([low, high]), dim=0)
     return q[0], q[1]
 

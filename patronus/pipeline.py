@@ -1,16 +1,23 @@
 """PatronusPipeline: the one object for inference — encode, sample, invert, reconstruct, edit, generate.
 
-A diffusers `DiffusionPipeline` (components: the Patronus model, its DDIM scheduler and, when
-trained, the activation prior), so `save_pretrained` / `from_pretrained` / `.to(device)` /
-progress bars work as for any diffusers pipeline; `from_pretrained` also takes a training run
-directory, an exported model directory or a Lightning `.ckpt` (loaded safely, never unpickled).
+A diffusers `DiffusionPipeline` (components: the Patronus model, its scheduler and, when trained,
+the activation prior), so `save_pretrained` / `from_pretrained` / `.to(device)` / progress bars
+work as for any diffusers pipeline; `from_pretrained` also takes a training run directory, an
+exported model directory or a Lightning `.ckpt` (loaded safely, never unpickled).
+
+The registered scheduler is the one every verb uses: each call derives the DDIM, DDPM or inverse
+DDIM scheduler it needs from that scheduler's config (`patronus.schedulers.scheduler_for`), so a
+scheduler passed in or assigned (`pipe.scheduler = ...`) keeps all of its settings.
 
 Every verb runs in eval mode, without gradients and without autocast (the prototype distances
 ‖z‖² − 2z·p + ‖p‖² cancel badly in bf16), and restores the model's train/eval state afterwards,
 so the training callbacks can call it on the live or EMA network. Noise is drawn on the CPU from
-a seed, so a seed means the same x_T on every device. ONE denoising loop (`denoise_loop`)
-serves sampling, partial decoding, inversion, emergence tracing (its per-step callback sees
-x̂0) and the activation prior.
+a seed, so a seed means the same x_T on every device. The steps run through the one denoising
+loop, `patronus.sampling.denoise_loop`.
+
+Step counts: `steps` is the number of steps of the schedule a verb runs; an edit from partial
+noise inverts only the first `inverted_steps` of them (from the clean image upwards) and decodes
+those again, so `inverted_steps = steps` (the default) is a full inversion to x_T.
 """
 
 from __future__ import annotations
@@ -18,20 +25,23 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from patronus import runs
 from patronus.edits import Edit, apply_edits
 from patronus.models.patronus import PatronusModel
 from patronus.models.prior import ActivationPrior
+from patronus.models.prototypes import Activations
+from patronus.sampling import EpsFn, StepCallback, denoise_loop
+from patronus.schedulers import default_ddim, scheduler_for
+from patronus.torch_utils import eval_mode
 
-# Called after every denoising step with (step index, timestep, x after the step, predicted x̂0).
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-# ε-prediction for (x_t, t): the denoiser under a fixed condition, or the activation prior.
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["Activations", "EditResult", "Inversion", "PatronusPipeline", "Sampler"]
+
 Sampler = Literal["ddim", "ddpm"]
 # How `edit` inverts: "ddim" pins the image into x_T (deterministic, Song et al. 2021);
 # "edit_friendly" keeps one noise map per step (Huberman-Spiegelglas et al., CVPR 2024).
@@ -39,103 +49,24 @@ Inversion = Literal["ddim", "edit_friendly"]
 
 
 @dataclass
-class Activations:
-    """What the prototype encoder says about images (Patronus Eq. 1-2)."""
-
-    s: torch.Tensor  # (B, K) log-similarity activations, the denoiser's only condition
-    where: torch.Tensor  # (B, K) long: flat index of each prototype's closest feature cell (the "where")
-    distances: torch.Tensor  # (B, K) squared L2 distance at that cell
-
-
-@dataclass
 class EditResult:
     """Images edited from the same latent: the inverted x_t, the plain decode and one decode per edit."""
 
-    latent: torch.Tensor  # (B, C, H, W) x_t after inverting `partial_steps` of the `steps` DDIM steps
+    latent: torch.Tensor  # (B, C, H, W) x_t after inverting `inverted_steps` of the `steps` steps
     s: torch.Tensor  # (B, K) the images' own activations
     reconstruction: torch.Tensor  # (B, C, H, W) decode of the latent under s
     images: torch.Tensor  # (E, B, C, H, W) decode of the same latent under each edited s
     requested: torch.Tensor  # (E, B, K) the edited activations
-    start_step: int  # the decoding step the latent belongs to (0 for a full inversion)
+    inverted_steps: int  # how many steps the latent was inverted (= steps for a full inversion to x_T)
     corrections: Optional[torch.Tensor] = None  # (steps, B, C, H, W) noise maps of an edit-friendly inversion
 
 
-def make_scheduler(config, kind: Literal["ddim", "ddpm", "inverse"], steps: int, clip: bool = True):
-    """A fresh diffusers scheduler of the model's noise schedule with `steps` steps.
-
-    DDIM (and its inverse) use trailing spacing and ᾱ_final = 1, so decoding starts at t = T−1,
-    ends on the clean image, and the inverse visits exactly the timesteps decoding will use.
-    """
-    if steps < 1:
-        raise ValueError(f"steps={steps}; expected at least 1 denoising step")
-    if kind == "ddpm":
-        sched = DDPMScheduler.from_config(config, clip_sample=clip)
-    else:
-        cls = DDIMInverseScheduler if kind == "inverse" else DDIMScheduler
-        sched = cls.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=clip)
-    sched.set_timesteps(steps)
-    return sched
-
-
-def denoise_loop(
-    scheduler,
-    x: torch.Tensor,
-    eps: EpsFn,
-    start_step: int = 0,
-    stop_step: Optional[int] = None,
-    callback: Optional[StepCallback] = None,
-    progress: Optional[Callable] = None,
-    fixed_point: int = 0,
-    corrections: Optional[torch.Tensor] = None,
-    **step_kwargs,
-) -> torch.Tensor:
-    """Run `scheduler`'s steps start_step ≤ i < stop_step on x: the one loop of the package.
-
-    Decoding (DDIM/DDPM), inversion (DDIMInverseScheduler), partial decoding from an
-    intermediate x_t and the activation prior all go through here; `step_kwargs` go to
-    `scheduler.step` (eta, generator).
-
-    `fixed_point` k > 0 spends k more denoiser calls per step solving the implicit step
-    y = f(x, ε(y, t)) (see `_solve_implicit_step`): for inversion, the exact inverse of the DDIM
-    decoding step that plain inversion approximates with ε(x, t).
-
-    `corrections` (n_steps, B, C, H, W): added to the output of step i (the noise maps of an
-    edit-friendly inversion, `PatronusPipeline.invert_edit_friendly`).
-    """
-    timesteps = scheduler.timesteps
-    stop = len(timesteps) if stop_step is None else stop_step
-    if not 0 <= start_step <= stop <= len(timesteps):
-        raise ValueError(f"start_step={start_step}, stop_step={stop_step}; expected 0 ≤ start ≤ stop ≤ {len(timesteps)}")
-    steps = range(start_step, stop)
-    for i in progress(steps) if progress is not None else steps:
-        t = timesteps[i]
-        out = scheduler.step(eps(x, t), t, x, **step_kwargs)
-        if fixed_point:
-            out = _solve_implicit_step(scheduler, eps, x, t, out, fixed_point, step_kwargs)
-        x = out.prev_sample if corrections is None else out.prev_sample + corrections[i].to(x)
-        if callback is not None:
-            callback(i, int(t), x, out.pred_original_sample)
-    return x
-
-
-def _solve_implicit_step(scheduler, eps: EpsFn, x: torch.Tensor, t: torch.Tensor, out, iterations: int, step_kwargs: dict):
-    """Fixed-point iteration y ← G(y) = step(ε(y, t), t, x) from the explicit step's output,
-    with Anderson(1) acceleration per image (the plain iteration converges linearly and slowly
-    at the large steps of short schedules). Fixed-point inversion as in ReNoise (Garibi et al. 2024)."""
-    y = out.prev_sample
-    prev_y = prev_g = None
-    for _ in range(iterations):
-        out = scheduler.step(eps(y, t), t, x, **step_kwargs)
-        g = out.prev_sample
-        if prev_g is None:
-            new = g
-        else:
-            r, dr = (g - y).flatten(1), ((g - y) - (prev_g - prev_y)).flatten(1)
-            gamma = ((r * dr).sum(1) / (dr * dr).sum(1).clamp_min(1e-20)).view(-1, *[1] * (g.ndim - 1))
-            new = g - gamma * (g - prev_g)
-        prev_y, prev_g, y = y, g, new
-    out.prev_sample = y
-    return out
+def _inverted(steps: int, inverted_steps: Optional[int]) -> int:
+    """How many of `steps` steps an inversion runs (and a decode of its latent runs again); None = all."""
+    k = steps if inverted_steps is None else inverted_steps
+    if not 0 <= k <= steps:
+        raise ValueError(f"inverted_steps={inverted_steps}; expected 0..steps={steps}")
+    return k
 
 
 class PatronusPipeline(DiffusionPipeline):
@@ -143,22 +74,23 @@ class PatronusPipeline(DiffusionPipeline):
 
     Args:
         model: the prototype encoder + conditioned denoiser.
-        scheduler: the DDIM scheduler decodes with (default: built from the model's schedule).
+        scheduler: the scheduler whose config every verb derives its schedulers from (default: DDIM
+            with trailing spacing on the model's training schedule, `patronus.schedulers.default_ddim`).
         prior: the diffusion prior over activations, for `generate` (optional).
     """
 
     _optional_components = ["scheduler", "prior"]
     model_cpu_offload_seq = "model"
 
-    def __init__(self, model: PatronusModel, scheduler: Optional[DDIMScheduler] = None, prior: Optional[ActivationPrior] = None):
+    def __init__(self, model: PatronusModel, scheduler: Optional[SchedulerMixin] = None, prior: Optional[ActivationPrior] = None):
         super().__init__()
         if scheduler is None:
-            scheduler = make_scheduler(model.noise_scheduler().config, "ddim", 50)
+            scheduler = default_ddim(model.noise_scheduler().config)
         self.register_modules(model=model, scheduler=scheduler, prior=prior)
         self.set_progress_bar_config(disable=True, leave=False)  # the CLI turns bars on
         # Defaults for every call that does not pass its own (the CLI's --guidance / --edit_guidance),
         # so each analysis that samples or edits honours them: classifier-free guidance of `sample`
-        # and `generate`, edit guidance of `edit` and of `decode_edited`.
+        # and `generate`, edit guidance of `edit` and of `decode_edited`. 1.0 = no guidance.
         self.guidance = 1.0
         self.edit_guidance = 1.0
         self.inversion: Inversion = "ddim"  # how `edit` inverts (the CLI's --inversion)
@@ -183,16 +115,8 @@ class PatronusPipeline(DiffusionPipeline):
     @contextmanager
     def inference(self) -> Iterator[None]:
         """Eval mode (BatchNorm must not update), no gradients, no autocast; the train flags are restored."""
-        modules = [m for m in (self.model, self.prior) if m is not None]
-        was = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                yield
-        finally:
-            for m, w in zip(modules, was):
-                m.train(w)
+        with eval_mode(self.model, self.prior), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            yield
 
     @property
     def num_prototypes(self) -> int:
@@ -231,19 +155,16 @@ class PatronusPipeline(DiffusionPipeline):
     # --- the verbs -------------------------------------------------------------------------
 
     def encode(self, images: torch.Tensor, batch_size: int = 256) -> Activations:
-        """Activations of clean images in [-1, 1], in batches; results on the images' device."""
-        enc = self.model.encoder
-        s, where, dist = [], [], []
+        """`PrototypeEncoder.activations` of clean images in [-1, 1], in batches; results on the images' device."""
+        parts = []
         with self.inference():
             for i in range(0, len(images), batch_size):
-                d = enc.distance_maps(images[i : i + batch_size].to(self.device)).flatten(2)  # (b, K, H'W')
-                dmin, arg = d.min(dim=2)
-                s.append(enc.activations_from_distances(dmin).to(images.device))
-                where.append(arg.to(images.device))
-                dist.append(dmin.to(images.device))
-        K = self.num_prototypes
-        empty = images.new_zeros(0, K)
-        return Activations(torch.cat(s) if s else empty, torch.cat(where) if where else empty.long(), torch.cat(dist) if dist else empty)
+                a = self.model.encoder.activations(images[i : i + batch_size].to(self.device))
+                parts.append(Activations(a.s.to(images.device), a.where.to(images.device), a.distances.to(images.device)))
+        if not parts:
+            empty = images.new_zeros(0, self.num_prototypes)
+            return Activations(empty, empty.long(), empty)
+        return Activations(torch.cat([a.s for a in parts]), torch.cat([a.where for a in parts]), torch.cat([a.distances for a in parts]))
 
     def denoise(
         self,
@@ -251,37 +172,37 @@ class PatronusPipeline(DiffusionPipeline):
         s: torch.Tensor,
         steps: int = 50,
         *,
-        start_step: int = 0,
-        stop_step: Optional[int] = None,
+        inverted_steps: Optional[int] = None,  # x is the latent of inverting this many of the steps; None = x_T
         sampler: Sampler = "ddim",
-        eta: float = 0.0,
-        clip: bool = True,
-        generator: Optional[torch.Generator] = None,
+        clip: bool = True,  # clip x̂0 as the scheduler's config says; False = never (exact inversion)
+        generator: Optional[torch.Generator] = None,  # DDPM's per-step noise; None = torch's global RNG
         callback: Optional[StepCallback] = None,
-        guidance: float = 1.0,
-        guide_from: Optional[torch.Tensor] = None,
-        corrections: Optional[torch.Tensor] = None,
+        guidance: float = 1.0,  # 1 = no guidance
+        guide_from: Optional[torch.Tensor] = None,  # edit guidance's base s; None = the null condition
+        corrections: Optional[torch.Tensor] = None,  # noise maps of `invert_edit_friendly`; None = plain decoding
     ) -> torch.Tensor:
-        """Decode x (x_T, or the x_t of step `start_step`) under condition s, steps start..stop.
+        """Decode x under condition s: all `steps` steps from x_T, or the last `inverted_steps` of them
+        from the latent an inversion of that many steps left.
 
-        DDIM (deterministic for eta = 0) or ancestral DDPM. `clip=False` keeps x̂0 unclipped,
-        which exact inversion and reconstruction need. `guidance` w ≠ 1 guides towards s:
-        from `guide_from` (edit guidance) or from the null condition (classifier-free guidance).
+        DDIM (deterministic) or ancestral DDPM. `clip=False` keeps x̂0 unclipped, which exact
+        inversion and reconstruction need. `guidance` w ≠ 1 guides towards s: from `guide_from`
+        (edit guidance) or from the null condition (classifier-free guidance).
         `corrections`: the noise maps of `invert_edit_friendly`; each step is then the DDPM
         posterior mean (DDIM with eta = 1, no fresh noise) plus that step's map.
         """
         x, s = x.to(self.device), s.to(self.device)
-        sched = make_scheduler(self.scheduler.config, sampler, steps, clip)
+        sched = scheduler_for(self.scheduler.config, sampler, steps, clip)
         if corrections is not None:
             if sampler != "ddim" or len(corrections) != steps:
                 raise ValueError(f"corrections: expected {steps} noise maps for a DDIM-scheduled decode, "
                                  f"got {len(corrections)} with sampler={sampler!r}")
             kwargs = {"eta": 1.0, "variance_noise": torch.zeros_like(x)}
         else:
-            kwargs = {"eta": eta, "generator": generator} if sampler == "ddim" else {"generator": generator}
+            kwargs = {"generator": generator}
         with self.inference():
             eps = self._eps(s, guidance, guide_from)
-            return denoise_loop(sched, x, eps, start_step, stop_step, callback, self.progress_bar, corrections=corrections, **kwargs)
+            last = range(steps - _inverted(steps, inverted_steps), steps)  # decoding ends at the clean image
+            return denoise_loop(sched, x, eps, last, callback, self.progress_bar, corrections=corrections, **kwargs)
 
     def sample(
         self,
@@ -292,7 +213,6 @@ class PatronusPipeline(DiffusionPipeline):
         generator: Optional[torch.Generator] = None,
         steps: int = 50,
         sampler: Sampler = "ddim",
-        eta: float = 0.0,
         callback: Optional[StepCallback] = None,
         guidance: Optional[float] = None,
     ) -> torch.Tensor:
@@ -305,22 +225,23 @@ class PatronusPipeline(DiffusionPipeline):
             x_T = self.noise((len(s), *self.image_shape()), generator=gen)
             generator = gen  # DDPM's per-step noise continues the same stream
         w = self.guidance if guidance is None else guidance
-        return self.denoise(x_T, s, steps, sampler=sampler, eta=eta, generator=generator, callback=callback, guidance=w)
+        return self.denoise(x_T, s, steps, sampler=sampler, generator=generator, callback=callback, guidance=w)
 
-    def invert(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50, stop_step: Optional[int] = None,
-               fixed_point: int = 0) -> torch.Tensor:
+    def invert(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50,
+               inverted_steps: Optional[int] = None, fixed_point: int = 0) -> torch.Tensor:
         """Deterministic DDIM inversion x0 → x_T under s (default: x0's own), without clipping.
 
-        `stop_step` inverts only that many steps: the x_t that `denoise(..., start_step=steps − stop_step)`
-        continues from (partial-noise editing). `fixed_point` k solves each implicit inversion step
-        with k extra denoiser calls (see `denoise_loop`): plain inversion needs ~1000 steps to
-        reconstruct exactly, fixed-point inversion a few tens.
+        `inverted_steps` k < steps inverts only the first k steps: the x_t that
+        `denoise(x_t, s, steps, inverted_steps=k)` decodes again (partial-noise editing).
+        `fixed_point` k solves each implicit inversion step with k extra denoiser calls (see
+        `patronus.sampling.denoise_loop`): reconstructions as exact as plain inversion's with far fewer steps.
         """
         x0 = x0.to(self.device)
         s = self.encode(x0).s if s is None else s.to(self.device)
-        sched = make_scheduler(self.scheduler.config, "inverse", steps, clip=False)
+        sched = scheduler_for(self.scheduler.config, "inverse", steps, clip=False)
+        first = range(_inverted(steps, inverted_steps))  # inversion starts at the clean image
         with self.inference():
-            return denoise_loop(sched, x0, self._eps(s), 0, stop_step, progress=self.progress_bar, fixed_point=fixed_point)
+            return denoise_loop(sched, x0, self._eps(s), first, progress=self.progress_bar, fixed_point=fixed_point)
 
     def invert_edit_friendly(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50,
                              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,7 +256,7 @@ class PatronusPipeline(DiffusionPipeline):
         """
         x0 = x0.to(self.device)
         s = self.encode(x0).s if s is None else s.to(self.device)
-        sched = make_scheduler(self.scheduler.config, "ddim", steps, clip=False)
+        sched = scheduler_for(self.scheduler.config, "ddim", steps, clip=False)
         gen = torch.Generator().manual_seed(seed)
         alpha_bar = sched.alphas_cumprod.to(self.device)
         x_ts = [alpha_bar[t].sqrt() * x0 + (1 - alpha_bar[t]).sqrt() * self.noise(x0.shape, generator=gen)
@@ -358,49 +279,48 @@ class PatronusPipeline(DiffusionPipeline):
         x0: torch.Tensor,
         edits: Sequence[Sequence[Edit]],
         steps: int = 50,
-        partial_steps: Optional[int] = None,
-        levels: Optional[dict[str, torch.Tensor]] = None,
-        guidance: Optional[float] = None,
-        fixed_point: int = 0,
-        inversion: Optional[Inversion] = None,
-        seed: int = 0,
+        inverted_steps: Optional[int] = None,  # invert only this many of the steps (partial noise); None = all
+        levels: Optional[dict[str, torch.Tensor]] = None,  # named edit values ("q99", "sd", ...); None = numbers only
+        guidance: Optional[float] = None,  # edit guidance w; None = self.edit_guidance
+        fixed_point: int = 0,  # extra denoiser calls per inversion step; 0 = plain DDIM inversion
+        inversion: Optional[Inversion] = None,  # None = self.inversion
+        seed: int = 0,  # the noise of an edit-friendly inversion
     ) -> EditResult:
-        """Invert x0 (fully, or only `partial_steps` of the `steps` DDIM steps), then decode the same
-        latent under s and under each edited s. `levels` resolves named edit values ('max', ...).
+        """Invert x0 (fully, or only `inverted_steps` of the `steps` steps), then decode the same
+        latent under s and under each edited s. `levels` resolves named edit values ('q99', ...).
 
         `guidance` w > 1 is edit guidance, ε̂(s) + w·(ε̂(s_edit) − ε̂(s)): the edit's effect on the
-        prediction is amplified w times, with no retraining (w = 1: plain decoding under s_edit;
-        default `self.edit_guidance`).
-        `inversion` (default `self.inversion`): "ddim" (`invert`; `fixed_point` k solves each step
-        exactly, for faithful reconstructions in few steps) or "edit_friendly"
-        (`invert_edit_friendly`, its noise drawn from `seed`; exact reconstruction, and the edit
-        is free to change every step; no `partial_steps` or `fixed_point`)."""
+        prediction is amplified w times, with no retraining (w = 1: plain decoding under s_edit).
+        `inversion`: "ddim" (`invert`; `fixed_point` k solves each step exactly, for faithful
+        reconstructions in few steps) or "edit_friendly" (`invert_edit_friendly`, its noise drawn
+        from `seed`; exact reconstruction, and the edit is free to change every step; no
+        `inverted_steps` or `fixed_point`)."""
         inversion = self.inversion if inversion is None else inversion
         if inversion not in ("ddim", "edit_friendly"):
             raise ValueError(f"inversion={inversion!r}; expected 'ddim' or 'edit_friendly'")
-        k = steps if partial_steps is None else partial_steps
+        k = steps if inverted_steps is None else inverted_steps
         if not 0 < k <= steps:
-            raise ValueError(f"partial_steps={partial_steps}; expected 1..steps={steps}")
+            raise ValueError(f"inverted_steps={inverted_steps}; expected 1..steps={steps}")
         if inversion == "edit_friendly" and (k != steps or fixed_point):
-            raise ValueError("inversion='edit_friendly' inverts every step exactly: leave partial_steps and fixed_point unset")
+            raise ValueError("inversion='edit_friendly' inverts every step exactly: leave inverted_steps and fixed_point unset")
         x0 = x0.to(self.device)
         s = self.encode(x0).s
         corrections = None
         if inversion == "edit_friendly":
             latent, corrections = self.invert_edit_friendly(x0, s, steps, seed)
         else:
-            latent = self.invert(x0, s, steps, stop_step=k, fixed_point=fixed_point)
-        start = steps - k
-        recon = self.denoise(latent, s, steps, start_step=start, clip=False, corrections=corrections)
+            latent = self.invert(x0, s, steps, inverted_steps=k, fixed_point=fixed_point)
+        recon = self.denoise(latent, s, steps, inverted_steps=k, clip=False, corrections=corrections)
         requested = [apply_edits(s, list(e), levels) for e in edits]
-        images = [self.decode_edited(latent, r, s, steps, start_step=start, guidance=guidance, corrections=corrections)
+        images = [self.decode_edited(latent, r, s, steps, inverted_steps=k, guidance=guidance, corrections=corrections)
                   for r in requested]
         return EditResult(latent, s, recon, torch.stack(images) if images else recon.new_zeros(0, *recon.shape),
-                          torch.stack(requested) if requested else s.new_zeros(0, *s.shape), start, corrections)
+                          torch.stack(requested) if requested else s.new_zeros(0, *s.shape), k, corrections)
 
-    def decode_edited(self, x: torch.Tensor, s_edit: torch.Tensor, s: torch.Tensor, steps: int = 50, *, start_step: int = 0,
-                      guidance: Optional[float] = None, callback: Optional[StepCallback] = None,
-                      clip: bool = False, corrections: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode_edited(self, x: torch.Tensor, s_edit: torch.Tensor, s: torch.Tensor, steps: int = 50, *,
+                      inverted_steps: Optional[int] = None, guidance: Optional[float] = None,
+                      callback: Optional[StepCallback] = None, clip: bool = False,
+                      corrections: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode x (an inverted or fresh latent) under edited activations s_edit, with edit guidance
         ε̂(s) + w·(ε̂(s_edit) − ε̂(s)) relative to the unedited s (default w: `self.edit_guidance`).
 
@@ -408,14 +328,15 @@ class PatronusPipeline(DiffusionPipeline):
         `clip=True` for a fresh x_T, as `sample` does (unclipped x̂0 from noise can run out of range).
         `corrections`: the noise maps of an edit-friendly inversion of x."""
         w = self.edit_guidance if guidance is None else guidance
-        return self.denoise(x, s_edit, steps, start_step=start_step, clip=clip, guidance=w, guide_from=s, callback=callback,
-                            corrections=corrections)
+        return self.denoise(x, s_edit, steps, inverted_steps=inverted_steps, clip=clip, guidance=w, guide_from=s,
+                            callback=callback, corrections=corrections)
 
     def sample_activations(self, n: int, steps: int = 50, seed: int = 0) -> torch.Tensor:
         """n activation vectors (n, K) from the diffusion prior over standardised s (Patronus §3.4)."""
         if self.prior is None:
             raise ValueError("this pipeline has no activation prior; train one with `python -m patronus prior`")
-        sched = make_scheduler(self.prior.scheduler().config, "ddim", steps)
+        # The prior's own schedule (its T and ±6σ clipping), with the image scheduler's default DDIM settings.
+        sched = scheduler_for(default_ddim(self.prior.scheduler().config).config, "ddim", steps)
         z = self.noise((n, self.prior.config.num_prototypes), seed=seed)
         with self.inference():
             z = denoise_loop(sched, z, lambda x, t: self.prior(x, t.to(x.device)), progress=self.progress_bar)

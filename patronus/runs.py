@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Optional
+from typing import IO, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import yaml
@@ -180,18 +180,28 @@ def export_model(net: PatronusModel, out_dir: str | Path) -> Path:
     return out_dir
 
 
-# Model options that were measured, did not help and were removed, with the value the model now
-# always has: a saved model that used that value still loads; any other value is named as retired.
-RETIRED_OPTIONS = {"condition_mode": "add"}
+# Model options that were removed, with the value the model now always has: a saved model that used
+# that value still loads; any other value is named as retired.
+RETIRED_OPTIONS = {
+    "condition_mode": "add",  # scale-shift (AdaGN) conditioning: measured worse (README, "Tried and dropped")
+    "dropout": 0.0,  # UNet dropout: no preset and no measurement ever set it
+}
 
 
-def _net_from_config(config: dict[str, Any], where: Path) -> PatronusModel:
-    """PatronusModel(**config) with a wrong field or type reported against the file it came from."""
+def retire_options(config: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """`config` without the retired options it holds at their kept value; ValueError naming `where`
+    for one that holds another value (that model needs the release that trained it)."""
     config = dict(config)
     for key, kept in RETIRED_OPTIONS.items():
         if key in config and config.pop(key) != kept:
             raise ValueError(f"{where}: {key} was removed from patronus (only {kept!r} remains); this model needs "
                              "the release that trained it")
+    return config
+
+
+def _net_from_config(config: dict[str, Any], where: Path) -> PatronusModel:
+    """PatronusModel(**config) with a wrong field or type reported against the file it came from."""
+    config = retire_options(config, where)
     _, unused, _ = PatronusModel.extract_init_dict(dict(config))
     unknown = [k for k in unused if not k.startswith("_")]
     if unknown:
@@ -262,15 +272,17 @@ def statistics_path(checkpoint: str | Path, source: dict[str, Any]) -> Path:
 
 
 def cached_statistics(checkpoint: str | Path, source: dict[str, Any], compute: Callable[[], dict[str, Any]],
-                      num_prototypes: Optional[int] = None) -> dict[str, Any]:
-    """Statistics for `source`, computed by `compute()` once and stored with what they were computed on."""
+                      num_prototypes: Optional[int] = None, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """Statistics for `source`, computed by `compute()` once and stored with what they were computed on.
+    A stored file without one of `keys` (written by an older release) is recomputed."""
     cache = statistics_path(checkpoint, source)
     if cache.is_file():
         try:
             stored = json.loads(cache.read_text())
         except json.JSONDecodeError:  # a damaged cache is recomputed, never trusted
             stored = {}
-        if stored.get("source") == source and (num_prototypes is None or len(stored.get("mean", [])) == num_prototypes):
+        if (stored.get("source") == source and (num_prototypes is None or len(stored.get("mean", [])) == num_prototypes)
+                and all(k in stored for k in keys)):
             return stored
     stats = {"source": source, **compute()}
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -35,16 +35,17 @@ def test_unknown_config_field_is_named(tmp_path):
         load_model(out)
 
 
-def test_models_saved_before_an_option_was_retired_still_load(tmp_path):
-    """condition_mode was removed (only "add" remains): an export that says "add" loads as it was trained;
-    one that used the removed AdaGN path is refused by name, never loaded into the wrong network."""
+@pytest.mark.parametrize("key, kept, other", [("condition_mode", "add", "scale_shift"), ("dropout", 0.0, 0.1)])
+def test_models_saved_before_an_option_was_retired_still_load(tmp_path, key, kept, other):
+    """condition_mode and dropout were removed (only "add" / 0.0 remain): an export that says so loads as it
+    was trained; one that used the removed path is refused by name, never loaded into the wrong network."""
     net = PatronusModel(**TINY_NET).eval()
     out = export_model(net, tmp_path / "model")
     cfg = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**cfg, "condition_mode": "add"}))
+    (out / "config.json").write_text(json.dumps({**cfg, key: kept}))
     assert _same_outputs(net, load_model(out))
-    (out / "config.json").write_text(json.dumps({**cfg, "condition_mode": "scale_shift"}))
-    with pytest.raises(ValueError, match="condition_mode was removed"):
+    (out / "config.json").write_text(json.dumps({**cfg, key: other}))
+    with pytest.raises(ValueError, match=f"{key} was removed"):
         load_model(out)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from patronus.edits import Edit, activation_range, apply_edits, most_variable_prototypes, set_prototypes
 from patronus.interpret.generation_metrics import psnr
-from patronus.pipeline import make_scheduler
+from patronus.schedulers import scheduler_for
 
 
 def test_condition_is_required(tiny_model, mnist_test_images):
@@ -20,9 +20,36 @@ def test_condition_is_required(tiny_model, mnist_test_images):
 
 
 def test_inverse_and_forward_ddim_visit_the_same_timesteps(tiny_pipe):
-    fwd, inv = make_scheduler(tiny_pipe.scheduler.config, "ddim", 25), make_scheduler(tiny_pipe.scheduler.config, "inverse", 25)
+    fwd, inv = scheduler_for(tiny_pipe.scheduler.config, "ddim", 25), scheduler_for(tiny_pipe.scheduler.config, "inverse", 25)
     assert torch.equal(fwd.timesteps.flip(0), inv.timesteps)
     assert int(fwd.timesteps[0]) == 999
+
+
+@torch.no_grad()
+def test_the_registered_scheduler_is_the_one_every_verb_uses(tiny_model, tiny_pipe, mnist_test_images):
+    """A scheduler passed in (or assigned later) keeps its settings in every call: here leading spacing
+    with an offset and no x̂0 clipping, which the pipeline's own default (trailing, clipped) would override."""
+    from diffusers import DDIMScheduler
+
+    from patronus.pipeline import PatronusPipeline
+
+    chosen = DDIMScheduler.from_config(tiny_model.noise_scheduler().config, timestep_spacing="leading", steps_offset=1,
+                                       clip_sample=False)
+    pipe = PatronusPipeline(model=tiny_model, scheduler=chosen)
+    x0 = mnist_test_images[:2]
+    s = pipe.encode(x0).s
+    for sampler in ("ddim", "ddpm"):
+        seen = []
+        pipe.sample(s, seed=0, steps=10, sampler=sampler, callback=lambda i, t, x, x0_hat: seen.append(t))
+        assert seen == list(range(901, 0, -100)), (sampler, seen)  # the default decodes 999, 899, ..., 99
+    x_T = pipe.noise(x0.shape, seed=0)
+    assert torch.equal(pipe.sample(s, x_T, steps=10), pipe.denoise(x_T, s, 10, clip=False))  # clip_sample=False kept
+    assert not torch.equal(pipe.sample(s, x_T, steps=10), tiny_pipe.sample(s, x_T, steps=10))
+    assert pipe.scheduler is chosen and chosen.num_inference_steps is None  # calls derive their own; it stays untouched
+    pipe.scheduler = tiny_pipe.scheduler  # assigned later: honoured as well
+    seen = []
+    pipe.sample(s, seed=0, steps=10, callback=lambda i, t, x, x0_hat: seen.append(t))
+    assert seen == list(range(999, 0, -100))
 
 
 def test_ddim_is_deterministic_given_x_T_and_s(tiny_pipe, mnist_test_images):
@@ -45,9 +72,9 @@ def test_pipeline_restores_train_mode_and_keeps_no_graph(tiny_pipe, mnist_test_i
         s = tiny_pipe.encode(mnist_test_images[:2]).s
         out = tiny_pipe.sample(s, seed=0, steps=2)
         assert net.training and not s.requires_grad and not out.requires_grad
-        running = net.denoiser.cond_mlp[0].running_mean.clone()
+        running = net.denoiser.condition_norm.running_mean.clone()
         tiny_pipe.sample(s * 3, seed=0, steps=2)
-        assert torch.equal(running, net.denoiser.cond_mlp[0].running_mean)  # eval inside: BatchNorm untouched
+        assert torch.equal(running, net.denoiser.condition_norm.running_mean)  # eval inside: BatchNorm untouched
     finally:
         net.eval()
 
@@ -73,8 +100,8 @@ def test_ddim_inversion_reconstructs_real_images(tiny_pipe, mnist_test_images):
 def test_partial_inversion_resumes_at_the_matching_step(tiny_pipe, mnist_test_images):
     x0 = mnist_test_images[:4]
     s = tiny_pipe.encode(x0).s
-    x_t = tiny_pipe.invert(x0, s, steps=20, stop_step=8)
-    recon = tiny_pipe.denoise(x_t, s, 20, start_step=20 - 8, clip=False)
+    x_t = tiny_pipe.invert(x0, s, steps=20, inverted_steps=8)
+    recon = tiny_pipe.denoise(x_t, s, 20, inverted_steps=8, clip=False)
     assert sum(psnr(recon, x0)) / 4 > 29.0  # measured 32.6 dB for this tiny model
 
 
@@ -82,16 +109,16 @@ def test_partial_inversion_resumes_at_the_matching_step(tiny_pipe, mnist_test_im
 def test_editing_moves_the_edited_prototype_in_the_requested_direction(tiny_pipe, mnist_test_images):
     x0 = mnist_test_images
     pool = tiny_pipe.encode(mnist_test_images).s
-    s_min, s_max = activation_range(pool)
+    s_low, s_high = activation_range(pool)
     j = most_variable_prototypes(pool, 1)[0]
-    edits = [[Edit(j, "set", "max")], [Edit(j, "set", "min")]]
-    res = tiny_pipe.edit(x0, edits, steps=25, levels={"min": s_min, "max": s_max})
+    edits = [[Edit(j, "set", "q99")], [Edit(j, "set", "q01")]]
+    res = tiny_pipe.edit(x0, edits, steps=25, levels={"q01": s_low, "q99": s_high})
     s, recon, imgs, requested = res.s, res.reconstruction, res.images, res.requested
     _, recon_again = tiny_pipe.reconstruct(x0, steps=25)
     assert torch.equal(recon, recon_again)  # the edit's plain decode is the reconstruction
     base = tiny_pipe.encode(recon).s[:, j]
     up, down = tiny_pipe.encode(imgs[0]).s[:, j], tiny_pipe.encode(imgs[1]).s[:, j]
-    assert torch.allclose(requested[0][:, j], s_max[j].expand(len(x0)))
+    assert torch.allclose(requested[0][:, j], s_high[j].expand(len(x0)))
     assert (up - base).mean() > 0, (up - base)
     assert (down - base).mean() < 0, (down - base)
     # Other prototypes' requested values are untouched.
@@ -102,14 +129,16 @@ def test_editing_moves_the_edited_prototype_in_the_requested_direction(tiny_pipe
 def test_apply_edits_semantics():
     s = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 1.0]])
     lo, hi = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([5.0, 6.0, 7.0])
-    levels = {"min": lo, "max": hi}
-    out = apply_edits(s, [Edit(0, "set", "max"), Edit(1, "scale", 2.0), Edit(2, "add", -5.0)], levels)
+    levels = {"q01": lo, "q99": hi}
+    out = apply_edits(s, [Edit(0, "set", "q99"), Edit(1, "scale", 2.0), Edit(2, "add", -5.0)], levels)
     assert torch.equal(out, torch.tensor([[5.0, 4.0, 0.0], [5.0, 0.0, 0.0]]))
-    assert torch.equal(apply_edits(s, [Edit(2, "set", "min")], levels)[:, 2], torch.tensor([0.3, 0.3]))
+    assert torch.equal(apply_edits(s, [Edit(2, "set", "q01")], levels)[:, 2], torch.tensor([0.3, 0.3]))
     assert torch.equal(apply_edits(s, [Edit(1, "set", torch.tensor([7.0, 8.0]))])[:, 1], torch.tensor([7.0, 8.0]))  # per image
     assert torch.equal(set_prototypes(s, [0, 2], hi), torch.tensor([[5.0, 2.0, 7.0], [5.0, 0.0, 7.0]]))
     with pytest.raises(ValueError, match="'median'"):
         apply_edits(s, [Edit(0, "set", "median")], levels)
+    with pytest.raises(ValueError, match="'max' is now called 'q99'"):  # the old name, from code
+        apply_edits(s, [Edit(0, "set", "max")], levels)
     assert torch.equal(s, torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 1.0]]))  # input untouched
 
 
@@ -126,16 +155,16 @@ def test_edit_friendly_inversion_reproduces_the_image_and_frees_the_edit(tiny_pi
     x_T_other, _ = tiny_pipe.invert_edit_friendly(x0, s, steps=20, seed=4)
     assert (x_T - x_T_other).abs().mean() > 0.5
     pool = tiny_pipe.encode(mnist_test_images).s
-    s_min, s_max = activation_range(pool)
+    s_low, s_high = activation_range(pool)
     j = most_variable_prototypes(pool, 1)[0]
-    res = tiny_pipe.edit(x0, [[Edit(j, "set", "max")], [Edit(j, "set", "min")]], steps=20,
-                         levels={"min": s_min, "max": s_max}, inversion="edit_friendly")
+    res = tiny_pipe.edit(x0, [[Edit(j, "set", "q99")], [Edit(j, "set", "q01")]], steps=20,
+                         levels={"q01": s_low, "q99": s_high}, inversion="edit_friendly")
     assert (res.reconstruction - x0).abs().max() < 1e-4 and res.corrections is not None
     base = tiny_pipe.encode(res.reconstruction).s[:, j]
     assert (tiny_pipe.encode(res.images[0]).s[:, j] - base).mean() > 0
     assert (tiny_pipe.encode(res.images[1]).s[:, j] - base).mean() < 0
-    with pytest.raises(ValueError, match="partial_steps"):
-        tiny_pipe.edit(x0, [], steps=20, partial_steps=10, inversion="edit_friendly")
+    with pytest.raises(ValueError, match="inverted_steps"):
+        tiny_pipe.edit(x0, [], steps=20, inverted_steps=10, inversion="edit_friendly")
 
 
 def test_v_prediction_returns_epsilon_and_trains_on_v():

@@ -6,16 +6,17 @@ from patronus.edits import Edit, parse_edit
 
 
 def test_parse_edit_forms():
-    assert parse_edit("3=max", 10) == [Edit(3, "set", "max")]
+    assert parse_edit("3=q99", 10) == [Edit(3, "set", "q99")]
     assert parse_edit("7=0", 10) == [Edit(7, "set", 0.0)]
     assert parse_edit("5*2", 10) == [Edit(5, "scale", 2.0)]
     assert parse_edit("2+1.5,4-0.5", 10) == [Edit(2, "add", 1.5), Edit(4, "add", -0.5)]
-    assert parse_edit("1=min", 10) == [Edit(1, "set", "min")]
+    assert parse_edit("1=q01", 10) == [Edit(1, "set", "q01")]
 
 
 @pytest.mark.parametrize(
     "spec,message",
-    [("12=max", "prototype 12 does not exist.*K=10"), ("3", "cannot parse"), ("3*max", "only works with '='"), ("a=1", "cannot parse")],
+    [("12=q99", "prototype 12 does not exist.*K=10"), ("3", "cannot parse"), ("3*q99", "only works with '='"), ("a=1", "cannot parse"),
+     ("3=max", r"'max' is now called 'q99' \(write 3=q99\)"), ("1=q95,7=min", r"'min' is now called 'q01' \(write 7=q01\)")],
 )
 def test_parse_edit_errors_name_the_spec(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -47,7 +48,7 @@ def test_redundant_prototypes_are_grouped_and_moved_together():
     acts = torch.cat([base, 2 * base[:, :1] + 0.01 * torch.rand(500, 1, generator=gen)], 1)  # p3 copies p0
     groups = redundant_groups(acts, 0.9)
     assert sorted(groups) == [[0, 3], [1], [2]]
-    edits = joint(parse_edit("0=max", 4), groups)
-    assert edits == [Edit(0, "set", "max"), Edit(3, "set", "max")]
-    levels = {"max": torch.tensor([1.0, 2.0, 3.0, 4.0])}
-    assert apply_edits(torch.zeros(1, 4), edits, levels).tolist() == [[1.0, 0.0, 0.0, 4.0]]  # each to its own max
+    edits = joint(parse_edit("0=q99", 4), groups)
+    assert edits == [Edit(0, "set", "q99"), Edit(3, "set", "q99")]
+    levels = {"q99": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    assert apply_edits(torch.zeros(1, 4), edits, levels).tolist() == [[1.0, 0.0, 0.0, 4.0]]  # each to its own q99

@@ -22,7 +22,7 @@ EDIT_STEPS = 20  # inversion of the tiny model needs ~20 steps to come back clos
 
 
 @pytest.fixture(scope="module")
-def s_max(tiny_model, tiny_pipe, mnist_test_images) -> torch.Tensor:
+def s_q99(tiny_model, tiny_pipe, mnist_test_images) -> torch.Tensor:
     with torch.no_grad():
         return torch.quantile(tiny_pipe.encode(mnist_test_images).s, 0.99, dim=0)
 
@@ -39,14 +39,14 @@ def guided_pipe(tiny_model) -> PatronusPipeline:
 
 
 @pytest.fixture(scope="module")
-def raised(tiny_model, guided_pipe, mnist_test_images, s_max):
+def raised(tiny_model, guided_pipe, mnist_test_images, s_q99):
     """The most variable prototype (the one edits move most on this tiny model), its spread over
     the images, one quiet prototype, and both edits traced (edit guidance as sample.py edits)."""
     with torch.no_grad():
         spread = guided_pipe.encode(mnist_test_images).s.std(0)
         j = int(spread.argmax())
         quiet = (j + 1) % tiny_model.config.num_prototypes
-        return j, float(spread[j]), quiet, edit_emergence(guided_pipe, mnist_test_images[:8], [j, quiet], s_max, EDIT_STEPS)
+        return j, float(spread[j]), quiet, edit_emergence(guided_pipe, mnist_test_images[:8], [j, quiet], s_q99, EDIT_STEPS)
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def test_trace_re_encodes_the_predicted_clean_image_at_every_step(tiny_model, ti
     x0 = mnist_test_images[:4]
     s = tiny_model.encode(x0)
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    trace = trace_activations(tiny_pipe, x_T, s, num_steps=STEPS)
+    trace = trace_activations(tiny_pipe, x_T, s, steps=STEPS)
     assert trace.activations.shape == (STEPS, 4, 8) and trace.timesteps.tolist() == list(range(999, 0, -100))
     # last entry: the decoded image itself (clamped, as every x̂0 is)
     decoded = tiny_pipe.denoise(x_T, s, STEPS, clip=False)
@@ -76,13 +76,13 @@ def test_every_k_records_ceil_n_over_k_steps_including_the_last(tiny_model, tiny
     s = tiny_model.encode(x0)
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     full = trace_activations(tiny_pipe, x_T, s, STEPS)
-    for every, start in [(3, 0), (4, 2), (1, 5)]:
-        steps = recorded_steps(STEPS, every, start)
-        assert len(steps) == math.ceil((STEPS - start) / every) and steps[-1] == STEPS - 1
-        x_start = tiny_pipe.invert(x0, s, STEPS, stop_step=STEPS - start) if start else x_T
-        sub = trace_activations(tiny_pipe, x_start, s, STEPS, every=every, start_step=start)
+    for every, inverted in [(3, STEPS), (4, STEPS - 2), (1, STEPS - 5)]:
+        steps = recorded_steps(STEPS, every, inverted)
+        assert len(steps) == math.ceil(inverted / every) and steps[-1] == STEPS - 1
+        x_start = tiny_pipe.invert(x0, s, STEPS, inverted_steps=inverted) if inverted < STEPS else x_T
+        sub = trace_activations(tiny_pipe, x_start, s, STEPS, every=every, inverted_steps=inverted)
         assert sub.timesteps.tolist() == full.timesteps[steps].tolist()
-        if start == 0:  # the same decode, fewer records
+        if inverted == STEPS:  # the same decode, fewer records
             torch.testing.assert_close(sub.activations, full.activations[steps])
     with pytest.raises(ValueError, match="every=0"):
         recorded_steps(STEPS, 0)
@@ -113,7 +113,7 @@ def test_curves_are_mean_and_std_of_the_difference_to_the_original():
 
 
 @torch.no_grad()
-def test_raising_a_prototype_rises_more_than_the_plain_decode(tiny_model, tiny_pipe, raised, s_max):
+def test_raising_a_prototype_rises_more_than_the_plain_decode(tiny_model, tiny_pipe, raised, s_q99):
     j, spread, quiet, res = raised
     S = EDIT_STEPS
     assert res.mean.shape == res.plain_mean.shape == (S, 2) and res.edited.shape == (S, 8, 2)
@@ -127,12 +127,12 @@ def test_raising_a_prototype_rises_more_than_the_plain_decode(tiny_model, tiny_p
 
 
 @torch.no_grad()
-def test_batched_edits_match_one_separate_traced_decode(tiny_model, guided_pipe, mnist_test_images, raised, s_max):
+def test_batched_edits_match_one_separate_traced_decode(tiny_model, guided_pipe, mnist_test_images, raised, s_q99):
     j, spread, quiet, res = raised
     x0 = mnist_test_images[:8]
     s = tiny_model.encode(x0)
     x_T = guided_pipe.invert(x0, s, EDIT_STEPS)
-    s_edit = set_prototypes(s, [quiet], s_max)
+    s_edit = set_prototypes(s, [quiet], s_q99)
     alone = trace_activations(guided_pipe, x_T, s_edit, EDIT_STEPS, s_plain=s)
     torch.testing.assert_close(res.edited[:, :, 1], alone.activations[..., quiet], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(res.images[2], alone.images, atol=1e-4, rtol=1e-4)

@@ -4,7 +4,7 @@ unexplained-signal check, on synthetic activations whose answer is known by cons
 import pytest
 import torch
 
-from patronus.interpret.findings import explained_scores, flag_test, group_findings, neutral_values, same_place
+from patronus.interpret.findings import explained_scores, flag_test, group_findings, neutral_values, same_position
 from patronus.interpret.mitigation import balanced_rows, confounder_sensitivity, group_accuracies, worst_group_accuracy, worst_group_scores
 from patronus.interpret.quality import auroc_matrix, fast_auroc
 from patronus.interpret.shortcut_report import LinearProbe, association, split_targets
@@ -48,7 +48,7 @@ def test_the_marker_carriers_are_flagged_and_grouped_into_one_finding():
     findings = group_findings(test.flagged, s, where, test.score, test.p_value, a.target_of, a.confounder_of, c, grid_width=8)
     assert len(findings) == 1 and findings[0].prototypes == [0, 1]
     assert tn[findings[0].target] == "class=3" and cn[findings[0].confounder] == "marker"
-    assert findings[0].same_place == [0, 1]  # cells 5 and 6 are neighbours
+    assert findings[0].same_position == [0, 1]  # cells 5 and 6 are neighbours
 
 
 def test_false_alarms_stay_near_the_stated_rate_when_the_marker_is_independent_of_the_class():
@@ -103,7 +103,7 @@ def test_prototypes_of_different_confounders_at_different_places_stay_apart():
     f = group_findings([0, 1], s, where, torch.tensor([0.3, 0.2, 0.0]), torch.tensor([0.01, 0.02, 1.0]),
                        torch.tensor([0, 0, 0]), torch.tensor([0, 1, 0]), conf, grid_width=8)
     assert [x.prototypes for x in f] == [[0], [1]]
-    assert same_place(where, 0, 2, torch.arange(400), 8) == 1.0 and same_place(where, 0, 1, torch.arange(400), 8) == 0.0
+    assert same_position(where, 0, 2, torch.arange(400), 8) == 1.0 and same_position(where, 0, 1, torch.arange(400), 8) == 0.0
 
 
 def test_a_finding_leads_with_its_best_confounder_detector_not_its_top_score():
@@ -116,7 +116,7 @@ def test_a_finding_leads_with_its_best_confounder_detector_not_its_top_score():
     f = group_findings([0, 1], s, where, torch.tensor([0.5, 0.4]), torch.tensor([0.01, 0.01]),
                        torch.tensor([0, 0]), torch.tensor([0, 0]), marker[:, None], grid_width=8)
     assert len(f) == 1 and f[0].prototypes == [1, 0] and f[0].score == 0.5  # ranked by its best score still
-    assert f[0].same_place == [1]  # the class-shape prototype fires elsewhere
+    assert f[0].same_position == [1]  # the class-shape prototype fires elsewhere
 
 
 def test_neutral_value_comes_from_images_without_the_confounder():

@@ -16,12 +16,12 @@ from patronus.training.prior import fit_prior
 from tests.conftest import REPO
 
 
-def test_statistics_max_is_the_99th_percentile_not_the_outlier():
+def test_statistics_q99_is_the_99th_percentile_not_the_outlier():
     s = torch.rand(1000, 3)
     s[0] = 50.0  # one outlier image must not set every edit's strength
     stats = activation_statistics(s)
-    assert stats["n"] == 1000 and max(stats["max"]) < 1.0
-    torch.testing.assert_close(torch.tensor(stats["max"]), torch.quantile(s, 0.99, dim=0).double(), check_dtype=False)
+    assert stats["n"] == 1000 and max(stats["q99"]) < 1.0
+    torch.testing.assert_close(torch.tensor(stats["q99"]), torch.quantile(s, 0.99, dim=0).double(), check_dtype=False)
     assert stats["quantiles"]["0.5"] == pytest.approx(torch.quantile(s.double(), 0.5, dim=0).tolist())
 
 
@@ -159,8 +159,8 @@ def test_localised_box_is_the_receptive_field_of_the_argmin_cell_where_the_rise_
 
     x0 = mnist_test_images[:6]
     pool = tiny_pipe.encode(mnist_test_images).s
-    s_max = torch.quantile(pool, 0.99, dim=0)
-    found, plain, edited = edit_and_localise(tiny_pipe, x0, [0, 3], s_max, steps=20)
+    s_q99 = torch.quantile(pool, 0.99, dim=0)
+    found, plain, edited = edit_and_localise(tiny_pipe, x0, [0, 3], s_q99, steps=20)
     s_plain = tiny_model.encode(plain)
     rf = tiny_model.encoder.receptive_field()
     for loc, img in zip(found, edited):
@@ -169,9 +169,9 @@ def test_localised_box_is_the_receptive_field_of_the_argmin_cell_where_the_rise_
         assert (h, w) == loc.cell and loc.box == rf.box(h, w)
         rise = float(tiny_model.encode(img[None])[0, loc.prototype] - s_plain[loc.image_index, loc.prototype])
         assert rise == pytest.approx(loc.rise, abs=1e-5) and rise > 0
-    with pytest.raises(ValueError, match="partial_steps=30"):
-        edit_and_localise(tiny_pipe, x0, [0], s_max, steps=20, partial_steps=30)
-    part, plain_p, _ = edit_and_localise(tiny_pipe, x0, [0], s_max, steps=20, partial_steps=5)
+    with pytest.raises(ValueError, match="inverted_steps=30"):
+        edit_and_localise(tiny_pipe, x0, [0], s_q99, steps=20, inverted_steps=30)
+    part, plain_p, _ = edit_and_localise(tiny_pipe, x0, [0], s_q99, steps=20, inverted_steps=5)
     assert min(psnr(plain_p, x0)) > min(psnr(plain, x0))  # less noise added: closer to the originals
 
 

@@ -31,11 +31,13 @@ def test_conv_distances_equal_brute_force_and_argmin_is_the_closest_cell():
     x = torch.rand(3, 1, 32, 32) * 2 - 1
     fast, slow = enc.distance_maps(x), brute_force_distances(enc, x)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-3)
-    s, where = enc.encode(x)
+    act = enc.activations(x)
     flat = slow.flatten(2)
-    assert torch.equal(where, flat.argmin(2))
+    assert torch.equal(act.where, flat.argmin(2))
+    torch.testing.assert_close(act.distances, flat.min(2).values, rtol=1e-4, atol=1e-3)
     expected = torch.log((flat.min(2).values + 1) / (flat.min(2).values + 1e-4))
-    torch.testing.assert_close(s, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(act.s, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(enc.encode(x), act.s) and torch.equal(enc(x), act.s)  # encode, forward: the same s
 
 
 def test_paper_receptive_fields():
@@ -95,15 +97,15 @@ def test_a_position_aware_prototype_adds_its_offset_and_tells_a_corner_patch_fro
     assert cells.shape == (h * w, 2) and cells[0].tolist() == [0, 0] and cells[-1].tolist() == [1, 1]
     offset = (cells[None] - placed.prototype_positions[:, None]).pow(2).sum(2).view(1, 3, h, w)
     torch.testing.assert_close(placed.distance_maps(x), plain.distance_maps(x) + 2.0 * offset)
-    # one bright square, in the top-right corner or in the middle: the same patch, two places
+    # one bright square, in the top-right corner or in the middle: the same patch, two positions
     corner, middle = -torch.ones(2, 1, 32, 32)
     corner[0, 0:4, 26:30] = 1
     middle[0, 14:18, 14:18] = 1
     images = torch.stack([corner, middle])
     for enc in (plain, placed):
         cell = int((enc.features(images[:1]) - enc.features(-torch.ones(1, 1, 32, 32))).pow(2).sum(1).flatten().argmax())
-        place = enc.cell_positions(*enc.feature_shape())[cell]
-        enc.place_prototype(0, enc.features(images[:1]).flatten(2)[0, :, cell], place)  # onto the corner square
+        position = enc.cell_positions(*enc.feature_shape())[cell]
+        enc.place_prototype(0, enc.features(images[:1]).flatten(2)[0, :, cell], position)  # onto the corner square
     s_plain, s_placed = plain(images)[:, 0], placed(images)[:, 0]
     assert placed.prototype_positions[0, 0] < 0.3 and placed.prototype_positions[0, 1] > 0.7  # it sits top right
     assert s_placed[0] > s_placed[1] + 1.0  # it tells the corner square from the middle one ...
@@ -113,17 +115,17 @@ def test_a_position_aware_prototype_adds_its_offset_and_tells_a_corner_patch_fro
 @torch.no_grad()
 def test_patches_are_compared_as_a_prototype_placed_on_one_would_see_the_other():
     """Reseeding clusters patches with patch_pair_distances: it must be the distance a prototype placed
-    on patch i (feature and place) has to patch j in distance_maps, or the cluster is not one prototype's."""
+    on patch i (feature and position) has to patch j in distance_maps, or the cluster is not one prototype's."""
     torch.manual_seed(0)
     enc = PrototypeEncoder(in_channels=1, image_size=32, num_prototypes=2, position_weight=2.0)
     x = torch.rand(1, 1, 32, 32) * 2 - 1
     z = enc.features(x).flatten(2)[0].T  # (cells, D)
-    places = enc.cell_positions(*enc.feature_shape())
-    pairs = enc.patch_pair_distances(z, places)
+    positions = enc.cell_positions(*enc.feature_shape())
+    pairs = enc.patch_pair_distances(z, positions)
     for i in (0, 17, len(z) - 1):
-        enc.place_prototype(0, z[i], places[i])
+        enc.place_prototype(0, z[i], positions[i])
         torch.testing.assert_close(enc.distance_maps(x)[0, 0].flatten(), pairs[i], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(enc.patch_distances(z[i], places[i])[0], torch.tensor(0.0), atol=1e-4, rtol=0)
+        torch.testing.assert_close(enc.patch_distances(z[i], positions[i])[0], torch.tensor(0.0), atol=1e-4, rtol=0)
 
 
 def test_a_negative_position_weight_is_refused():
@@ -149,4 +151,4 @@ def test_the_feature_decoder_redraws_an_image_of_the_input_size(options):
     loss = reconstruction_loss(decoder, z, x)
     loss.backward()
     assert loss > 0 and all(p.grad is not None for p in enc.features.parameters())
-    torch.testing.assert_close(enc.encode_features(z.detach())[0], enc.encode(x)[0])
+    torch.testing.assert_close(enc.encode_features(z.detach()), enc.encode(x))

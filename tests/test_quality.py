@@ -78,9 +78,9 @@ def test_probes_are_scored_on_held_out_folds():
 @torch.no_grad()
 def test_consistency_scores_match_their_definition(tiny_model, tiny_pipe, mnist_test_images):
     pool = tiny_pipe.encode(mnist_test_images).s
-    s_max = torch.quantile(pool, 0.99, dim=0)
+    s_q99 = torch.quantile(pool, 0.99, dim=0)
     top = pool.std(0).argsort(descending=True)[:2].tolist()  # prototypes that vary, so raising them shows
-    outcome = edit_each_prototype(tiny_pipe, mnist_test_images[:8], top, s_max, steps=20)
+    outcome = edit_each_prototype(tiny_pipe, mnist_test_images[:8], top, s_q99, steps=20)
     scores = prototype_consistency(tiny_pipe, outcome)
     rf = tiny_model.encoder.receptive_field()
     for i, c in enumerate(scores):
@@ -96,7 +96,7 @@ def test_consistency_scores_match_their_definition(tiny_model, tiny_pipe, mnist_
         assert c.feature_spread > 0 and c.consistency < 1
     # one image N times: every edit lands on the same patch -> no spread, consistency exactly 1
     b = int(outcome.rise[0].argmax())  # an image where raising top[0] works
-    same = edit_each_prototype(tiny_pipe, mnist_test_images[b : b + 1].expand(4, -1, -1, -1), top[:1], s_max, steps=20)
+    same = edit_each_prototype(tiny_pipe, mnist_test_images[b : b + 1].expand(4, -1, -1, -1), top[:1], s_q99, steps=20)
     (c,) = prototype_consistency(tiny_pipe, same)
     assert c.images == 4 and c.location_spread_px == pytest.approx(0, abs=1e-9) and c.consistency == pytest.approx(1, abs=1e-4)
 

@@ -131,7 +131,7 @@ def test_surgery_moves_one_prototype_and_clears_only_what_read_the_old_one(tiny_
     reset_moments([opt], net, k)
     assert net.training  # the train flag is given back
     torch.testing.assert_close(net.encoder.prototypes[k].detach(), feature)
-    weight, norm = net.denoiser.cond_mlp[1].weight, net.denoiser.cond_mlp[0]
+    weight, norm = net.denoiser.condition_input.weight, net.denoiser.condition_norm
     assert not weight[:, k].any()
     s_k = net.eval().encode(x)[:, k].float()
     torch.testing.assert_close(norm.running_mean[k], s_k.mean())
@@ -167,7 +167,7 @@ def test_the_callback_moves_the_prototype_and_its_ema_copy_and_survives_a_resume
     # training ends on the EMA weights: they hold the new prototype, not a blend that keeps most of the old one
     final = module.net.encoder.prototypes[plan.index].detach()
     assert (final - plan.feature).norm() < 0.25 * (old - plan.feature).norm()
-    columns = module.net.denoiser.cond_mlp[1].weight.norm(dim=0)  # the new input's weights started from zero
+    columns = module.net.denoiser.condition_input.weight.norm(dim=0)  # the new input's weights started from zero
     assert columns[plan.index] < 0.15 * columns.median(), (columns[plan.index], columns.median())
     again = PrototypeReseeding()
     again.load_state_dict(reseed.state_dict())

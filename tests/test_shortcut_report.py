@@ -199,7 +199,7 @@ def test_build_report_names_the_bad_input():
     with pytest.raises(ValueError, match="steps"):
         build_report(pipe, data, stats, steps=0)
     with pytest.raises(ValueError, match="stats"):
-        build_report(pipe, data, {"max": [1.0] * 8})
+        build_report(pipe, data, {"q99": [1.0] * 8})
     with pytest.raises(ValueError, match="stats"):
         build_report(pipe, data, activation_statistics(torch.rand(50, 3)))
     with pytest.raises(ValueError, match="attribute_names"):

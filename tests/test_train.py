@@ -48,21 +48,22 @@ def test_train_then_sample_scripts_end_to_end(tmp_path):
 
     out = tmp_path / "out"
     run_script(str(REPO / "sample.py"), "--checkpoint", str(run), "--out", str(out), "--indices", "[0,1,2]",
-               "--steps", "5", "--inversion_steps", "5", "--num_samples", "2", "--edit", '["3=max", "1=min,2*2"]', cwd=tmp_path)
+               "--steps", "5", "--edit_steps", "5", "--num_samples", "2", "--edit", '["3=q99", "1=q01,2*2"]', cwd=tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     # User errors end with one line naming what was wrong, exit code 2, no traceback.
     for args, message in [(["--unconditional", "4"], "no trained activation prior"),  # needs `python -m patronus prior` first
-                          (["--edit", "9=max"], "prototype 9 does not exist"), (["--steps", "0"], "steps=0")]:
+                          (["--edit", "9=q99"], "prototype 9 does not exist"), (["--steps", "0"], "steps=0"),
+                          (["--edit", "3=max"], "'max' is now called 'q99'")]:
         proc = subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(run), "--out", str(out / "u"),
-                               "--steps", "3", "--inversion_steps", "3", "--num_samples", "1", "--edit_top", "0", *args],
+                               "--steps", "3", "--edit_steps", "3", "--num_samples", "1", "--edit_top", "0", *args],
                               cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error:") and message in proc.stderr, proc.stderr
     assert {"samples.png", "reconstructions.png", "edits.png", "summary.json"} <= {p.name for p in out.iterdir()}
     assert summary["references"] == ["mnist:test:0", "mnist:test:1", "mnist:test:2"]
-    assert [e["edit"] for e in summary["edits"]] == ["3=max", "1=min,2*2.0"]
+    assert [e["edit"] for e in summary["edits"]] == ["3=q99", "1=q01,2*2.0"]
     assert len(summary["reconstruction_psnr_db"]) == 3
-    assert summary["edits"][0]["prototypes"]["3"]["requested_mean"] == pytest.approx(summary["activation_range"]["max"][3])
+    assert summary["edits"][0]["prototypes"]["3"]["requested_mean"] == pytest.approx(summary["activation_range"]["q99"][3])
 
 
 @pytest.mark.slow

@@ -29,23 +29,24 @@ from patronus.cli.explain import cmd_attribution, cmd_information
 from patronus.cli.faithfulness import cmd_faithfulness
 from patronus.cli.shortcuts import cmd_shortcuts
 from patronus.cli.wandb_runs import log_analysis, wants_wandb
-from patronus.edits import Edit, most_variable_prototypes
+from patronus.edits import most_variable_prototypes
 from patronus.interpret.consistency import prototype_consistency
 from patronus.interpret.emergence import edit_emergence, plain_settling
-from patronus.interpret.generation_metrics import feature_network, fid_kid, generate_like, psnr, to_uint8, write_pngs
+from patronus.interpret.generation_metrics import feature_network, fid_kid, generate_like, psnr, write_pngs
 from patronus.interpret.interpolate import extrapolate, interpolate, variations
 from patronus.interpret.localise import edit_and_localise, edit_each_prototype
 from patronus.interpret.prior_check import prior_check
 from patronus.interpret.projection import nearest_patches
 from patronus.interpret.quality import class_indicators, prototype_quality
 from patronus.interpret.stats import edit_levels
+from patronus.torch_utils import to_uint8
 from patronus.training.prior import train_activation_prior
 
 Prototypes = Union[list[int], int, None]
 
 
 def cmd_stats(ctx: Context, num_images: int = STATS_IMAGES) -> dict:
-    """Per-prototype activation statistics over a split (cached; the 'max'/'min' of edits).
+    """Per-prototype activation statistics over a split (cached; the q99/q01 of edits).
 
     Args:
         num_images: images the statistics are computed on.
@@ -105,23 +106,23 @@ def cmd_interpolate(ctx: Context, a: list[int] = [0, 1], b: list[int] = [2, 3], 
 
 
 def cmd_extrapolate(ctx: Context, prototype: int, num_images: int = 8, n: int = 6, beyond: float = 1.5, steps: int = 50) -> dict:
-    """Sweep one prototype's activation from 0 to beyond its dataset max, from the same inverted x_T.
+    """Sweep one prototype's activation from 0 to beyond its dataset q99, from the same inverted x_T.
 
     Args:
         prototype: the prototype to sweep.
         num_images: reference images.
         n: values in the sweep.
-        beyond: sweep up to this multiple of the dataset max.
+        beyond: sweep up to this multiple of the dataset q99.
         steps: DDIM steps.
     """
     ctx.check_prototypes([prototype], "prototype")
     check_positive(n=n, steps=steps)
     refs = ctx.images(num_images)
-    top = ctx.statistics()["max"][prototype]
+    top = ctx.statistics()["q99"][prototype]
     values = torch.linspace(0, beyond * top, n).tolist()
     imgs, measured = extrapolate(ctx.pipe, refs, prototype, values, steps)
     plots.save_rows(list(imgs.transpose(0, 1)), ctx.out / f"extrapolation_p{prototype}.png")
-    return {"prototype": prototype, "values": values, "measured_mean": measured.mean(1).tolist(), "dataset_max": top}
+    return {"prototype": prototype, "values": values, "measured_mean": measured.mean(1).tolist(), "dataset_q99": top}
 
 
 def cmd_prior(ctx: Context, num_images: int = 5000, prior_steps: int = 3000, steps: int = 50) -> dict:
@@ -142,39 +143,39 @@ def cmd_prior(ctx: Context, num_images: int = 5000, prior_steps: int = 3000, ste
     return {"losses_every_100_steps": losses, **check.as_dict(), "saved_to": str(runs.prior_dir(ctx.checkpoint))}
 
 
-def cmd_localise(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, partial_steps: Optional[int] = None,
+def cmd_localise(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, inverted_steps: Optional[int] = None,
                  steps: int = 50) -> dict:
-    """Raise each prototype to its max, decode, box where it fires (optionally from partial noise).
+    """Raise each prototype to its q99, decode, box where it fires (optionally from partial noise).
 
     Args:
         num_images: images each prototype is raised in.
         prototypes: prototypes to raise, e.g. [3,7] (default: all).
-        partial_steps: invert only this many of the DDIM steps and edit from there (default: all).
+        inverted_steps: invert only this many of the DDIM steps and edit from there (default: all).
         steps: DDIM steps.
     """
     check_positive(steps=steps)
     refs = ctx.images(num_images)
     prototypes = ctx.check_prototypes(prototypes) or list(range(ctx.pipe.num_prototypes))
     levels = edit_levels(ctx.statistics())
-    found, plain, edited = edit_and_localise(ctx.pipe, refs, prototypes, levels["max"], steps, partial_steps)
+    found, plain, edited = edit_and_localise(ctx.pipe, refs, prototypes, levels["q99"], steps, inverted_steps)
     plots.save_png(plots.localisation_gallery(plain.cpu(), edited.cpu(), found), ctx.out / "localise.png")
-    return {"partial_steps": partial_steps, "steps": steps, "localisations": [vars(f) for f in found]}
+    return {"inverted_steps": inverted_steps, "steps": steps, "localisations": [vars(f) for f in found]}
 
 
-def cmd_consistency(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, partial_steps: Optional[int] = None,
+def cmd_consistency(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, inverted_steps: Optional[int] = None,
                     steps: int = 50) -> dict:
-    """Edit each prototype into many images: how consistent are place and patch (one score each).
+    """Edit each prototype into many images: how consistent are position and patch (one score each).
 
     Args:
         num_images: images each prototype is raised in.
         prototypes: prototypes to raise, e.g. [3,7] (default: all).
-        partial_steps: invert only this many of the DDIM steps and edit from there (default: all).
+        inverted_steps: invert only this many of the DDIM steps and edit from there (default: all).
         steps: DDIM steps.
     """
     check_positive(steps=steps)
     refs = ctx.images(num_images)
     prototypes = ctx.check_prototypes(prototypes) or list(range(ctx.pipe.num_prototypes))
-    outcome = edit_each_prototype(ctx.pipe, refs, prototypes, edit_levels(ctx.statistics())["max"], steps, partial_steps)
+    outcome = edit_each_prototype(ctx.pipe, refs, prototypes, edit_levels(ctx.statistics())["q99"], steps, inverted_steps)
     scores = prototype_consistency(ctx.pipe, outcome)
     plots.save_png(plots.consistency_grid(outcome, ctx.pipe.model.encoder.receptive_field()), ctx.out / "consistency.png")
     valid = [c.consistency for c in scores if c.consistency == c.consistency]

@@ -20,7 +20,7 @@ from jsonargparse import ArgumentParser
 from patronus import runs
 from patronus.data.datasets import LabelledImageDataset, SubsetDataset, holdout_split
 from patronus.data.registry import build_dataset, dataset_options
-from patronus.interpret.stats import activation_statistics
+from patronus.interpret.stats import KEYS as STATISTICS_KEYS, activation_statistics
 from patronus.pipeline import Inversion, PatronusPipeline
 
 USER_ERRORS = (ValueError, FileNotFoundError, IndexError)
@@ -120,7 +120,7 @@ class Context:
         n = min(num_images, len(ds))
         return runs.cached_statistics(self.checkpoint, {**ds.source, "images": n},
                                       lambda: activation_statistics(self.pipe.encode(first_images(ds, n)).s),
-                                      self.pipe.num_prototypes)
+                                      self.pipe.num_prototypes, STATISTICS_KEYS)
 
     def check_prototypes(self, prototypes: Optional[list[int]], name: str = "prototypes") -> Optional[list[int]]:
         """`prototypes` (None stays None), after checking each index exists."""

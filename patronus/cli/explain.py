@@ -49,9 +49,8 @@ def cmd_information(
     """Where and when each prototype informs the denoiser (nats per pixel / timestep), PID of top pairs.
 
     Defaults are sized for 2 CPU cores ((K+1) conditions × images × nodes × draws denoiser
-    passes): on the tiny MNIST model 8 (10) log-SNR nodes are within ~2.5% (~1.7%) of a 60-node
-    reference and 1 ε per node adds ~1% spread to an image's total (the maps are noisier: raise
-    num_noise for smoother ones).
+    passes); how close 8 log-SNR nodes and 1 ε per node come to a fine reference is measured in
+    docs/benchmarks.md (the maps are noisier than the totals: raise num_noise for smoother ones).
 
     Args:
         num_images: reference images.

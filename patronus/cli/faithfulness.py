@@ -98,7 +98,7 @@ def cmd_faithfulness(
     samples_per_ref: int = 1,
     steps: int = 50,
     num_edit_prototypes: int = 4,
-    partial_steps: Optional[int] = None,
+    inverted_steps: Optional[int] = None,
     judge_epochs: int = 2,
     marker_prototypes: Union[list[int], int, None] = None,
     judge_images: int = 10000,
@@ -124,7 +124,7 @@ def cmd_faithfulness(
         samples_per_ref: fresh-noise samples per reference.
         steps: DDIM steps of sampling, inversion and decoding.
         num_edit_prototypes: the most variable prototypes (std over the statistics) that are raised and lowered.
-        partial_steps: invert only this many of the DDIM steps and edit from there (default: all).
+        inverted_steps: invert only this many of the DDIM steps and edit from there (default: all).
         judge_epochs: training epochs of the judge.
         marker_prototypes: marker prototypes moved together, e.g. [3,7] (default: AUROC ≥ 0.9 for `marker`, else the best).
         judge_images: at most this many training images (a seeded random subset) train the judge.
@@ -132,11 +132,11 @@ def cmd_faithfulness(
             2 × num_edit_prototypes decodes per image, sampling one.
     """
     check_positive(num_images=num_images, samples_per_ref=samples_per_ref, steps=steps, num_edit_prototypes=num_edit_prototypes,
-                   judge_epochs=judge_epochs, judge_images=judge_images, partial_steps=partial_steps, edit_images=edit_images)
+                   judge_epochs=judge_epochs, judge_images=judge_images, inverted_steps=inverted_steps, edit_images=edit_images)
     pipe = ctx.pipe
     guidance, edit_guidance = pipe.guidance, pipe.edit_guidance  # the common --guidance / --edit_guidance
-    if partial_steps is not None and partial_steps > steps:
-        raise ValueError(f"partial_steps={partial_steps}; expected 1..steps={steps}")
+    if inverted_steps is not None and inverted_steps > steps:
+        raise ValueError(f"inverted_steps={inverted_steps}; expected 1..steps={steps}")
     marker_prototypes = ctx.check_prototypes(marker_prototypes, "marker_prototypes")
     ds = ctx.dataset()
     if len(ds) < 2:
@@ -173,14 +173,14 @@ def cmd_faithfulness(
     K = pipe.num_prototypes
     prototypes = torch.tensor(stats["std"]).argsort(descending=True)[: min(num_edit_prototypes, K)].tolist()
     edited = refs[:edit_images] if edit_images is not None else refs
-    gain = edit_gain(pipe, edited, prototypes, levels, steps, partial_steps, edit_guidance)
+    gain = edit_gain(pipe, edited, prototypes, levels, steps, inverted_steps, edit_guidance)
     for name, d in (("raise", gain.raised), ("lower", gain.lowered)):
         plots.save_rows([refs[:c], gain.reconstruction[:c], *d.images[:, :c]], out / f"edits_{name}.png")
 
     result: dict[str, Any] = {
         "images": B, "samples_per_ref": samples_per_ref, "steps": steps, "guidance": guidance, "edit_guidance": edit_guidance,
         "inversion": pipe.inversion,
-        "partial_steps": partial_steps, "judge": judge_summary, "agreement": agreement_summary,
+        "inverted_steps": inverted_steps, "judge": judge_summary, "agreement": agreement_summary,
         "sample_quality": quality,
         "s_cycle": {"mean": _nan_none(agree.s_cycle), "per_prototype": [_nan_none(v) for v in agree.s_cycle_per_prototype.tolist()]},
         "edits": {"prototypes": prototypes, "raise": gain.raised.summary(prototypes), "lower": gain.lowered.summary(prototypes),
@@ -190,14 +190,14 @@ def cmd_faithfulness(
 
     # 4. marker causality, on data with a planted marker and its masks
     if "marker" in ds.attribute_names:
-        result["marker"] = (_marker(ctx, ds, num_images, marker_prototypes, levels, steps, partial_steps, edit_guidance)
+        result["marker"] = (_marker(ctx, ds, num_images, marker_prototypes, levels, steps, inverted_steps, edit_guidance)
                             if "marker_mask" in ds[0]
                             else {"skipped": "the data has a 'marker' attribute but its items carry no marker_mask"})
     return _json_safe(result)
 
 
 def _marker(ctx: Context, ds: LabelledImageDataset, num_images: int, prototypes: Optional[list[int]],
-            levels: dict[str, torch.Tensor], steps: int, partial_steps: Optional[int], edit_guidance: float) -> dict[str, Any]:
+            levels: dict[str, torch.Tensor], steps: int, inverted_steps: Optional[int], edit_guidance: float) -> dict[str, Any]:
     column = ds.attributes[:, ds.attribute_names.index("marker")]
     unmarked_rows = (column == 0).nonzero().flatten()[:num_images].tolist()
     marked_rows = (column == 1).nonzero().flatten()[:num_images].tolist()
@@ -213,7 +213,7 @@ def _marker(ctx: Context, ds: LabelledImageDataset, num_images: int, prototypes:
     unmarked, _ = _load(ds, unmarked_rows)
     marked, masks = _load(ds, marked_rows, masks=True)
     labelled = bool((ds.labels >= 0).all())
-    eff = marker_effect(ctx.pipe, unmarked, marked, masks, prototypes, levels, steps, partial_steps, edit_guidance,
+    eff = marker_effect(ctx.pipe, unmarked, marked, masks, prototypes, levels, steps, inverted_steps, edit_guidance,
                         unmarked_labels=ds.labels[unmarked_rows] if labelled else None,
                         marked_labels=ds.labels[marked_rows] if labelled else None, seed=ctx.seed)
     c = min(len(unmarked), len(marked), FIGURE_COLUMNS)
@@ -233,6 +233,6 @@ def _marker(ctx: Context, ds: LabelledImageDataset, num_images: int, prototypes:
         "s_marker_prototypes": {
             "unmarked_reconstruction": eff.s_unmarked_reconstruction.mean(0).tolist(), "raised": eff.s_raised.mean(0).tolist(),
             "marked_reconstruction": eff.s_marked_reconstruction.mean(0).tolist(), "lowered": eff.s_lowered.mean(0).tolist(),
-            "target_raise": levels["max"][prototypes].tolist(), "target_lower": levels["min"][prototypes].tolist(),
+            "target_raise": levels["q99"][prototypes].tolist(), "target_lower": levels["q01"][prototypes].tolist(),
         },
     }

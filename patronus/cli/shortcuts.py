@@ -134,7 +134,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def _findings_markdown(summary: dict[str, Any]) -> list[str]:
     ft = summary["flag_test"]
-    lines = ["## Findings: one per confounder and place", "",
+    lines = ["## Findings: one per confounder and position", "",
              f"A prototype is flagged only when two permutation tests ({ft['permutations']} shuffles each, family-wise over "
              f"every prototype, target and confounder) both reject: so on data without a shortcut this report flags "
              f"anything with probability ≤ {ft['alpha']:.0%}. Only links where the confounder's rate differs by at least "
@@ -166,7 +166,7 @@ def _findings_markdown(summary: dict[str, Any]) -> list[str]:
                                                   if "groups_present" in f0["worst_group"] else "")
               + (f"; the rarest group has {f0['worst_group']['smallest_group']} images" if "smallest_group" in f0["worst_group"] else "")
               + (f"; scored on {f0['worst_group']['scored_on']}" if "scored_on" in f0["worst_group"] else "")
-              + f". Members firing where the best one does: {', '.join(f'p{j}' for j in f0['same_place'])}."
+              + f". Members firing where the best one does: {', '.join(f'p{j}' for j in f0['same_position'])}."
               + (" Marker AUROC 'balanced': the highest of its members on the worst-group images, where the confounder is independent "
                  "of the target; on the report's own images a detector of the target alone scores high when the confounder "
                  "goes with it." if f0["auroc_confounder_balanced"] is not None else ""), ""]

@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from patronus.cli.common import report_user_errors
 from patronus.data.datamodule import PatronusDataModule
 from patronus.models.patronus import PatronusModel
-from patronus.runs import CHECKPOINT_DIR, CONFIG_FILE, MODEL_DIR, ResumePoint, atomic_write, export_model, find_resume_point, load_model
+from patronus.runs import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_DIR, ResumePoint, atomic_write, export_model, find_resume_point,
+                           load_model, retire_options)
 from patronus.training.callbacks import EMA, InterpretMonitor, RunSummary, SampleGrid, StatusLine
 from patronus.training.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from patronus.training.logs import AppendingCSVLogger
@@ -141,7 +142,8 @@ def check_same_model(resume: ResumePoint, net_config: dict[str, Any]) -> None:
     # A field the checkpoint predates was trained at its default (e.g. prediction="epsilon").
     defaults = {k: p.default for k, p in inspect.signature(PatronusModel.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    theirs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**defaults, **resume.net_config}.items()}
+    saved = retire_options(resume.net_config, resume.path)  # a retired option at another value is named
+    theirs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**defaults, **saved}.items()}
     diff = [f"model.net.{k}: checkpoint {theirs[k]!r}, this command {ours[k]!r}"
             for k in sorted(ours) if k in theirs and theirs[k] != ours[k]]
     if diff:

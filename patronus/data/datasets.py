@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from patronus.data.checks import (OnError, Problem, Verify, check_on_error, image_problem, resolve_problems,
                                   warn_if_few_bits_used)
 from patronus.data.images import AS_STORED, Intensity, list_images, read_image
+from patronus.torch_utils import from_uint8
 
 
 class LabelledImageDataset(Dataset):
@@ -103,7 +104,7 @@ def _find(raw_dir: Path, stem: str) -> Path:
 
 def to_model_range(images_u8: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float in [-1, 1] at image_size (bilinear, antialiased)."""
-    x = images_u8.float() / 127.5 - 1
+    x = from_uint8(images_u8)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     return x.clamp(-1, 1)

@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 
 from patronus.data.datasets import LabelledImageDataset
+from patronus.torch_utils import to_uint8
 
 CSV_NAME, MASKS = "attributes.csv", "masks"
 
 
 def _png(x: torch.Tensor, path: Path) -> None:
     """Save (C, H, W) in [-1, 1] as an 8-bit PNG."""
-    a = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    a = to_uint8(x)
     arr = a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)

@@ -20,6 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor, resize
 
+from patronus.torch_utils import from_uint8
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MODES = {1: "L", 3: "RGB"}
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # single-channel modes deeper than 8 bit
@@ -189,7 +191,7 @@ def read_image(path: str | Path, channels: int, size: int | None = None, resize_
             f"{path}: expected a {size}x{size} image, got {x.shape[2]}x{x.shape[1]} (width x height); "
             "resize it or pass the resize option"
         )
-    y = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else (x * 2 - 1).clamp(-1, 1)  # clamp: antialiasing overshoots
+    y = from_uint8(x) if x.dtype == torch.uint8 else (x * 2 - 1).clamp(-1, 1)  # clamp: antialiasing overshoots
     return -y if intensity.invert else y  # MONOCHROME1: 1 - x in [0, 1] is -y in [-1, 1]
 
 

@@ -161,7 +161,7 @@ class PlantedMarker(LabelledImageDataset):
     Args:
         shape: square, disc, ring, cross, line (horizontal stroke) or glyph (the letters `text`).
         size: side of the marker's square box in pixels.
-        position: [top, left] of a fixed marker, or "random" (a new place per image, inside `region`).
+        position: [top, left] of a fixed marker, or "random" (a new position per image, inside `region`).
         region: [top, left, bottom, right] random markers stay inside (default: the whole image).
         intensity: the marker's pixel value in [-1, 1] (1 = white, −1 = black).
         opacity: 1 stamps the marker; below 1 it is blended over the image (a faint, semi-transparent patch).
@@ -246,7 +246,7 @@ class PlantedMarker(LabelledImageDataset):
         return self.stamped(self.base.load_image(i), self.mask(i))
 
     def with_and_without(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image i with its marker forced on and off (same place): the pair confounder sensitivity compares."""
+        """Image i with its marker forced on and off (same position): the pair confounder sensitivity compares."""
         x = self.base.load_image(i)
         return self.stamped(x, self.placed_mask(i)), x
 

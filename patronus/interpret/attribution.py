@@ -12,14 +12,13 @@ or insert them into a fully-deleted x_t and watch f rise (insertion AUC, higher 
 always against a random-order map on the same x_t.
 
 Unlike a classifier's logit, f does not vanish when the image is gone: the condition moves
-ε̂ for a fully deleted x_t too (on the tiny MNIST model by about as much as for x_t itself,
-the "floor" ≈ 0.9), and deleting pixels can *raise* f (curves peak near 1.8). |∂f/∂x_t|
-ranks pixels by how much they change f in either direction, so it is not a deletion ranking:
-on the tiny model at t = 200–300 it is *less* faithful than the random map on both curves.
-The signed gradient × input Σ_c x_t ∂f/∂x_t is the first-order estimate of f(x_t) −
+ε̂ for a fully deleted x_t too (a "floor" of the curves), and deleting pixels can *raise* f.
+|∂f/∂x_t| ranks pixels by how much they change f in either direction, so it is not a deletion
+ranking, and it can be *less* faithful than the random map on both curves. The signed
+gradient × input Σ_c x_t ∂f/∂x_t is the first-order estimate of f(x_t) −
 E f(x_t with that pixel deleted) (the replacement has mean 0 for both references), i.e. the
-ranking deletion asks for; it beats the random map on insertion there (AUC +0.1…+0.9), not
-reliably on deletion. `gradient_maps` returns both; the CLI scores both against random.
+ranking deletion asks for; on the tiny test model it beats the random map on insertion, not
+reliably on deletion (docs/benchmarks.md has the numbers). `gradient_maps` returns both; the CLI scores both against random.
 
 "Deleting" a pixel replaces its signal by fresh noise at t's noise level, √(1−ᾱ_t)·ε'
 (x0 set to 0 there, the noise kept): the pixel still looks like a pixel of x_t to the

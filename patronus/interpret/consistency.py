@@ -1,5 +1,5 @@
 """Consistency, quantified: does prototype J, edited into N different images, appear as the same
-thing in the same place? (Patronus shows this only as a grid of examples.)
+thing in the same position? (Patronus shows this only as a grid of examples.)
 
 Per prototype, over the images where raising s_J actually raised it:
 - location spread: mean pixel distance of J's argmin-cell centres from their centroid;

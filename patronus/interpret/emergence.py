@@ -31,34 +31,38 @@ class EmergenceTrace:
     images: torch.Tensor  # (B, C, H, W) the decoded images
 
 
-def recorded_steps(num_steps: int, every: int = 1, start_step: int = 0) -> list[int]:
-    """Step indices to record: every k-th counted back from the last step, so the last is always
-    kept and exactly ceil(n/k) of the n = num_steps − start_step steps are recorded."""
+def recorded_steps(steps: int, every: int = 1, inverted_steps: Optional[int] = None) -> list[int]:
+    """Step indices to record of a decode of the last `inverted_steps` of `steps` steps (None: all):
+    every k-th counted back from the last step, so the last is always kept and exactly ceil(n/k) of
+    the n decoded steps are recorded."""
     if every < 1:
         raise ValueError(f"every={every}; expected ≥ 1")
-    if not 0 <= start_step < num_steps:
-        raise ValueError(f"start_step={start_step}; expected 0..{num_steps - 1}")
-    last = num_steps - 1
-    return [i for i in range(start_step, num_steps) if (last - i) % every == 0]
+    n = steps if inverted_steps is None else inverted_steps
+    if not 0 < n <= steps:
+        raise ValueError(f"inverted_steps={inverted_steps}; expected 1..steps={steps}")
+    last = steps - 1
+    return [i for i in range(steps - n, steps) if (last - i) % every == 0]
 
 
 def trace_activations(
     pipe: PatronusPipeline,
     x_T: torch.Tensor,
     s: torch.Tensor,
-    num_steps: int = 50,
+    steps: int = 50,
     every: int = 1,
-    start_step: int = 0,
+    inverted_steps: Optional[int] = None,
     batch_size: int = 256,
     s_plain: Optional[torch.Tensor] = None,
 ) -> EmergenceTrace:
-    """Decode x_T under s with DDIM and record s(x̂0(t)) every `every` steps (the last step always).
+    """Decode x_T under s with DDIM (or, with `inverted_steps`, the last that many steps from the
+    latent an inversion of that many steps left) and record s(x̂0(t)) every `every` steps (the last
+    step always).
 
     Chunks of ≤ `batch_size` images are decoded one after another, so many edits can share a call.
     With `s_plain` (the unedited activations of each row), s is an edit decoded with the
     pipeline's edit guidance relative to it.
     """
-    keep = set(recorded_steps(num_steps, every, start_step))
+    keep = set(recorded_steps(steps, every, inverted_steps))
     timesteps: list[int] = []
     acts, images = [], []
     for i in range(0, len(x_T), batch_size):
@@ -74,9 +78,10 @@ def trace_activations(
         # small model overshoot [-1, 1] enough to move s by as much as the whole curve).
         rows = slice(i, i + batch_size)
         if s_plain is None:
-            images.append(pipe.denoise(x_T[rows], s[rows], num_steps, start_step=start_step, clip=False, callback=record))
+            images.append(pipe.denoise(x_T[rows], s[rows], steps, inverted_steps=inverted_steps, clip=False, callback=record))
         else:
-            images.append(pipe.decode_edited(x_T[rows], s[rows], s_plain[rows], num_steps, start_step=start_step, callback=record))
+            images.append(pipe.decode_edited(x_T[rows], s[rows], s_plain[rows], steps, inverted_steps=inverted_steps,
+                                             callback=record))
         acts.append(torch.stack(chunk))  # (S, B, K)
     return EmergenceTrace(torch.tensor(timesteps, dtype=torch.long), torch.cat(acts, dim=1), torch.cat(images))
 
@@ -149,7 +154,7 @@ def edit_emergence(
     x0: torch.Tensor,
     prototypes: Sequence[int],
     s_target: torch.Tensor,
-    num_steps: int = 50,
+    steps: int = 50,
     every: int = 1,
     batch_size: int = 256,
 ) -> EditEmergence:
@@ -158,7 +163,7 @@ def edit_emergence(
     # 1. Invert under the images' own activations.
     x0 = x0.to(pipe.device)
     s = pipe.encode(x0).s  # (B, K)
-    x_T = pipe.invert(x0, s, num_steps)
+    x_T = pipe.invert(x0, s, steps)
     # 2. One condition batch per decode: plain first, then s_J set to its target for each J.
     idx = torch.tensor(list(prototypes), dtype=torch.long, device=s.device)  # (P,)
     n = len(idx) + 1
@@ -166,7 +171,7 @@ def edit_emergence(
     conds = torch.cat([s[None], one_edit_each(s, list(prototypes), s_target.to(s))])  # (P + 1, B, K)
     # 3. Decode and trace everything at once.
     trace = trace_activations(
-        pipe, repeat(x_T, "b ... -> (n b) ...", n=n), rearrange(conds, "n b k -> (n b) k"), num_steps, every,
+        pipe, repeat(x_T, "b ... -> (n b) ...", n=n), rearrange(conds, "n b k -> (n b) k"), steps, every,
         batch_size=batch_size, s_plain=repeat(s, "b k -> (n b) k", n=n),
     )
     acts = rearrange(trace.activations, "s (n b) k -> s n b k", n=n)

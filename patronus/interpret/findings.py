@@ -24,7 +24,7 @@ confounder rates differ by at least `min_effect` between the target and the rest
 min_effect / 2 on the target). Shuffling c within t keeps that difference, and shuffling the
 targets recomputes it, so both nulls are those of the gated statistic and the rate stays ≤ alpha.
 
-Flagged prototypes that carry the same confounder, or that fire together at the same place
+Flagged prototypes that carry the same confounder, or that fire together at the same position
 (activations correlated, closest cells within one feature cell of each other) form one finding: the unit the causal check and the mitigation act on, since one
 prototype of a redundant group moved alone is undone by the others.
 """
@@ -137,7 +137,7 @@ def flag_test(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor,
 # --- grouping ------------------------------------------------------------------------------
 
 
-def same_place(where: torch.Tensor, j: int, k: int, rows: torch.Tensor, grid_width: int, cells: int = 1) -> float:
+def same_position(where: torch.Tensor, j: int, k: int, rows: torch.Tensor, grid_width: int, cells: int = 1) -> float:
     """Share of images `rows` where prototypes j and k fire within `cells` feature cells of each
     other (Chebyshev distance of their closest cells; `where` (N, K) flat cell indices)."""
     if len(rows) == 0:
@@ -156,16 +156,16 @@ class Finding:
     confounder: int  # index into the candidate confounders
     score: float  # the highest explained-away score among the members
     p_value: float  # the smallest member p-value (family-wise adjusted)
-    same_place: list[int] = field(default_factory=list)  # members whose closest cell is within one cell of the best one's
+    same_position: list[int] = field(default_factory=list)  # members whose closest cell is within one cell of the best one's
 
 
 def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor, score: torch.Tensor,
                    p_value: torch.Tensor, target_of: torch.Tensor, confounder_of: torch.Tensor,
-                   confounders: torch.Tensor, grid_width: int, min_same_place: float = 0.5,
+                   confounders: torch.Tensor, grid_width: int, min_same_position: float = 0.5,
                    min_correlation: float = 0.5) -> list[Finding]:
     """Flagged prototypes → findings (connected components): j and k are linked when they carry the
     same confounder (one finding per confounder), or when their activations correlate at
-    ≥ `min_correlation` and they fire at the same place (≥ `min_same_place` of their top
+    ≥ `min_correlation` and they fire at the same position (≥ `min_same_position` of their top
     activating images). Each finding records which members fire where its best one does.
     A finding leads with the member that best detects its confounder (sign-free AUROC): with the
     marker on every image of a class, a class-shape prototype can out-score the marker's own
@@ -187,8 +187,8 @@ def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor,
     def linked(a: int, b: int) -> bool:
         j, k = flagged[a], flagged[b]
         if confounders.shape[1] and int(confounder_of[j]) == int(confounder_of[k]):
-            return True  # one finding per confounder, wherever its carriers look (their places are reported)
-        return corr[a, b] >= min_correlation and same_place(where, j, k, rows_for(j, k), grid_width) >= min_same_place
+            return True  # one finding per confounder, wherever its carriers look (their positions are reported)
+        return corr[a, b] >= min_correlation and same_position(where, j, k, rows_for(j, k), grid_width) >= min_same_position
 
     parent = list(range(len(flagged)))
 
@@ -215,9 +215,9 @@ def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor,
         best = members[0]
         rows = (confounders[:, int(confounder_of[top])] == 1).nonzero().flatten() if confounders.shape[1] else \
             s[:, best].topk(n_top).indices
-        at_place = [j for j in members if same_place(where, best, j, rows, grid_width) >= min_same_place]
+        at_position = [j for j in members if same_position(where, best, j, rows, grid_width) >= min_same_position]
         findings.append(Finding(members, int(target_of[top]), int(confounder_of[top]), float(score[top]),
-                                float(min(float(p_value[j]) for j in members)), at_place))
+                                float(min(float(p_value[j]) for j in members)), at_position))
     return sorted(findings, key=lambda f: -f.score)
 
 

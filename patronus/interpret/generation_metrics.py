@@ -25,16 +25,13 @@ from torchvision.io import write_png
 from patronus.models.patronus import PatronusModel
 from patronus.pipeline import PatronusPipeline
 from patronus.safe_load import load_torch_file
+from patronus.torch_utils import from_uint8
+from patronus.torch_utils import to_uint8  # noqa: F401  (still imported from here by interpret/faithfulness.py)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """Per-image PSNR in dB for images in [-1, 1] (clamped first)."""
     return [float(peak_signal_noise_ratio(x, y, data_range=2.0)) for x, y in zip(a.clamp(-1, 1), b.clamp(-1, 1))]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8, exactly what a PNG stores."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def write_pngs(images: torch.Tensor, folder: Path, prefix: str = "") -> list[Path]:
@@ -60,7 +57,7 @@ class EncoderFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 127.5 - 1
+        x = from_uint8(images)
         if x.shape[1] != self.channels:  # RGB <-> grey, so any image folder can be scored
             x = x.mean(1, keepdim=True).expand(-1, self.channels, -1, -1)
         if x.shape[-1] != self.size:

@@ -16,7 +16,7 @@ noise of the reference prediction cancels and 0 comes out exactly when nothing w
 
 The integral is a trapezoid rule over the schedule's own α range (for the linear schedule
 [α(T−1), α(0)] ≈ [−10.1, 9.2]); a trained-for-minutes denoiser's density does not vanish at
-either end (on the tiny MNIST model most of it sits at t < 100), so the totals depend on that
+either end (a trained-for-minutes model's can sit mostly at small t), so the totals depend on that
 range: compare prototypes of one model, not numbers across schedules.
 
 DiffusionPID (Dewan et al. 2024) splits the joint information of two conditions with the
@@ -71,9 +71,8 @@ def timestep_grid(model: ModelOrPipe, num_timesteps: int, spacing: str = "log_sn
 
     "log_snr" (default) spaces them evenly in α and snaps to the nearest timestep: the linear
     schedule packs half of the α range into the first ~10% of t, where the ε-form density is
-    largest, so an even-in-t grid under-resolves it (on the tiny MNIST model 10 even-in-t
-    nodes miss 15–35% of a 200-node reference, 10 even-in-α nodes ≤ 5%). "t" spaces them
-    evenly in t. Snapping can merge nodes near t = 0 beyond ~25 nodes for T = 1000.
+    largest, so an even-in-t grid under-resolves it (docs/benchmarks.md compares both against a
+    fine reference). "t" spaces them evenly in t. Snapping can merge nodes near t = 0 beyond ~25 nodes for T = 1000.
     """
     T = _net(model).config.num_train_timesteps
     if not 1 < num_timesteps <= T:

@@ -1,7 +1,7 @@
 """Edit-and-localise: raise prototype J, decode, and box where J now fires (Patronus Fig. 3, any encoder).
 
-For each prototype: invert the images (fully, or only `partial_steps` of the DDIM steps for
-partial-noise editing), set s_J to its dataset max, decode from the same latent, re-encode, and
+For each prototype: invert the images (fully, or only `inverted_steps` of the DDIM steps for
+partial-noise editing), set s_J to a high level (the CLI: its dataset q99), decode from the same latent, re-encode, and
 keep the image where s_J rose most; the box is the exact receptive field of its argmin cell.
 """
 
@@ -41,17 +41,17 @@ def edit_each_prototype(
     pipe: PatronusPipeline,
     x0: torch.Tensor,
     prototypes: Sequence[int],
-    s_max: torch.Tensor,
+    s_target: torch.Tensor,
     steps: int = 50,
-    partial_steps: Optional[int] = None,
+    inverted_steps: Optional[int] = None,
 ) -> EditOutcome:
-    """Invert x0 (fully, or only `partial_steps` of the `steps` DDIM steps, from t=0 upwards),
-    then for each J decode from the same latent with s_J = s_max[J] and find where J fires.
+    """Invert x0 (fully, or only `inverted_steps` of the `steps` DDIM steps, from t=0 upwards),
+    then for each J decode from the same latent with s_J = s_target[J] (K,) and find where J fires.
 
     Fewer inverted steps keep more of the original image (the emergence analysis says how many
     steps back a concept needs).
     """
-    res = pipe.edit(x0, [[Edit(j, "set", s_max[j])] for j in prototypes], steps, partial_steps)
+    res = pipe.edit(x0, [[Edit(j, "set", s_target[j])] for j in prototypes], steps, inverted_steps)
     s_plain = pipe.encode(res.reconstruction).s
     _, w = pipe.model.encoder.feature_shape()
     rises, cells = [], []
@@ -71,15 +71,15 @@ def edit_and_localise(
     pipe: PatronusPipeline,
     x0: torch.Tensor,
     prototypes: Sequence[int],
-    s_max: torch.Tensor,
+    s_target: torch.Tensor,
     steps: int = 50,
-    partial_steps: Optional[int] = None,
+    inverted_steps: Optional[int] = None,
 ) -> tuple[list[Localisation], torch.Tensor, torch.Tensor]:
     """Per prototype, the image where raising J raised s_J most and the RF box of J's argmin cell there.
 
     Returns the localisations, the plain decodes (B, C, H, W) and the chosen edited images (P, C, H, W).
     """
-    out = edit_each_prototype(pipe, x0, prototypes, s_max, steps, partial_steps)
+    out = edit_each_prototype(pipe, x0, prototypes, s_target, steps, inverted_steps)
     rf = pipe.model.encoder.receptive_field()
     found, chosen = [], []
     for i, j in enumerate(out.prototypes):

@@ -42,7 +42,7 @@ def run_probe(
     probe: torch.Tensor,
     x_T: torch.Tensor,
     pool: torch.Tensor,
-    ddim_steps: int = 10,
+    steps: int = 10,
     top_k: int = 5,
     bins: int = 30,
 ) -> ProbeResult:
@@ -51,7 +51,7 @@ def run_probe(
     probe, x_T = probe.to(pipe.device), x_T.to(pipe.device)
     # 1. Emergence during a plain decode from fixed noise: when does each concept of s settle?
     s_ref = pipe.encode(probe).s  # (B, K)
-    trace = trace_activations(pipe, x_T, s_ref, num_steps=ddim_steps)
+    trace = trace_activations(pipe, x_T, s_ref, steps=steps)
     mean, _ = emergence_curves(trace.activations, s_ref)  # (S, K)
     # 2. Activation distribution over the pool (the dataset-level view of every prototype).
     pool_acts = pipe.encode(pool.cpu())  # one pass for 2. and 3., on the CPU

@@ -87,22 +87,23 @@ class ShortcutReport:
     summary: dict[str, Any]  # JSON-able: verdict, findings, images, targets, candidate_confounders, flagged, ranking, ...
     association: Association  # explained-away scores of all K prototypes
     flagged: list[int]  # prototypes flagged by the calibrated test, best first
-    findings: list[Finding]  # flagged prototypes grouped: one per confounder and place
+    findings: list[Finding]  # flagged prototypes grouped: one per confounder and position
     flag_test: FlagTest  # the permutation nulls behind the flags
     candidates: list[int]  # the best prototype of each causal unit (findings first), which got the where and when checks
-    levels: dict[str, torch.Tensor]  # "min" / "median" / "max" (K,): the values edits used
+    levels: dict[str, torch.Tensor]  # "q01" / "median" / "q99" (K,): the values edits used
     neutral: list[torch.Tensor]  # per finding: (K,) neutral values, from images without its confounder
     images: torch.Tensor  # (N, C, H, W) the analysed images on the CPU (`where_hits` index into them)
     causal: list[CausalEffect]  # one per candidate unit
     causal_rows: list[torch.Tensor]  # held-out references, then per unit its decodes with the unit low and high (CPU)
     where_hits: list[list[PatchHit]]  # per candidate: its most activating real patches
     where_maps: list[tuple[int, torch.Tensor, torch.Tensor]]  # per candidate: (J, those images, information maps (n, H, W))
-    emergence: EditEmergence  # the candidates raised to their max, traced while decoding
+    emergence: EditEmergence  # the candidates raised to their q99, traced while decoding
     counterfactuals: Counterfactuals  # one-prototype edits that fix a linear classifier's mistakes
     mitigation_rows: list[torch.Tensor]  # top finding: originals with the confounder, their samples, the same neutralised (CPU)
     unexplained: list[Unexplained]  # target-linked confounders no prototype carries
 
 
+# Copied from patronus.cli.common.check_positive (an analysis may not import the command line), without its None pass.
 def _check_positive(**values: int) -> None:
     for name, v in values.items():
         if v < 1:
@@ -239,7 +240,7 @@ def build_report(
     labels, attrs, names = data.labels[:n], data.attributes[:n], list(data.attribute_names)
     K, dev = pipe.num_prototypes, pipe.device
     levels = _levels(stats, K)
-    low, high, median = levels["min"], levels["max"], levels["median"]
+    low, high, median = levels["q01"], levels["q99"], levels["median"]
     enc = pipe.model.encoder
     grid_h, grid_w = enc.feature_shape()
     rf = enc.receptive_field()
@@ -282,7 +283,7 @@ def build_report(
         group_c = {name: gc[:, gc_names.index(name)] for name in gc_names}
     # Each prototype's AUROC for each confounder where the confounder is independent of the target:
     # on the report's own images a marker on every positive makes a pure class detector score as a
-    # marker detector too (measured: 0.84 for a pneumonia prototype with the marker on all pneumonia X-rays).
+    # marker detector too (measured in the README, "balanced" AUROC, on the planted-marker X-ray sweep).
     balanced_auroc = (auroc_matrix(group_s, torch.stack([group_c[name] for name in c_names], 1))
                       if group_s is not None and c_names else None)
 
@@ -328,7 +329,7 @@ def build_report(
         group_score = ((s[:, f.prototypes] - s[:, f.prototypes].mean(0)) / s[:, f.prototypes].std(0).clamp_min(1e-8)).mean(1)
         out: dict[str, Any] = {
             "prototypes": f.prototypes, "target": t_names[f.target], "confounder": c_names[f.confounder],
-            "same_place": f.same_place, "score": f.score, "p_value": f.p_value, "alpha": alpha, "permutations": permutations,
+            "same_position": f.same_position, "score": f.score, "p_value": f.p_value, "alpha": alpha, "permutations": permutations,
             "sure": f"p = {f.p_value:.3g} from {permutations} permutations (family-wise over all prototypes, targets and "
                     f"confounders): on data without a shortcut a finding this strong turns up with probability ≤ {f.p_value:.3g}",
             "auroc_confounder_best": float(assoc.confounder_auroc[f.confounder, f.prototypes[0]]),

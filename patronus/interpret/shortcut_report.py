@@ -27,7 +27,7 @@ candidate confounder. The evidence, per prototype J:
    and a config to fine-tune with them held (`PatronusModule.held_prototypes`).
 
 Flagging is calibrated by permutation tests and flagged prototypes are grouped into one finding
-per confounder and place (`patronus.interpret.findings`); confounders linked to the target that
+per confounder and position (`patronus.interpret.findings`); confounders linked to the target that
 no prototype carries are reported as unexplained signal (`patronus.interpret.unexplained`).
 
 When the dataset carries ground-truth confounder masks (items with `marker_mask`, e.g. the
@@ -44,7 +44,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from patronus.data.shortcuts import phi
-from patronus.edits import Edit, apply_edits, set_prototypes
+from patronus.edits import set_prototypes
 from patronus.interpret.quality import auroc_matrix, class_indicators, fast_auroc, fit_logistic, predict_proba
 from patronus.pipeline import PatronusPipeline
 

@@ -1,7 +1,7 @@
 """Per-prototype activation statistics over a dataset split (cached by `patronus.runs`).
 
-"max" for an edit should be a high quantile over real data, not the maximum of one random
-batch (the paper's notebooks): one outlier image would set every edit's strength.
+An edit's high and low levels are q99 and q01 over real data, not the maximum and minimum of one
+random batch (the paper's notebooks): one outlier image would set every edit's strength.
 """
 
 from __future__ import annotations
@@ -13,29 +13,31 @@ import torch
 from patronus.edits import activation_range
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+# Keys every statistics dict has; a cached file without one of them predates it and is recomputed.
+KEYS = ("n", "mean", "std", "quantiles", "q01", "q99")
 
 
 @torch.no_grad()
 def activation_statistics(activations: torch.Tensor, quantiles: Sequence[float] = QUANTILES) -> dict[str, Any]:
-    """Mean, std and quantiles per prototype of activations (N, K); 'max'/'min' = q99/q01."""
+    """Mean, std and quantiles per prototype of activations (N, K); q01/q99 as edits use them."""
     s = activations.double()
     q = torch.quantile(s, torch.tensor(quantiles, dtype=s.dtype), dim=0)
-    lo, hi = activation_range(activations)  # the one definition of an edit's 'min'/'max'
+    lo, hi = activation_range(activations)  # the one definition of an edit's q01/q99
     return {
         "n": len(s),
         "mean": s.mean(0).tolist(),
         "std": s.std(0).tolist(),
         "quantiles": {f"{p:g}": row.tolist() for p, row in zip(quantiles, q)},
-        "min": lo.tolist(),
-        "max": hi.tolist(),
+        "q01": lo.tolist(),
+        "q99": hi.tolist(),
     }
 
 
 def edit_levels(stats: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Named per-prototype values (K,) that edits and baselines refer to: max (q99), min (q01),
-    median, mean, every stored quantile as qNN (q05, q95, ...) and the unit sd."""
-    levels = {"max": torch.tensor(stats["max"]), "min": torch.tensor(stats["min"]),
-              "median": torch.tensor(stats["quantiles"]["0.5"]), "mean": torch.tensor(stats["mean"]),
-              "sd": torch.tensor(stats["std"])}
-    levels |= {f"q{round(float(q) * 100):02d}": torch.tensor(v) for q, v in stats["quantiles"].items()}
+    """Named per-prototype values (K,) that edits and baselines refer to: every stored quantile as
+    qNN (q05, q95, ...; q01 and q99 from `activation_range`), median, mean and the unit sd."""
+    levels = {f"q{round(float(q) * 100):02d}": torch.tensor(v) for q, v in stats["quantiles"].items()}
+    levels |= {"q01": torch.tensor(stats["q01"]), "q99": torch.tensor(stats["q99"]),
+               "median": torch.tensor(stats["quantiles"]["0.5"]), "mean": torch.tensor(stats["mean"]),
+               "sd": torch.tensor(stats["std"])}
     return levels

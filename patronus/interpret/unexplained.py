@@ -1,7 +1,7 @@
 """Signal no prototype explains: a candidate confounder that separates the target in the data
 while no prototype carries it, and where in the image it sits.
 
-Without this, a model whose prototypes never learned the marker (a thin line at random places,
+Without this, a model whose prototypes never learned the marker (a thin line at random positions,
 say) yields an empty shortcut report, which reads as "no shortcut" although the data has one
 and the denoiser may still draw it. The check needs no model output beyond the activations:
 

@@ -1,5 +1,5 @@
 from patronus.models.patronus import PatronusModel
-from patronus.models.prototypes import ENCODER_LAYOUTS, PrototypeEncoder, ReceptiveField
+from patronus.models.prototypes import ENCODER_LAYOUTS, Activations, PrototypeEncoder, ReceptiveField
 from patronus.models.unet import ConditionedUNet
 
-__all__ = ["ENCODER_LAYOUTS", "ConditionedUNet", "PatronusModel", "PrototypeEncoder", "ReceptiveField"]
+__all__ = ["ENCODER_LAYOUTS", "Activations", "ConditionedUNet", "PatronusModel", "PrototypeEncoder", "ReceptiveField"]

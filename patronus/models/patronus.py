@@ -17,11 +17,9 @@ class PatronusModel(ModelMixin, ConfigMixin):
 
     The constructor arguments are the config schema (LightningCLI reads them from the type
     hints) and are stored with the weights, so `from_pretrained(dir)` needs nothing else.
-    Paper defaults: T=1000, linear β 1e-4→0.02, UNet 64·(1,2,4,4), 2 blocks per level, D=128,
-    MLP(s) added to the time embedding, no null condition, ε output (`prediction="epsilon"`;
-    "v" reads the UNet's output as v, see `forward`). `null_condition` adds the learned embedding
-    that condition dropout trains and classifier-free guidance uses.
-    `position_weight` > 0 makes prototypes position-aware (`PrototypeEncoder.distance_maps`).
+    The defaults are the paper's (Patronus §4: T=1000, linear β 1e-4→0.02, UNet 64·(1,2,4,4),
+    2 blocks per level, D=128, MLP(s) added to the time embedding); each option's comment says
+    what its off value means.
     """
 
     config_name = "config.json"
@@ -29,27 +27,26 @@ class PatronusModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        image_size: int = 32,
-        in_channels: int = 1,
-        num_prototypes: int = 30,
-        prototype_dim: int = 128,
-        encoder_layout: str = "paper32",
-        backbone: Optional[str] = None,
-        backbone_weights: Optional[str] = None,
-        backbone_out_index: int = 2,
-        position_weight: float = 0.0,
-        block_out_channels: Sequence[int] = (64, 128, 256, 256),
-        layers_per_block: int = 2,
-        attention_levels: Sequence[bool] = (False, False, True, False),
-        mid_attention: bool = True,
-        norm_num_groups: int = 8,
-        dropout: float = 0.0,
-        null_condition: bool = False,
-        prediction: Literal["epsilon", "v"] = "epsilon",
-        num_train_timesteps: int = 1000,
-        beta_schedule: str = "linear",
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
+        image_size: int = 32,  # side of the square images, in pixels
+        in_channels: int = 1,  # image channels (1 grey, 3 RGB)
+        num_prototypes: int = 30,  # K; the paper uses 30 for MNIST-like data, 100 otherwise
+        prototype_dim: int = 128,  # D of the encoder's feature cells and the prototypes
+        encoder_layout: str = "paper32",  # a Conv->ReLU layout of ENCODER_LAYOUTS; ignored with a backbone
+        backbone: Optional[str] = None,  # a timm model name as the encoder; None = the conv layout
+        backbone_weights: Optional[str] = None,  # local weights file of the backbone; None = random init
+        backbone_out_index: int = 2,  # which feature level of the backbone the prototypes match
+        position_weight: float = 0.0,  # λ of position-aware prototypes (`PrototypeEncoder.distance_maps`); 0 = position-free
+        block_out_channels: Sequence[int] = (64, 128, 256, 256),  # UNet channels per resolution level
+        layers_per_block: int = 2,  # ResBlocks per UNet level
+        attention_levels: Sequence[bool] = (False, False, True, False),  # self-attention per level; all False = none
+        mid_attention: bool = True,  # self-attention in the UNet's middle block; False = none
+        norm_num_groups: int = 8,  # GroupNorm groups in the UNet
+        null_condition: bool = False,  # a learned "no condition" for classifier-free guidance (`--guidance`); False = none
+        prediction: Literal["epsilon", "v"] = "epsilon",  # what the UNet outputs: ε, or v read back as ε (`forward`)
+        num_train_timesteps: int = 1000,  # T of the training schedule
+        beta_schedule: str = "linear",  # β_t schedule: linear, scaled_linear or squaredcos_cap_v2
+        beta_start: float = 1e-4,  # β_1
+        beta_end: float = 0.02,  # β_T
     ):
         super().__init__()
         for name, value in (("image_size", image_size), ("in_channels", in_channels), ("num_prototypes", num_prototypes),
@@ -85,7 +82,6 @@ class PatronusModel(ModelMixin, ConfigMixin):
             attention_levels=attention_levels,
             mid_attention=mid_attention,
             norm_num_groups=norm_num_groups,
-            dropout=dropout,
             null_condition=null_condition,
         )
         # ᾱ_t of the training schedule, for the v-parameterised output (derived from the config, not saved).
@@ -103,8 +99,8 @@ class PatronusModel(ModelMixin, ConfigMixin):
         )
 
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Prototype activations s (B, K) of clean images in [-1, 1]."""
-        return self.encoder(x0)
+        """Prototype activations s (B, K) of clean images in [-1, 1] (`PrototypeEncoder.encode`)."""
+        return self.encoder.encode(x0)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predicted noise ε_θ(x_t, t, s); `s` is required. Rows where `null` (B,) is True get the

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patronus.safe_load import load_state_dict_file
+from patronus.torch_utils import eval_mode
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,15 @@ ENCODER_LAYOUTS: dict[str, ConvLayout] = {
     "paper64": ConvLayout((3, 32, 64, 64, 128), (3, 3, 3, 3), (2, 1, 1, 1), (1, 0, 0, 0)),
     "chexpert": ConvLayout((1, 32, 64, 64, 128, 128), (5, 5, 5, 5, 5), (2, 2, 1, 1, 1), (1, 1, 0, 0, 0)),
 }
+
+
+@dataclass
+class Activations:
+    """What the prototype encoder says about images (Patronus Eq. 1-2)."""
+
+    s: torch.Tensor  # (B, K) log-similarity activations, the denoiser's only condition
+    where: torch.Tensor  # (B, K) long: flat index of each prototype's closest feature cell (the "where")
+    distances: torch.Tensor  # (B, K) squared L2 distance at that cell
 
 
 @dataclass(frozen=True)
@@ -161,17 +171,18 @@ class PrototypeEncoder(nn.Module):
 
     def position_cost(self, cells: torch.Tensor) -> torch.Tensor:
         """λ·||c − c_k||² of cells at positions `cells` (N, 2) for every prototype k: (K, N)."""
-        return self.place_cost(self.prototype_positions.to(cells), cells)
+        return self.pairwise_position_cost(self.prototype_positions.to(cells), cells)
 
-    def place_cost(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """λ·||a_i − b_j||² between places a (M, 2) and b (N, 2): (M, N); zeros for a position-free encoder."""
+    def pairwise_position_cost(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """λ·||a_i − b_j||² between positions a (M, 2) and b (N, 2): (M, N); zeros for a position-free encoder."""
         return self.position_weight * (a[:, None] - b[None]).pow(2).sum(2)
 
     @torch.no_grad()
-    def patch_pair_distances(self, features: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
-        """Distance between patches (features (N, D) at places (N, 2)) as `distance_maps` counts it
+    def patch_pair_distances(self, features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Distance between patches (features (N, D) at positions (N, 2)) as `distance_maps` counts it
         between a patch and a prototype: (N, N). Patches that would match the same prototype are near."""
-        return torch.cdist(features.float(), features.float()).pow(2) + self.place_cost(places.float(), places.float())
+        return (torch.cdist(features.float(), features.float()).pow(2)
+                + self.pairwise_position_cost(positions.float(), positions.float()))
 
     @staticmethod
     def cell_positions(height: int, width: int) -> torch.Tensor:
@@ -181,35 +192,43 @@ class PrototypeEncoder(nn.Module):
         return torch.cartesian_prod(rows, cols)
 
     @torch.no_grad()
-    def patch_distances(self, feature: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
-        """Distance of one patch (its feature, at `place` (row, col) in [0, 1]²) to every prototype, as
+    def patch_distances(self, feature: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Distance of one patch (its feature, at `position` (row, col) in [0, 1]²) to every prototype, as
         `distance_maps` counts it: (K,)."""
         d = (self.prototypes.float() - feature.float()).pow(2).sum(1)
         if self.position_weight > 0:
-            d = d + self.position_cost(place.reshape(1, 2).to(d))[:, 0]
+            d = d + self.position_cost(position.reshape(1, 2).to(d))[:, 0]
         return d
 
     @torch.no_grad()
-    def place_prototype(self, k: int, feature: torch.Tensor, place: torch.Tensor) -> None:
-        """Move prototype k onto a patch: its feature and, for a position-aware encoder, its place
+    def place_prototype(self, k: int, feature: torch.Tensor, position: torch.Tensor) -> None:
+        """Move prototype k onto a patch: its feature and, for a position-aware encoder, its position
         ((row, col) in [0, 1]², e.g. `cell_positions(*feature_shape())[cell]`)."""
         self.prototypes[k] = feature.to(self.prototypes)
         if self.position_weight > 0:
-            self.prototype_positions[k] = place.to(self.prototype_positions)
+            self.prototype_positions[k] = position.to(self.prototype_positions)
 
     def activations_from_distances(self, dmin: torch.Tensor) -> torch.Tensor:
         """Patronus/ProtoPNet log-similarity: s = log((d + 1) / (d + ε))."""
         return torch.log((dmin + 1) / (dmin + self.epsilon))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Activations (B, K) and the flat argmin cell index (B, K) of each prototype."""
-        return self.encode_features(self.features(x))
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations s (B, K) of images x (Patronus Eq. 1-2): what the denoiser is conditioned on."""
+        return self.activations(x).s
 
-    def encode_features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_features(self, z: torch.Tensor) -> torch.Tensor:
         """`encode` of a feature map z = f(x) already computed (training reuses it for the decoder)."""
+        return self.feature_activations(z).s
+
+    def activations(self, x: torch.Tensor) -> Activations:
+        """Everything the encoder says about images x: s, and where and how far each prototype's closest cell is."""
+        return self.feature_activations(self.features(x))
+
+    def feature_activations(self, z: torch.Tensor) -> Activations:
+        """`activations` of a feature map z = f(x) already computed."""
         d = self.feature_distance_maps(z).flatten(2)  # (B, K, H'*W')
         dmin, where = d.min(dim=2)
-        return self.activations_from_distances(dmin), where
+        return Activations(self.activations_from_distances(dmin), where, dmin)
 
     def feature_decoder(self) -> nn.Module:
         """A new decoder from this encoder's feature map back to the image, for the reconstruction loss
@@ -236,7 +255,7 @@ class PrototypeEncoder(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(x)[0]
+        return self.encode(x)
 
     def feature_shape(self) -> tuple[int, int]:
         p = next(self.parameters())
@@ -255,7 +274,7 @@ class PrototypeEncoder(nn.Module):
         return gradient_receptive_field(self.features, self._in_channels(), self.image_size)
 
     def cell_box(self, flat_index: int) -> tuple[int, int, int, int]:
-        """Pixel box of the flat argmin index returned by `encode`."""
+        """Pixel box of a flat cell index (`activations(x).where`)."""
         _, w = self.feature_shape()
         return self.receptive_field().box(flat_index // w, flat_index % w)
 
@@ -263,10 +282,8 @@ class PrototypeEncoder(nn.Module):
 def gradient_box(features: nn.Module, in_channels: int, image_size: int, h: int, w: int) -> tuple[int, int, int, int]:
     """Pixels whose value can change feature cell (h, w): the brute-force definition of an RF box."""
     x = torch.randn(4, in_channels, image_size, image_size, requires_grad=True)
-    was_training = features.training
-    features.eval()
-    z = features(x)
-    features.train(was_training)
+    with eval_mode(features):
+        z = features(x)
     (grad,) = torch.autograd.grad(z[:, :, h, w].abs().sum(), x)
     rows = grad.abs().sum((0, 1, 3)).nonzero().flatten()
     cols = grad.abs().sum((0, 1, 2)).nonzero().flatten()

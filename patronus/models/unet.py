@@ -27,8 +27,7 @@ class ConditionedUNet(nn.Module):
         attention_levels: Sequence[bool] = (False, False, True, False),
         mid_attention: bool = True,
         norm_num_groups: int = 8,
-        dropout: float = 0.0,
-        null_condition: bool = False,
+        null_condition: bool = False,  # learn a "no condition" embedding (classifier-free guidance); False = none
     ):
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
@@ -47,7 +46,6 @@ class ConditionedUNet(nn.Module):
             down_block_types=down,
             up_block_types=up,
             norm_num_groups=norm_num_groups,
-            dropout=dropout,
             add_attention=mid_attention,
             class_embed_type="identity",
             attention_head_dim=None,
@@ -66,6 +64,18 @@ class ConditionedUNet(nn.Module):
         # The "no condition" embedding for condition dropout and classifier-free guidance on s:
         # learned, and used in place of MLP(s), so no value of s has to stand for "unknown".
         self.null_embedding = nn.Parameter(torch.zeros(emb_dim)) if null_condition else None
+
+    # Named views of `cond_mlp`'s layers (the state-dict keys stay cond_mlp.N, so checkpoints load as before).
+    @property
+    def condition_norm(self) -> nn.BatchNorm1d:
+        """The per-prototype standardisation of s (running statistics, no affine parameters)."""
+        return self.cond_mlp[0]
+
+    @property
+    def condition_input(self) -> nn.Linear:
+        """The first linear layer of the condition MLP: its weight column k (emb_dim,) is all the
+        denoiser reads of prototype k's standardised activation."""
+        return self.cond_mlp[1]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ε̂(x_t, t, s); rows where `null` (B,) is True use the learned null condition instead of s."""

@@ -95,8 +95,8 @@ class SampleGrid(pl.Callback):
     logger, once (rank 0).
     """
 
-    def __init__(self, num_images: int = 8, ddim_steps: int = 20, seed: int = 0):
-        self.num_images, self.ddim_steps, self.seed = num_images, ddim_steps, seed
+    def __init__(self, num_images: int = 8, steps: int = 20, seed: int = 0):
+        self.num_images, self.steps, self.seed = num_images, steps, seed
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx == 0 and not trainer.sanity_checking:
@@ -105,12 +105,12 @@ class SampleGrid(pl.Callback):
     @rank_zero_only
     def _log_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule, refs: torch.Tensor) -> None:
         pipe = PatronusPipeline(model=pl_module.net)  # eval, no grad, fp32 (outside the training autocast)
-        samples = pipe.sample(pipe.encode(refs).s, pipe.noise(refs.shape, seed=self.seed), steps=self.ddim_steps)
+        samples = pipe.sample(pipe.encode(refs).s, pipe.noise(refs.shape, seed=self.seed), steps=self.steps)
         grid = plots.reference_grid(refs, samples)
         out = Path(trainer.default_root_dir) / SAMPLES_DIR / f"step_{trainer.global_step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         plots.save_png(grid, out)
-        caption = f"step {trainer.global_step}: row 1 references, row 2 {self.ddim_steps}-step DDIM samples from their s"
+        caption = f"step {trainer.global_step}: row 1 references, row 2 {self.steps}-step DDIM samples from their s"
         log_images(trainer, {"samples/reference_vs_ddim": grid}, {"samples/reference_vs_ddim": caption})
 
 
@@ -210,7 +210,7 @@ class InterpretMonitor(pl.Callback):
     """Every N training steps, the interpretability probe (issue 5 §2) on fixed real images.
 
     Logs (rank 0; to wandb / TensorBoard and to RUN/interpret/step_XXXXXXX/): the prototype ×
-    timestep heatmap of a `ddim_steps` DDIM decode of the probe batch under its own s (x̂0(t)
+    timestep heatmap of a `steps`-step DDIM decode of the probe batch under its own s (x̂0(t)
     re-encoded at every step, `patronus.interpret.emergence`); per-prototype activation
     histograms over a pool of real validation images; references vs those DDIM samples; each
     prototype's top-k nearest pool patches with receptive-field boxes (ProtoPNet projection);
@@ -226,23 +226,23 @@ class InterpretMonitor(pl.Callback):
     autocast, like every analysis: the distances ‖z‖² − 2z·p + ‖p‖² cancel badly in bf16.
 
     Defaults: 3 probes in the 900-step default run, at the steps that also validate and
-    checkpoint; one probe costs about 3.6 training steps, about 1.2% of the run
-    (benchmarks/monitor_cost.py; budget 3%). `every_n_steps=0` turns it off.
+    checkpoint; its cost against a budget of 3% of the run is measured by benchmarks/monitor_cost.py.
+    `every_n_steps=0` turns it off.
     """
 
     def __init__(
         self,
         every_n_steps: int = 300,
         num_images: int = 8,
-        ddim_steps: int = 10,
+        steps: int = 10,
         pool_size: int = 256,
         top_k: int = 5,
         bins: int = 30,
         seed: int = 0,
     ):
-        if every_n_steps < 0 or min(num_images, ddim_steps, pool_size, top_k, bins) < 1:
+        if every_n_steps < 0 or min(num_images, steps, pool_size, top_k, bins) < 1:
             raise ValueError("interpret_monitor: every_n_steps must be ≥ 0 and the sizes ≥ 1")
-        self.every, self.num_images, self.ddim_steps = every_n_steps, num_images, ddim_steps
+        self.every, self.num_images, self.steps = every_n_steps, num_images, steps
         self.pool_size, self.top_k, self.bins, self.seed = pool_size, top_k, bins, seed
         self._pool: Optional[torch.Tensor] = None
         self._t_start: Optional[float] = None
@@ -294,7 +294,7 @@ class InterpretMonitor(pl.Callback):
         pipe = PatronusPipeline(model=averaged_net(trainer, pl_module))
         probe = pool[: self.num_images].to(pipe.device)
         x_T = pipe.noise(probe.shape, seed=self.seed)
-        result = run_probe(pipe, probe, x_T, pool, self.ddim_steps, self.top_k, self.bins)
+        result = run_probe(pipe, probe, x_T, pool, self.steps, self.top_k, self.bins)
         rf = pipe.model.encoder.receptive_field()
         out = Path(trainer.default_root_dir) / MONITOR_DIR / f"step_{step:07d}"
         figures = write_probe(result, pool, probe.cpu(), x_T.cpu(), out, step,
@@ -302,7 +302,7 @@ class InterpretMonitor(pl.Callback):
         grid = plots.reference_grid(probe, result.decoded)
         plots.save_png(grid, out / "samples.png")
         log_images(trainer, {**{f"interpret/{k}": v for k, v in figures.items()}, "interpret/samples": grid},
-                   {"interpret/samples": f"step {step}: row 1 probe images, row 2 {self.ddim_steps}-step DDIM decodes of their s",
+                   {"interpret/samples": f"step {step}: row 1 probe images, row 2 {self.steps}-step DDIM decodes of their s",
                     "interpret/heatmap": f"step {step}: s_J(x̂0(t)) − s_J(x0) per prototype (rows) and timestep (columns)",
                     "interpret/histograms": f"step {step}: each prototype's activations over {len(pool)} real images",
                     "interpret/gallery": f"step {step}: one row per prototype (p0 at the top), its {self.top_k} nearest "

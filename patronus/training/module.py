@@ -42,22 +42,23 @@ class PatronusModule(pl.LightningModule):
     Args:
         net: the model; its constructor arguments are the model config.
         lr: AdamW learning rate (paper 1e-5; the CPU presets use a much larger one with warmup).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear learning-rate warmup.
+        weight_decay: AdamW weight decay; 0 = none.
+        warmup_steps: linear learning-rate warmup over this many steps; 0 = none.
         lr_schedule: after warmup, "constant" or "cosine" decay to 10% at trainer.max_steps
-            (short runs gain most from ending at a low learning rate).
-        distinct_weight: λ for the prototype-distinctness loss.
+            (short runs gain most from ending at a low learning rate); "constant" = no decay.
+        distinct_weight: λ for the prototype-distinctness loss; 0 = no distinctness loss.
         distinct_margin: δ, minimum wanted dissimilarity 1−|cos| between any two prototypes.
         snr_gamma: Min-SNR-γ loss weighting; None = the paper's plain MSE.
         condition_dropout: share of training images whose condition is replaced by the learned null
-            condition (needs `net.null_condition=True`), so sampling can use classifier-free guidance on s.
+            condition (needs `net.null_condition=True`), so sampling can use classifier-free guidance
+            on s (`--guidance`); 0 = never.
+        held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
+            away a shortcut the report flagged; `python -m patronus shortcuts` writes this config); None = none.
+        init_from: start from the weights of a run / exported model / .ckpt (fine-tuning);
+            loaded safely (safetensors or weights_only), the architecture must match; None = random init.
         reconstruction_weight: μ of the reconstruction loss: a decoder redraws the image from the
             encoder's feature map (`patronus.diffusion.reconstruction_loss`), so features keep small
             patterns the prototypes do not match yet and reseeding can find them; 0 = the paper's objective.
-        held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
-            away a shortcut the report flagged; `python -m patronus shortcuts` writes this config).
-        init_from: start from the weights of a run / exported model / .ckpt (fine-tuning);
-            loaded safely (safetensors or weights_only), the architecture must match.
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class PatronusModule(pl.LightningModule):
         dropout = self.hparams.condition_dropout if self.training else 0.0
         x0, enc = batch["image"], self.net.encoder
         z = enc.features(x0) if self.feature_decoder is not None else None  # one encoder pass for both losses
-        s = enc.encode_features(z)[0] if z is not None else None
+        s = enc.encode_features(z) if z is not None else None
         mse, s = diffusion_loss(self.net, self.scheduler, x0, self.hparams.snr_gamma, self.held, dropout, s)
         dist = distinct_loss(enc.prototypes, self.hparams.distinct_margin, self.distinct_exempt)
         out = {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}

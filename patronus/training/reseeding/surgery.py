@@ -40,18 +40,18 @@ def move_prototype(net: PatronusModel, k: int, feature: torch.Tensor, place: tor
         net.encoder.place_prototype(k, feature, place)
         # 2. The condition's running statistics of s_k: those of the new s_k on the pool, not the old one's.
         s_k = net.encode(pool)[:, k].float()
-        norm = net.denoiser.cond_mlp[0]
+        norm = net.denoiser.condition_norm
         norm.running_mean[k], norm.running_var[k] = s_k.mean(), s_k.var()
         # 3. The new input starts with zero weights (as ControlNet starts new inputs): the old prototype's
         #    weights would read it with the old meaning, and the noise that injects makes "flatten s_k",
         #    i.e. push the prototype off the pattern, the fastest way down the loss.
-        net.denoiser.cond_mlp[1].weight[:, k] = 0
+        net.denoiser.condition_input.weight[:, k] = 0
 
 
 def moved_entries(net: PatronusModel, k: int) -> list[tuple[torch.nn.Parameter, tuple[Any, ...]]]:
     """(parameter, index) of every entry `move_prototype` rewrites for prototype k."""
     enc = net.encoder
-    moved = [(enc.prototypes, (k,)), (net.denoiser.cond_mlp[1].weight, (slice(None), k))]
+    moved = [(enc.prototypes, (k,)), (net.denoiser.condition_input.weight, (slice(None), k))]
     if enc.position_weight > 0:
         moved.append((enc.prototype_positions, (k,)))
     return moved
