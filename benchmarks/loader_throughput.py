@@ -287,9 +287,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         except ImportError:
             item["skipped"] = "litdata is not installed (pip install litdata)"
         else:
-            batch = res["presets"].get(preset, {}).get("batch_size", 128)
+            batch = (preset_config(preset).get("data") or {}).get("batch_size", 64) if preset else 128
             item["batch_size"], item["by_workers"] = batch, {}
             try:
+                if not a.cold:  # read the chunks once untimed, as for the raw files
+                    time_loader(prepared_loader(folder, batch, max(a.workers)), a.warmup, a.batches)
                 for w in a.workers:
                     item["by_workers"][str(w)] = time_loader(prepared_loader(folder, batch, w), a.warmup, a.batches)
             except (FileNotFoundError, ValueError, OSError) as e:
