@@ -63,8 +63,9 @@ def seconds_per_unet_call(net: PatronusModel, batch: int, calls: int) -> float:
 
 
 def seconds_per_edit(pipe: PatronusPipeline, batch: int, steps: int, fixed_point: int) -> float:
-    """Wall time per image of encode + DDIM inversion + decoding under an edited s, `batch` images at once."""
-    x0 = torch.rand(batch, 1, 32, 32) * 2 - 1
+    """Wall time per image of encode + DDIM inversion + decoding under an edited s, `batch` images at once
+    (images of the model's shape; on a GPU the clock stops when its work is done)."""
+    x0 = torch.rand(batch, *pipe.image_shape()) * 2 - 1
 
     def edit() -> torch.Tensor:
         s = pipe.encode(x0).s
@@ -72,8 +73,11 @@ def seconds_per_edit(pipe: PatronusPipeline, batch: int, steps: int, fixed_point
         return pipe.denoise(x_T, apply_edits(s, [Edit(0, "set", 0.2)]), steps, clip=False)
 
     pipe.invert(x0[:1], None, 2)  # warm-up
+    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     edit()
+    sync()
     return (time.perf_counter() - t0) / batch
 
 

@@ -98,6 +98,40 @@ def test_12_bit_data_without_sbit_warns_and_bit_depth_reads_it_as_it_looks(tmp_p
     assert torch.allclose(flipped, -x) and float(flipped[0, 0, 0]) == pytest.approx(1)  # 0 is white there
 
 
+def test_sample_reads_image_files_at_the_runs_bit_depth(tmp_path):
+    """`sample.py --images` reads files as the run read its data (data.options bit_depth / invert)."""
+    import yaml
+
+    from patronus.cli.sample import main as sample_main
+
+    folder = tmp_path / "xrays" / "train"
+    folder.mkdir(parents=True)
+    ramp = np.linspace(0, 4095, 32 * 32).round().reshape(32, 32)  # 12-bit values in a 16-bit PNG, no sBIT
+    xray = png16(folder / "0.png", ramp)
+    png16(folder / "1.png", ramp[::-1])
+    run = tmp_path / "run"
+    export_model(PatronusModel(**TINY_NET), run / "model")
+
+    def reference_tile(options: dict, out: str) -> np.ndarray:
+        data = {"dataset": "image_folder", "root": str(tmp_path / "xrays"), "val_split": "train", "options": options}
+        (run / "config.yaml").write_text(yaml.safe_dump({"data": data}))
+        shutil.rmtree(run / "analysis", ignore_errors=True)  # statistics cached per source
+        summary = sample_main(["--checkpoint", str(run), "--images", json.dumps([str(xray)]), "--out", str(tmp_path / out), "--device", "cpu",
+                               "--steps", "2", "--inversion_steps", "2", "--num_samples", "1", "--edit_top", "1"])
+        grid = np.asarray(Image.open(summary["files"]["samples"]).convert("L"))
+        return grid[1:33, 1:33]  # row 1, column 1: the reference as it was read (make_grid padding 1)
+
+    with pytest.warns(UserWarning, match="set bit_depth: 12"):  # the dataset warns; the image file was read the same way
+        assert reference_tile({}, "as_stored").max() <= 16  # 4095 of 65535: nearly black
+    bright = reference_tile({"bit_depth": 12}, "bit_depth")
+    assert bright.min() == 0 and bright.max() == 255  # 0..4095 spans black to white, as in training
+    flipped = reference_tile({"bit_depth": 12, "invert": True}, "invert")
+    assert flipped[0, 0] == 255 and flipped[-1, -1] == 0
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"options": {"bit_depth": "12"}}}))
+    with pytest.raises(SystemExit):
+        sample_main(["--checkpoint", str(run), "--images", json.dumps([str(xray)]), "--out", str(tmp_path / "bad"), "--device", "cpu"])
+
+
 def test_full_range_16_bit_data_does_not_warn(tmp_path):
     xray_folder(tmp_path, top=65535)
     with warnings.catch_warnings():

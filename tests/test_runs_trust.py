@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from patronus.cli.train import train_main
 from patronus.models.patronus import PatronusModel
 from patronus.runs import atomic_write, export_model, find_resume_point, load_model
+from patronus.training.logs import logged_after
 from tests.conftest import REPO, TINY_NET
 
 TINY = str(REPO / "configs" / "mnist_tiny.yaml")
@@ -127,6 +128,7 @@ def test_killed_at_random_moments_every_rerun_resumes_within_one_interval(tmp_pa
         if reached >= max_steps:
             break
     rows_before = list(csv.DictReader((run / "metrics.csv").open())) if (run / "metrics.csv").is_file() else []
+    rows_before = [r for r in rows_before if not logged_after(r, resumed_from[-1])]  # what the kill logged past it goes
     done = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     log = done.stdout + done.stderr
@@ -135,7 +137,37 @@ def test_killed_at_random_moments_every_rerun_resumes_within_one_interval(tmp_pa
     assert torch.isfinite(torch.cat([p.flatten() for p in load_model(run).parameters()])).all()
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [{k: r[k] for k in old} for r, old in zip(rows, rows_before)] == rows_before  # earlier rows kept
+    assert_continuous(rows)
     assert not [p for p in run.rglob("*") if p.name.startswith((".tmp-", ".model-"))]
+
+
+def assert_continuous(rows: list[dict[str, str]]) -> None:
+    """Each training step logged once, in order: no step repeated by a resume."""
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == sorted(set(steps)), steps
+
+
+def test_resume_after_a_kill_continues_the_metrics_history(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["--config", TINY, "--run_dir", str(run), "--logger", "csv", *QUIET, "--checkpoint.every_n_train_steps", "5",
+            "--trainer.log_every_n_steps", "2"]
+    assert run_train([*base, "--trainer.max_steps", "5"], capsys)[0] == 0
+    at_five = tmp_path / "checkpoints_at_5"
+    shutil.copytree(run / "checkpoints", at_five)
+    assert run_train([*base, "--trainer.max_steps", "9"], capsys)[0] == 0  # logs steps 5, 7 and a summary at 9 ...
+    shutil.rmtree(run / "checkpoints")  # ... and is "killed" before any checkpoint after step 5 lasts
+    shutil.copytree(at_five, run / "checkpoints")
+    shutil.rmtree(run / "model")
+    logged_twice = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["step"] for r in logged_twice if r["train/loss"]] == ["1", "3", "5", "7"]
+
+    code, log = run_train([*base, "--trainer.max_steps", "9"], capsys)
+    assert code == 0 and "(step 5)" in log and "removed 3 rows logged after step 5" in log, log[-2000:]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["step"] for r in rows if r["train/loss"]] == ["1", "3", "5", "7"]
+    assert [r["step"] for r in rows if r["summary/steps"]] == ["5", "9"]  # each finished segment's summary, once
+    assert rows[:2] == logged_twice[:2]  # the history before the checkpoint is untouched
+    assert_continuous(rows)
 
 
 @pytest.fixture
@@ -219,6 +251,13 @@ def test_rerun_never_destroys(tmp_path, capsys):
 
     code, log = run_train([*base, "--trainer.max_steps", "7"], capsys)  # unchanged: a no-op that says so
     assert code == 0 and "already finished at step 7" in log
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+    code, log = run_train([*base, "--trainer.max_steps", "7", "--model.lr", "0.01", "--data.batch_size", "16"], capsys)
+    last = log.strip().splitlines()[-1]  # changed options are named, old -> new, with both ways on
+    assert code == 0 and "already finished at step 7" in last, last
+    assert "model.lr: 0.002 -> 0.01" in last and "data.batch_size: 32 -> 16" in last, last
+    assert "raise --trainer.max_steps above 7" in last and "model.lr keeps its old value" in last and "new --run_dir" in last, last
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
     code, log = run_train([*base, "--trainer.max_steps", "9", "--model.net.num_prototypes", "4"], capsys)

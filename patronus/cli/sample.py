@@ -21,11 +21,11 @@ from patronus.cli.common import (
     write_json,
 )
 from patronus.cli.wandb_runs import log_analysis, wants_wandb
-from patronus.data.images import read_image
+from patronus.data.images import Intensity, read_image
 from patronus.edits import Edit, joint, parse_edit, redundant_groups
 from patronus.interpret.generation_metrics import psnr
 from patronus.interpret.stats import activation_statistics, edit_levels
-from patronus.runs import resolve_checkpoint
+from patronus.runs import CONFIG_FILE, home_of, resolve_checkpoint, run_config
 
 
 EDIT_GUIDANCE = 4.0
@@ -33,12 +33,28 @@ DEFAULT_OUT = "outputs/sample"
 DEFAULT_RUN = Path("runs/mnist_cpu")  # what `python train.py` alone trains
 
 
+def image_intensity(ctx: Context) -> Intensity:
+    """How reference image files are read: as the run read its data (`data.options` bit_depth / invert
+    of its config.yaml, or this command's --data.options), so a 12-bit X-ray in a 16-bit PNG spans
+    [-1, 1] as in training instead of coming out 16x too dark."""
+    if ctx.data.options is not None:
+        options, where = ctx.data.options, "--data.options"
+    else:
+        options = (run_config(ctx.checkpoint).get("data") or {}).get("options") or {}
+        where = f"{home_of(ctx.checkpoint) / CONFIG_FILE} data.options"
+    try:
+        return Intensity(options.get("bit_depth"), options.get("invert", False))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def references(ctx: Context, images: Optional[list[str]], resize: bool, indices: Optional[list[int]]) -> tuple[torch.Tensor, list[str]]:
     """Reference images (B, C, H, W) and their names: image files, or dataset rows by index (default 0..7)."""
     c = ctx.pipe.model.config
     if images:
-        refs = [read_image(p, c.in_channels, size=None if resize else c.image_size, resize_to=c.image_size if resize else None)
-                for p in images]
+        intensity = image_intensity(ctx)
+        refs = [read_image(p, c.in_channels, size=None if resize else c.image_size, resize_to=c.image_size if resize else None,
+                           intensity=intensity) for p in images]
         return torch.stack(refs), [str(p) for p in images]
     ds = ctx.dataset()
     idx = indices if indices is not None else list(range(min(8, len(ds))))

@@ -11,7 +11,8 @@ from typing import Any, Literal, Optional
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from patronus.cli.common import report_user_errors
@@ -21,7 +22,7 @@ from patronus.runs import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_DIR, ResumePoint, 
                            load_model, retire_options)
 from patronus.training.callbacks import EMA, InterpretMonitor, RunSummary, SampleGrid, StatusLine
 from patronus.training.checkpointing import AtomicCheckpointIO, RunCheckpoint
-from patronus.training.logs import AppendingCSVLogger
+from patronus.training.logs import AppendingCSVLogger, drop_rows_after
 from patronus.training.module import PatronusModule
 from patronus.training.reseeding import PrototypeReseeding
 
@@ -151,6 +152,54 @@ def check_same_model(resume: ResumePoint, net_config: dict[str, Any]) -> None:
                          "own config.yaml, or train the new model in a new --run_dir (nothing was changed)")
 
 
+OPTIMIZER_STATE_OPTIONS = ("model.lr", "model.weight_decay")  # AdamW param-group values a resume restores
+IDENTITY_OPTIONS = ("run_dir", "debug")  # name the run (any spelling of its folder) or the output, not what it learns
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """"option: old -> new" for every option `current` sets differently from a run's saved config."""
+    old, new = _flatten(saved), _flatten(current)
+
+    def show(flat: dict[str, Any], key: str, missing: str) -> str:
+        return repr(flat[key]) if key in flat else missing
+
+    return [f"{k}: {show(old, k, '(not in config.yaml)')} -> {show(new, k, '(not set)')}"
+            for k in sorted(set(old) | set(new))
+            if k.split(".")[0] not in IDENTITY_OPTIONS and (k in old, old.get(k)) != (k in new, new.get(k))]
+
+
+def finished_message(cli: PatronusCLI, run_dir: Path, step: int) -> str:
+    """What a re-run of a finished run says: that nothing happens, what this command changed
+    against the run's config.yaml (a changed option is otherwise silently ignored), and the two ways on."""
+    head = f"run {run_dir} already finished at step {step} (trainer.max_steps={cli.trainer.max_steps})"
+    saved_file = run_dir / CONFIG_FILE
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        return f"{head}: nothing to do; raise --trainer.max_steps above {step} to train on, or pass a new --run_dir to start fresh"
+    changes = config_changes(saved, yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)) or {})
+    if not changes:
+        return f"{head}: nothing to do; raise --trainer.max_steps above {step} to train on"
+    # The optimizer's state is restored on resume, its param groups included: their values win.
+    restored = [c.split(":")[0] for c in changes if c.split(":")[0] in OPTIMIZER_STATE_OPTIONS]
+    keeps = (f"; the optimizer resumes as saved, so {' and '.join(restored)} "
+             f"{'keeps its old value' if len(restored) == 1 else 'keep their old values'}") if restored else ""
+    return (f"{head}, so nothing was trained and nothing changed; this command differs from {saved_file} in "
+            f"{'; '.join(changes)}. To train this run further, raise --trainer.max_steps above {step} (it resumes from "
+            f"step {step}{keeps}); to train with the new values from scratch, pass a new --run_dir")
+
+
 def _train(cli: PatronusCLI) -> None:
     run_dir = Path(cli.config_init["run_dir"])
     resume = find_resume_point(run_dir)
@@ -161,12 +210,18 @@ def _train(cli: PatronusCLI) -> None:
     max_steps = cli.trainer.max_steps
     if resume.path and 0 < max_steps <= resume.step:
         if (run_dir / MODEL_DIR).is_dir():
-            rank_zero_info(f"run {run_dir} already finished at step {resume.step} (trainer.max_steps={max_steps}): "
-                           f"nothing to do; raise trainer.max_steps to train on")
+            rank_zero_info(finished_message(cli, run_dir, resume.step))
             return
         if cli.trainer.is_global_zero:  # finished, but killed before its export: export the checkpoint
             rank_zero_info(f"exported model to {export_model(load_model(resume.path), run_dir / MODEL_DIR)}")
         return
+    if resume.path and cli.trainer.is_global_zero:  # a killed run's rows past its checkpoint are logged again now
+        for logger in cli.trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                metrics = Path(logger.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+                dropped = drop_rows_after(metrics, resume.step)
+                if dropped:
+                    rank_zero_info(f"{metrics}: removed {dropped} rows logged after step {resume.step} (the resumed run logs those steps again)")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(resume.path) if resume.path else None, weights_only=True)
     if cli.trainer.is_global_zero:
         out = export_model(cli.model.net, run_dir / MODEL_DIR)

@@ -43,7 +43,9 @@ class PatronusDataModule(pl.LightningDataModule):
         channels: Optional[int] = None,
         batch_size: int = 64,
         val_batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int = 0,  # loader processes per GPU; 0 = load in the training process (benchmarks/loader_throughput.py)
+        pin_memory: bool = False,  # page-locked batches: asynchronous host->GPU copies; False = pageable (CPU runs gain nothing)
+        persistent_workers: bool = True,  # keep workers across epochs and validation; False = restart them (num_workers > 0 only)
         train_subset: Optional[int] = None,
         val_subset: Optional[int] = 512,
         train_split: str = "train",
@@ -102,6 +104,7 @@ class PatronusDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             drop_last=shuffle,
             num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.persistent_workers and self.hparams.num_workers > 0,
             generator=torch.Generator().manual_seed(0) if shuffle else None,
         )

@@ -4,6 +4,7 @@ the run folder exists, and crashes when a resumed run logs other columns than th
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -29,8 +30,6 @@ class AppendingWriter(ExperimentWriter):
             rows = list(csv.DictReader(fh))
 
         def write(out) -> None:
-            import io
-
             text = io.StringIO(newline="")
             writer = csv.DictWriter(text, fieldnames=fieldnames)
             writer.writeheader()
@@ -41,7 +40,8 @@ class AppendingWriter(ExperimentWriter):
 
 
 class AppendingCSVLogger(CSVLogger):
-    """CSVLogger whose metrics.csv survives re-runs (resumed runs append; steps may repeat after a kill)."""
+    """CSVLogger whose metrics.csv survives re-runs: resumed runs append (after `drop_rows_after` removed
+    what a killed run logged past its last checkpoint)."""
 
     @property
     def experiment(self) -> AppendingWriter:
@@ -49,3 +49,40 @@ class AppendingCSVLogger(CSVLogger):
             os.makedirs(self.root_dir or ".", exist_ok=True)
             self._experiment = AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def logged_after(row: dict[str, str], step: int) -> bool:
+    """Whether a metrics.csv row was logged after the checkpoint of global step `step`.
+
+    Lightning logs a batch's metrics (rows with an `epoch`) at global_step − 1, so the batch that
+    made the checkpoint writes `step − 1`; callbacks (summary, monitor) log at global_step itself.
+    """
+    try:
+        at = int(float(row.get("step") or ""))
+    except ValueError:
+        return False  # a row without a step is kept: nothing says when it was logged
+    return (at + 1 if row.get("epoch") not in (None, "") else at) > step
+
+
+def drop_rows_after(metrics_file: str | Path, step: int) -> int:
+    """Remove the rows a killed run logged after its last checkpoint (`step`), atomically, so the
+    resumed run continues the history instead of repeating those steps. Returns the rows dropped."""
+    path = Path(metrics_file)
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fieldnames, rows = list(reader.fieldnames or []), list(reader)
+    kept = [r for r in rows if not logged_after(r, step)]
+    if len(kept) == len(rows):
+        return 0
+
+    def write(out) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(kept)
+        out.write(text.getvalue().encode())
+
+    atomic_write(path, write)
+    return len(rows) - len(kept)

@@ -59,6 +59,8 @@ class PatronusModule(pl.LightningModule):
         reconstruction_weight: μ of the reconstruction loss: a decoder redraws the image from the
             encoder's feature map (`patronus.diffusion.reconstruction_loss`), so features keep small
             patterns the prototypes do not match yet and reseeding can find them; 0 = the paper's objective.
+        compile: wrap the denoiser's UNet with `torch.compile` (in place, so checkpoints keep their
+            keys) once training starts; False = eager. Whether it pays: benchmarks/gpu_check.py.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class PatronusModule(pl.LightningModule):
         held_prototypes: Optional[dict[int, float]] = None,
         init_from: Optional[str] = None,
         reconstruction_weight: float = 0.0,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -110,6 +113,11 @@ class PatronusModule(pl.LightningModule):
             raise ValueError(f"data.dataset={name!r} gives {got[0]}-channel {got[2]}x{got[1]} images, but the model expects "
                              f"model.net.in_channels={c.in_channels} and model.net.image_size={c.image_size}; set "
                              f"model.net.in_channels={got[0]} (data.channels and data.image_size follow the model)")
+
+    def on_fit_start(self) -> None:
+        # After setup (EMA has deep-copied the eager module) and after the move to the device / DDP wrap.
+        if self.hparams.compile:
+            self.net.denoiser.unet.compile()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dropout = self.hparams.condition_dropout if self.training else 0.0
