@@ -11,6 +11,7 @@ from patronus.data.cifar import cifar10
 from patronus.data.datasets import DIGITS, FASHION, LabelledImageDataset, idx_dataset, image_folder
 from patronus.data.folders import attribute_folder, ffhq
 from patronus.data.medmnist import medmnist
+from patronus.data.streaming import streaming
 
 DATASETS: dict[str, Callable[..., LabelledImageDataset]] = {
     "mnist": idx_dataset("MNIST", DIGITS),
@@ -22,6 +23,7 @@ DATASETS: dict[str, Callable[..., LabelledImageDataset]] = {
     "celeba": celeba,
     "medmnist": medmnist,
     "chexpert": chexpert,
+    "streaming": streaming,  # written once by `python -m patronus prepare` (patronus.data.streaming)
 }
 
 
