@@ -29,14 +29,15 @@ class RecordSamples(pl.Callback):
 
 
 class SaveWeights(pl.Callback):
-    """Each rank's final weights in FOLDER/weights-rank<R>.pt (compared across ranks)."""
+    """Each rank's final state in FOLDER/weights-rank<R>.pt, parameters and buffers apart (compared across ranks)."""
 
     def __init__(self, folder: str):
         self.folder = folder
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        torch.save(state, Path(self.folder) / f"weights-rank{trainer.global_rank}.pt")
+        params = {k: v.detach().cpu().clone() for k, v in pl_module.named_parameters()}
+        buffers = {k: v.detach().cpu().clone() for k, v in pl_module.named_buffers()}
+        torch.save({"parameters": params, "buffers": buffers}, Path(self.folder) / f"weights-rank{trainer.global_rank}.pt")
 
 
 def read_ids(folder: Path) -> list[dict[str, Any]]:
