@@ -74,7 +74,7 @@ def test_prepared_rows_equal_the_raw_dataset(prepared):
         ds[TRAIN_ROWS]
 
 
-def test_a_baked_in_shortcut_keeps_its_masks_and_attribute(tmp_path):
+def test_a_baked_in_shortcut_keeps_its_masks_and_attribute(prepared, tmp_path):
     out = tmp_path / "marker"
     prepare_cli(out, "--data.shortcut", json.dumps(MARKER), "--limit", "40", "--splits", "[test]", "--balanced_splits", "[test]")
     raw = PatronusDataModule(root=str(REPO / "data"), shortcut=MARKER).build_split("test", 40)
@@ -86,8 +86,10 @@ def test_a_baked_in_shortcut_keeps_its_masks_and_attribute(tmp_path):
         assert (a["image"] - b["image"]).abs().max() <= 1 / 255 + 1e-6
     balanced = streaming(str(out), "test_balanced", 32)  # the marker re-planted independently of the target
     assert 0.3 < balanced.attributes[:, -1].mean() < 0.7
-    with pytest.raises(ValueError, match=r"data.shortcut with data.dataset='streaming'.*--data.shortcut to bake it in"):
-        PatronusDataModule(dataset="streaming", root=str(out), shortcut=MARKER, val_split="test").setup("fit")
+    with pytest.raises(ValueError, match=r"made with this shortcut.*drop it with --data.shortcut null"):
+        PatronusDataModule(dataset="streaming", root=str(out), shortcut=MARKER, train_split="test", val_split="test").setup("fit")
+    with pytest.raises(ValueError, match=r"prepared with no shortcut.*prepare again with --data.shortcut"):
+        PatronusDataModule(dataset="streaming", root=str(prepared), shortcut=MARKER).setup("fit")
 
 
 def test_real_faces_with_attributes_and_a_holdout(shared_datasets, tmp_path):
@@ -101,8 +103,12 @@ def test_real_faces_with_attributes_and_a_holdout(shared_datasets, tmp_path):
     assert len(ds.attribute_names) == 40 and torch.equal(ds.attributes, raw.attributes[:64])
     for i in (0, 63):
         assert (ds[i]["image"] - raw[i]["image"]).abs().max() <= 1 / 255 + 1e-6
-    dm = PatronusDataModule(dataset="streaming", root=str(out), image_size=32, channels=3, holdout=0.25, batch_size=8)
+    # the preset's dataset options come along with --data.dataset streaming: the same ones are accepted
+    dm = PatronusDataModule(dataset="streaming", root=str(out), image_size=32, channels=3, holdout=0.25, batch_size=8,
+                            options=options)
     dm.setup("fit")
+    with pytest.raises(ValueError, match=r"data.options \{'crop': 'squash'\} differ from the options the data was prepared with"):
+        streaming(str(out), "train", 32, crop="squash", **options)
     seen = torch.cat([b["index"] for b in dm.train_dataloader()])
     assert sorted(seen.tolist()) == dm.train_set.indices.tolist()  # the holdout's training rows, each once
     assert not set(seen.tolist()) & set(dm.val_set.indices.tolist())
@@ -223,6 +229,22 @@ def test_an_analysis_reads_prepared_data(prepared, tmp_path):
     out = main(["quality", "--checkpoint", str(model), "--data.dataset", "streaming", "--data.root", str(prepared),
                 "--data.split", "test", "--num_images", "64", "--folds", "2", "--device", "cpu", "--out", str(tmp_path / "q")])
     assert out["images"] == 64 and out["attributes"] == [str(d) for d in range(10)]
+
+
+@pytest.mark.slow
+def test_the_shortcut_report_runs_on_prepared_marker_data(tmp_path):
+    """The report reads prepared data as it is: the marker attribute is its candidate confounder and the
+    stored masks score where it looks (a random model: the numbers mean nothing, the plumbing does)."""
+    prep = tmp_path / "marker"
+    main(["prepare", "--train_config", str(REPO / "configs" / "mnist_marker_cpu.yaml"), "--data.root", str(REPO / "data"),
+          "--splits", "[test]", "--limit", "300", "--out", str(prep), "--num_workers", "2"])
+    model = export_model(PatronusModel(**TINY_NET), tmp_path / "model")
+    out = main(["shortcuts", "--checkpoint", str(model), "--data.dataset", "streaming", "--data.root", str(prep),
+                "--data.split", "test", "--num_images", "200", "--top", "2", "--num_refs", "4", "--steps", "4",
+                "--info_timesteps", "2", "--info_noise", "1", "--permutations", "20", "--device", "cpu",
+                "--out", str(tmp_path / "report")])
+    assert out["candidate_confounders"] == ["marker"] and out["ranking"][0]["hits_on_confounder_images"] is not None
+    assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "where_boxes.png").is_file()
 
 
 # train.py on two processes as two nodes ------------------------------------------------------------------

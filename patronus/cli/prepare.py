@@ -6,7 +6,8 @@ is exactly what that preset trains on; `--data.*` flags override it.
 
 Every split the preset reads is written whole (`--splits` chooses others); row selections
 (data.train_subset, data.val_subset, data.holdout) stay in the training config and are applied
-to the prepared data as to any dataset. A shortcut (`data.shortcut`) is baked into the images.
+to the prepared data as to any dataset. A shortcut (`data.shortcut`) is baked into the images:
+train on it with `--data.shortcut null`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from patronus.data.streaming import is_uri, prepare
 
 # DataModule options that decide what the images and labels are; the rest (batch sizes, workers,
 # row selections) belong to training and are ignored in a --train_config.
-CONTENT = ("dataset", "root", "image_size", "channels", "options", "shortcut", "download", "train_split", "val_split")
-SKIPPED = {"batch_size", "val_batch_size", "num_workers", "train_subset", "val_subset", "holdout"}
+CONTENT = ("dataset", "root", "image_size", "channels", "options", "shortcut", "download", "train_split", "val_split",
+           "holdout")
+SKIPPED = {"batch_size", "val_batch_size", "num_workers", "train_subset", "val_subset"}
 
 
 def build_parser() -> ArgumentParser:
@@ -39,7 +41,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", type=str, required=True,
                    help="folder (local or shared filesystem) or object-storage URI (s3://bucket/path, gs://...) to write to")
     p.add_argument("--splits", type=Optional[list[str]], default=None,
-                   help="splits to write (default: data.train_split and data.val_split)")
+                   help="splits to write (default: data.train_split and data.val_split; only data.train_split with a "
+                        "data.holdout, which training takes from it)")
     p.add_argument("--balanced_splits", type=list[str], default=[],
                    help="with a planted_marker shortcut: also write these splits as SPLIT_balanced, the marker planted "
                         "independently of the target (p = q = 0.5), for the shortcut report's --group_split")
@@ -99,7 +102,7 @@ def run(a: Namespace) -> dict[str, Any]:
         raise ValueError("data.dataset='streaming' is already prepared data; prepare from the original dataset")
     if a.limit is not None and a.limit < 1:
         raise ValueError(f"limit={a.limit}; expected at least 1 row per split")
-    splits = list(dict.fromkeys(a.splits or [d["train_split"], d["val_split"]]))
+    splits = list(dict.fromkeys(a.splits or ([d["train_split"]] if d.get("holdout") else [d["train_split"], d["val_split"]])))
     if a.balanced_splits and (d.get("shortcut") or {}).get("kind") != "planted_marker":
         raise ValueError("balanced_splits: needs a planted_marker data.shortcut (re-planted with p = q = 0.5)")
     module = PatronusDataModule(**d)

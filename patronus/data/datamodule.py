@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from patronus.data.datasets import SubsetDataset, holdout_split
 from patronus.data.registry import build_dataset, dataset_options
-from patronus.data.streaming import resumable_loader
+from patronus.data.streaming import resumable_loader, shortcut_error
 
 
 class PatronusDataModule(pl.LightningDataModule):
@@ -64,13 +64,12 @@ class PatronusDataModule(pl.LightningDataModule):
     def build_split(self, split: str, limit: Optional[int] = None) -> Dataset:
         """Split `split` as this DataModule reads it (options, channels, shortcut), its first `limit` rows."""
         h = self.hparams
-        if h.shortcut and h.dataset == "streaming":
-            raise ValueError("data.shortcut with data.dataset='streaming': the prepared images are read as stored, so "
-                             "the shortcut would not reach training; prepare with --data.shortcut to bake it in")
         options = dict(h.options or {})
         if h.channels is not None and "channels" in dataset_options(h.dataset):
             options.setdefault("channels", h.channels)
         ds = build_dataset(h.dataset, h.root, split, h.image_size, download=h.download, **options)
+        if h.shortcut and h.dataset == "streaming":  # its images are read as stored
+            raise ValueError(shortcut_error(ds, h.shortcut))
         if h.shortcut:
             from patronus.data.shortcuts import apply_shortcut  # lazy: keeps `python -m patronus.data.shortcuts` clean
 

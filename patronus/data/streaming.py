@@ -208,7 +208,7 @@ def write_split(dataset: LabelledImageDataset, out: str, split: str, *, chunk_by
     where = f"{split!r} split"
     n = len(dataset)
     if n == 0:
-        raise ValueError(f"{where}: no images to prepare")
+        raise ValueError(f"{where}: no images to prepare (the dataset has no rows in it); choose others with --splits")
     first = dataset[0]
     missing = [k for k in BASE_KEYS if k not in first]
     if missing:
@@ -260,11 +260,16 @@ def read_metadata(root: str, cache_dir: Optional[str] = None, storage_options: O
     if not is_uri(root) and not Path(root).is_dir():
         raise FileNotFoundError(f"data.root={root}: no such folder; expected a folder written by `python -m patronus prepare`")
     try:
-        path = _fetch(uri, cache_dir, storage_options)
-        text = path.read_text()
+        text = _fetch(uri, cache_dir, storage_options).read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: missing; data.root must be a folder written by `python -m patronus prepare` "
                                 "(a preparation that was interrupted has none: run it again with --overwrite)") from None
+    except Exception as e:  # object storage: no such key or bucket, credentials, network (boto3 / google's errors)
+        if not is_uri(root):
+            raise
+        raise FileNotFoundError(f"{uri}: cannot read it ({type(e).__name__}: {e}); check the URI, the credentials "
+                                "litdata uses (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS) and "
+                                "data.options.storage_options") from None
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
@@ -349,11 +354,14 @@ class StreamingImageDataset(LabelledImageDataset):
 
 
 def streaming(root: str, split: str, image_size: int, download: bool = False, channels: Optional[int] = None,
-              cache_dir: Optional[str] = None, storage_options: Optional[dict[str, Any]] = None) -> StreamingImageDataset:
+              cache_dir: Optional[str] = None, storage_options: Optional[dict[str, Any]] = None,
+              **source_options: Any) -> StreamingImageDataset:
     """Registry builder of `data.dataset: streaming`: split `split` of the data `python -m patronus
     prepare` wrote to `root` (a folder, or s3:// / gs:// read by litdata). cache_dir: where chunks of
     remote data are kept (default litdata's ~/.lightning/chunks; use node-local scratch on a cluster).
-    storage_options: litdata's options for object storage (endpoint, credentials)."""
+    storage_options: litdata's options for object storage (endpoint, credentials).
+    source_options: the original dataset's options (a preset's data.options, e.g. CelebA's crop), so a
+    preset trains on its prepared data with two flags; accepted when the data was prepared with them."""
     if download:
         raise ValueError("data.dataset='streaming' cannot be downloaded; prepare it once with `python -m patronus prepare`")
     meta = read_metadata(root, cache_dir, storage_options)
@@ -369,7 +377,35 @@ def streaming(root: str, split: str, image_size: int, download: bool = False, ch
         raise ValueError(f"{where}: prepared with {meta['channels']} channels, but the model reads {channels} "
                          f"(model.net.in_channels); prepare again with --data.channels {channels}, or set "
                          f"model.net.in_channels={meta['channels']}")
+    prepared = (meta.get("source") or {}).get("options") or {}
+    differ = {k: v for k, v in source_options.items() if k not in prepared or not same_setting(prepared[k], v)}
+    if differ:
+        raise ValueError(f"{where}: data.options {differ} differ from the options the data was prepared with "
+                         f"({prepared or 'none'}); prepared images cannot change: prepare again with them, or leave them out")
     return StreamingImageDataset(root, split, meta, cache_dir, storage_options)
+
+
+def same_setting(a: Any, b: Any) -> bool:
+    """Config values compared as the command line gives them (`target: "7"` may come back as 7)."""
+    def canon(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {str(k): canon(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [canon(v) for v in x]
+        return None if x is None else str(x)
+
+    return canon(a) == canon(b)
+
+
+def shortcut_error(ds: LabelledImageDataset, shortcut: dict[str, Any]) -> str:
+    """Why data.shortcut cannot be applied to prepared data, and what to do instead."""
+    meta = getattr(ds, "meta", None) or getattr(getattr(ds, "base", None), "meta", None) or {}
+    baked = (meta.get("source") or {}).get("shortcut")
+    if same_setting(baked, shortcut):
+        return ("data.shortcut: the prepared data was made with this shortcut and its images carry it already; "
+                "drop it with --data.shortcut null (analyses then read the marker, its masks and attribute as stored)")
+    return (f"data.shortcut with data.dataset='streaming': prepared images are read as stored (prepared with "
+            f"{'shortcut ' + json.dumps(baked) if baked else 'no shortcut'}); prepare again with --data.shortcut to bake it in")
 
 
 def streaming_rows(ds: LabelledImageDataset) -> Optional[tuple[StreamingImageDataset, Optional[torch.Tensor]]]:
