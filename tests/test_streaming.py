@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from patronus.cli.analyses import main
 from patronus.data.datamodule import PatronusDataModule
 from patronus.data.registry import build_dataset
-from patronus.data.streaming import META_FILE, StreamingImageDataset, streaming
+from patronus.data.streaming import META_FILE, streaming
 from patronus.models.patronus import PatronusModel
 from patronus.runs import export_model, find_resume_point
 from patronus.training.module import PatronusModule

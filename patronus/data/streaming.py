@@ -78,15 +78,15 @@ def is_binary(x: torch.Tensor) -> bool:
 
 
 class EncodeRow:
-    """Row i of a dataset -> the stored item (a picklable callable: litdata's workers are spawned)."""
+    """Row i of a dataset -> the stored item (a picklable callable, for platforms where workers are spawned)."""
 
     def __init__(self, dataset: LabelledImageDataset, binary_keys: list[str], where: str):
         self.dataset, self.binary_keys, self.where = dataset, list(binary_keys), where
 
     def __call__(self, i: int) -> dict[str, Any]:
-        if not getattr(self, "_forked", False):  # as DataLoader workers do: one thread per forked worker
+        if not getattr(self, "_one_thread", False):  # as DataLoader workers do: one thread per forked worker
             torch.set_num_threads(1)
-            self._forked = True
+            self._one_thread = True
         item = self.dataset[i]
         out: dict[str, Any] = {"index": int(i), "image": to_uint8(item["image"]), "label": int(item["label"]),
                                "attributes": torch.as_tensor(item["attributes"], dtype=torch.float32)}
@@ -122,7 +122,7 @@ class DecodeItem:
 
 def _check_out(out: str, overwrite: bool) -> None:
     if is_uri(out):
-        return  # litdata refuses a non-empty remote folder itself (mode="overwrite" replaces it)
+        return  # litdata refuses a non-empty remote folder itself; with --overwrite it replaces it (mode="overwrite")
     path = Path(out)
     if path.is_file():
         raise ValueError(f"--out {out}: is a file; expected a folder (new, empty, or --overwrite)")
@@ -202,7 +202,8 @@ def _isolated(run: Callable[[], Any], where: str) -> None:
 
 
 def write_split(dataset: LabelledImageDataset, out: str, split: str, *, chunk_bytes: str = "64MB",
-                num_workers: Optional[int] = None, storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                num_workers: Optional[int] = None, storage_options: Optional[dict[str, Any]] = None,
+                overwrite: bool = False) -> dict[str, Any]:
     """Write one split as a litdata optimized dataset OUT/<split> and its label tables; returns its metadata."""
     litdata = _litdata()
     where = f"{split!r} split"
@@ -221,7 +222,13 @@ def write_split(dataset: LabelledImageDataset, out: str, split: str, *, chunk_by
     _isolated(lambda: litdata.optimize(
         fn=EncodeRow(dataset, binary, where), inputs=list(range(n)), output_dir=join(out, split), chunk_bytes=chunk_bytes,
         num_workers=num_workers or min(os.cpu_count() or 1, 8), keep_data_ordered=True, verbose=False,
-        storage_options=storage_options or {}, start_method="fork" if hasattr(os, "fork") else None), where)
+        storage_options=storage_options or {}, start_method="fork" if hasattr(os, "fork") else None,
+        mode="overwrite" if overwrite and is_uri(out) else None), where)
+    if not is_uri(out):  # litdata can end without error yet short of rows (a worker that died): count them
+        index = Path(join(out, split)) / "index.json"
+        written = sum(c["chunk_size"] for c in json.loads(index.read_text())["chunks"]) if index.is_file() else 0
+        if written != n:
+            raise ValueError(f"{index}: {written} rows written, expected {n}; prepare again with --overwrite")
     with tempfile.TemporaryDirectory() as tmp:
         tables = Path(tmp) / f"{split}{TABLES_SUFFIX}"
         save_file({"labels": dataset.labels[:n].long().contiguous(), "attributes": dataset.attributes[:n].float().contiguous()},
@@ -239,7 +246,7 @@ def prepare(splits: dict[str, LabelledImageDataset], out: str, source: dict[str,
         raise ValueError("splits: expected at least one split to prepare")
     _check_out(out, overwrite)
     written = {name: write_split(ds, out, name, chunk_bytes=chunk_bytes, num_workers=num_workers,
-                                 storage_options=storage_options) for name, ds in splits.items()}
+                                 storage_options=storage_options, overwrite=overwrite) for name, ds in splits.items()}
     sizes = {(m["channels"], m["image_size"]) for m in written.values()}
     if len(sizes) != 1:
         raise ValueError(f"splits have different image shapes {sorted(sizes)}; expected one training resolution")
