@@ -117,7 +117,7 @@ def run(a: Namespace) -> dict[str, Any]:
     summary = {"out": a.out, "image_size": meta["image_size"], "channels": meta["channels"],
                "splits": {name: info["rows"] for name, info in meta["splits"].items()},
                "keys": sorted({k for info in meta["splits"].values() for k in info["keys"]}),
-               "train_with": f"--data.dataset streaming --data.root {a.out}"}
+               "train_with": f"--data.dataset streaming --data.root {a.out}" + (" --data.shortcut null" if d.get("shortcut") else "")}
     print(json.dumps(summary, indent=1))
     return summary
 
