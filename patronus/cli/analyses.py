@@ -8,6 +8,7 @@ figures come from `patronus.plots`. `python -m patronus <command> --help` lists 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any, Callable, Optional, Union
 
@@ -313,6 +314,9 @@ COMMANDS: dict[str, tuple[Callable[..., dict], str]] = {
     "faithfulness": (cmd_faithfulness, "validation"),
 }
 
+# Commands that need no checkpoint: name -> module with build_parser() and main(argv) (imported when used).
+TOOLS: dict[str, str] = {"prepare": "patronus.cli.prepare"}
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m patronus", description=(
@@ -326,6 +330,9 @@ def build_parser() -> ArgumentParser:
         add_common_arguments(p)
         p.add_function_arguments(fn, skip={"ctx"}, fail_untyped=True)
         sub.add_subcommand(name, p, help=summary)
+    for name, module in TOOLS.items():
+        p = importlib.import_module(module).build_parser()
+        sub.add_subcommand(name, p, help=p.description)
     return parser
 
 
@@ -342,6 +349,9 @@ def run_command(name: str, options: dict[str, Any]) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in TOOLS:
+        return importlib.import_module(TOOLS[args[0]]).main(args[1:])
     debug = wants_debug(argv)
     cfg = build_parser().parse_args(argv)
     name = cfg.command

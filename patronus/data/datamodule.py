@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from patronus.data.datasets import SubsetDataset, holdout_split
 from patronus.data.registry import build_dataset, dataset_options
+from patronus.data.streaming import resumable_loader, shortcut_error
 
 
 class PatronusDataModule(pl.LightningDataModule):
@@ -28,7 +29,9 @@ class PatronusDataModule(pl.LightningDataModule):
             target: "1", p: 0.9, q: 0.1} (see patronus.data.shortcuts); its correlations are printed.
         train_subset / val_subset: use only the first N images (quick runs).
         dataset: registry name: mnist, fashion_mnist, cifar10, celeba, ffhq, medmnist, chexpert,
-            image_folder, attribute_folder (see patronus.data.registry and docs/training.md).
+            image_folder, attribute_folder (see patronus.data.registry and docs/training.md), or streaming:
+            data written by `python -m patronus prepare` (root: its folder or s3:// / gs:// URI),
+            trained on with a resumable, rank-sharded loader (patronus.data.streaming).
         train_split / val_split: split names used for training and validation (MNIST-like:
             "train"/"test"; MedMNIST "train"/"val"; CelebA and CheXpert "train"/"valid").
         holdout: for data without a held-out split (the CelebA subset, FFHQ): validate on this
@@ -60,12 +63,15 @@ class PatronusDataModule(pl.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
 
-    def _build(self, split: str, limit: Optional[int]) -> Dataset:
+    def build_split(self, split: str, limit: Optional[int] = None) -> Dataset:
+        """Split `split` as this DataModule reads it (options, channels, shortcut), its first `limit` rows."""
         h = self.hparams
         options = dict(h.options or {})
         if h.channels is not None and "channels" in dataset_options(h.dataset):
             options.setdefault("channels", h.channels)
         ds = build_dataset(h.dataset, h.root, split, h.image_size, download=h.download, **options)
+        if h.shortcut and h.dataset == "streaming":  # its images are read as stored
+            raise ValueError(shortcut_error(ds, h.shortcut))
         if h.shortcut:
             from patronus.data.shortcuts import apply_shortcut  # lazy: keeps `python -m patronus.data.shortcuts` clean
 
@@ -75,24 +81,26 @@ class PatronusDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.hparams.download:  # once per node, before setup on every rank
-            self._build(self.hparams.train_split, 1)
-            self._build(self.hparams.val_split, 1)
+            self.build_split(self.hparams.train_split, 1)
+            self.build_split(self.hparams.val_split, 1)
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
         h = self.hparams
         if h.holdout is None:
-            self.train_set = self._build(h.train_split, h.train_subset)
-            self.val_set = self._build(h.val_split, h.val_subset)
+            self.train_set = self.build_split(h.train_split, h.train_subset)
+            self.val_set = self.build_split(h.val_split, h.val_subset)
             return
-        full = self._build(h.train_split, None)
+        full = self.build_split(h.train_split, None)
         train, val = holdout_split(len(full), h.holdout)
         self.train_set = SubsetDataset(full, train[: h.train_subset] if h.train_subset else train)
         self.val_set = SubsetDataset(full, val[: h.val_subset] if h.val_subset else val)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        # Prepared data: litdata shards it across ranks and its position is saved in checkpoints.
+        stream = resumable_loader(self.train_set, self.hparams.batch_size, self.hparams.num_workers)
+        return stream if stream is not None else self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.hparams.val_batch_size, shuffle=False)

@@ -54,13 +54,18 @@ class RunCheckpoint(ModelCheckpoint):
 def check_finite_loss(module: pl.LightningModule, loss: torch.Tensor) -> None:
     """Raise TrainingDiverged when the loss is NaN/inf on any rank (all ranks stop together)."""
     finite = bool(torch.isfinite(loss.detach()).all())
-    if module.trainer.world_size > 1:
-        finite = module.trainer.strategy.reduce_boolean_decision(finite, all=True)
-    if finite:
+    world = module.trainer.world_size
+    if world > 1:  # one collective: which ranks diverged, so every rank stops and names the same ones
+        flags = module.trainer.strategy.all_gather(torch.tensor([float(finite)], device=loss.device))  # (world, 1)
+        bad = [r for r, ok in enumerate(flags.flatten().tolist()) if not ok]
+        value = f"NaN/inf on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {world}"
+    else:
+        bad, value = ([] if finite else [0]), str(float(loss.detach().float().mean()))
+    if not bad:
         return
     lr = f" at learning rate {module.trainer.optimizers[0].param_groups[0]['lr']:.3g}" if module.trainer.optimizers else ""
     raise TrainingDiverged(
         f"training diverged at step {module.trainer.global_step}: the loss is "
-        f"{float(loss.detach().float().mean())}{lr}; the learning rate is likely too high: start again with a lower "
+        f"{value}{lr}; the learning rate is likely too high: start again with a lower "
         "model.lr or more model.warmup_steps in a new --run_dir (the last good checkpoint is kept; nothing was exported)"
     )
