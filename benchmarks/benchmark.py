@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from patronus.diffusion import diffusion_loss
-from patronus.pipeline import PatronusPipeline
 from patronus.models.patronus import PatronusModel
+from patronus.pipeline import PatronusPipeline
 from patronus.training.module import PatronusModule
 
 PAPER = dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_levels=(False, False, True, False))
@@ -127,9 +127,15 @@ def lightning_img_per_s(cfg: dict, batch: int, steps: int, device: torch.device,
     module = PatronusModule(PatronusModel(**cfg), lr=1e-4)
     loader = DataLoader(RandomImages(batch * (steps + 3), (1, 32, 32)), batch_size=batch, shuffle=True, drop_last=True)
     trainer = pl.Trainer(
-        accelerator=device.type, devices=1, precision="bf16-mixed" if precision == "bf16" else "32-true",
-        max_steps=steps + 3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer],
+        accelerator=device.type,
+        devices=1,
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
+        max_steps=steps + 3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=loader)
     return steps * batch / timer.sec
@@ -147,11 +153,13 @@ def main() -> None:
     a = p.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)
-    res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-                 "torch": torch.__version__, "batch": a.batch}
+    res: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "batch": a.batch,
+    }
     sizes = tuple(a.matmul_sizes)
-    res["matmul_peak_gflops"] = {"fp32": matmul_peak(device, torch.float32, sizes),
-                                 "bf16": matmul_peak(device, torch.bfloat16, sizes)}
+    res["matmul_peak_gflops"] = {"fp32": matmul_peak(device, torch.float32, sizes), "bf16": matmul_peak(device, torch.bfloat16, sizes)}
     res["conv3x3_peak_gflops"] = {"fp32": conv_peak(device, torch.float32), "bf16": conv_peak(device, torch.bfloat16)}
     x = torch.rand(a.batch, 1, 32, 32, device=device) * 2 - 1
     res["models"] = {}
@@ -162,10 +170,13 @@ def main() -> None:
             step, _ = train_step_fn(net, x, prec)
             sec = timeit(step, device, warmup=2, reps=a.reps)
             ips = a.batch / sec
-            entry[prec] = {"img_per_s": ips, "achieved_gflops": ips * entry["gflop_per_img"],
-                           "mfu_vs_fp32_matmul_peak": ips * entry["gflop_per_img"] / res["matmul_peak_gflops"]["fp32"],
-                           "mfu_vs_same_dtype_matmul_peak": ips * entry["gflop_per_img"] / res["matmul_peak_gflops"][prec],
-                           "mfu_vs_same_dtype_conv_peak": ips * entry["gflop_per_img"] / res["conv3x3_peak_gflops"][prec]}
+            entry[prec] = {
+                "img_per_s": ips,
+                "achieved_gflops": ips * entry["gflop_per_img"],
+                "mfu_vs_fp32_matmul_peak": ips * entry["gflop_per_img"] / res["matmul_peak_gflops"]["fp32"],
+                "mfu_vs_same_dtype_matmul_peak": ips * entry["gflop_per_img"] / res["matmul_peak_gflops"][prec],
+                "mfu_vs_same_dtype_conv_peak": ips * entry["gflop_per_img"] / res["conv3x3_peak_gflops"][prec],
+            }
         res["models"][name] = entry
         print(json.dumps({name: entry}, indent=1), flush=True)
 
@@ -181,18 +192,26 @@ def main() -> None:
     s = pipe.encode(xs).s
     t50 = timeit(lambda: pipe.sample(s, xs, steps=50), device, warmup=1, reps=1)
     t1000 = timeit(lambda: pipe.sample(s, xs, steps=1000, sampler="ddpm"), device, warmup=0, reps=1)
-    res["sampling_s_per_img"] = {"precision": "fp32", "ddim_50": t50 / a.sample_batch, "ddpm_1000": t1000 / a.sample_batch,
-                                 "speedup": t1000 / t50}
+    res["sampling_s_per_img"] = {
+        "precision": "fp32",
+        "ddim_50": t50 / a.sample_batch,
+        "ddpm_1000": t1000 / a.sample_batch,
+        "speedup": t1000 / t50,
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(json.dumps({k: v for k, v in res.items() if k != "models"}, indent=1))
-    print("\n| model | precision | GFLOP/img | img/s | achieved GFLOP/s | MFU vs matmul peak | MFU vs 3x3-conv peak |"
-          "\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | precision | GFLOP/img | img/s | achieved GFLOP/s | MFU vs matmul peak | MFU vs 3x3-conv peak |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     for name, e in res["models"].items():
         for prec in a.precision:
             q = e[prec]
-            print(f"| {name} | {prec} | {e['gflop_per_img']:.2f} | {q['img_per_s']:.1f} | {q['achieved_gflops']:.0f} | "
-                  f"{q['mfu_vs_same_dtype_matmul_peak']:.0%} | {q['mfu_vs_same_dtype_conv_peak']:.0%} |")
+            print(
+                f"| {name} | {prec} | {e['gflop_per_img']:.2f} | {q['img_per_s']:.1f} | {q['achieved_gflops']:.0f} | "
+                f"{q['mfu_vs_same_dtype_matmul_peak']:.0%} | {q['mfu_vs_same_dtype_conv_peak']:.0%} |"
+            )
 
 
 if __name__ == "__main__":

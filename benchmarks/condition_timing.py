@@ -50,8 +50,14 @@ def condition_timing(run: str, num_images: int, steps: int) -> dict[str, Any]:
         with pipe.inference():
             x = denoise_loop(sched, x_T, eps)
         got = judge.predict(x).classes
-        rows.append({"switch_step": k, "switch_t": timesteps[k], "class_of_A": float((got == ya).float().mean()),
-                     "class_of_B": float((got == yb).float().mean())})
+        rows.append(
+            {
+                "switch_step": k,
+                "switch_t": timesteps[k],
+                "class_of_A": float((got == ya).float().mean()),
+                "class_of_B": float((got == yb).float().mean()),
+            }
+        )
         print(run, rows[-1], flush=True)
     return {"run": run, "pairs": int(pair.sum()), "steps": steps, "rows": rows}
 

@@ -54,11 +54,35 @@ from patronus.interpret.shortcut_report import LinearProbe
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (0.0, 0.2, 0.5, 0.8, 1.0)
 QUICK = {  # tiny widths, a few hundred steps: the logic of the sweep, not its numbers
-    "preset": REPO / "configs" / "mnist_tiny.yaml", "levels": (0.0, 1.0), "max_steps": 300,
-    "shortcut": {"kind": "planted_marker", "target": "7", "q": 0.05, "shape": "square", "size": 8, "position": [0, 24],
-                 "intensity": 1.0, "seed": 0},
-    "report": ["--num_images", "800", "--top", "1", "--num_refs", "4", "--steps", "5", "--info_timesteps", "2",
-               "--info_noise", "1", "--permutations", "20"],
+    "preset": REPO / "configs" / "mnist_tiny.yaml",
+    "levels": (0.0, 1.0),
+    "max_steps": 300,
+    "shortcut": {
+        "kind": "planted_marker",
+        "target": "7",
+        "q": 0.05,
+        "shape": "square",
+        "size": 8,
+        "position": [0, 24],
+        "intensity": 1.0,
+        "seed": 0,
+    },
+    "report": [
+        "--num_images",
+        "800",
+        "--top",
+        "1",
+        "--num_refs",
+        "4",
+        "--steps",
+        "5",
+        "--info_timesteps",
+        "2",
+        "--info_noise",
+        "1",
+        "--permutations",
+        "20",
+    ],
 }
 FULL_REPORT = ["--num_images", "2000", "--top", "3", "--num_refs", "16", "--steps", "25"]
 
@@ -71,8 +95,14 @@ def train_run(preset: Path, run_dir: Path, shortcut: dict[str, Any], max_steps: 
     if max_steps:
         args += ["--trainer.max_steps", str(max_steps)]
     if quick:  # no validation grids or monitor probes inside a smoke run
-        args += ["--trainer.val_check_interval", str(max_steps), "--interpret_monitor.every_n_steps", str(10 * max_steps),
-                 "--trainer.enable_progress_bar", "false"]
+        args += [
+            "--trainer.val_check_interval",
+            str(max_steps),
+            "--interpret_monitor.every_n_steps",
+            str(10 * max_steps),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
     start = time.time()
     train_main(args)
     return time.time() - start
@@ -118,16 +148,24 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     else:
         best = max(by_proto, key=lambda j: by_proto[j]["auroc_confounder"] or 0.0)
         auroc, wg, rates = by_proto[best]["auroc_confounder"], {}, {}
-    return {"marker_finding_rank": rank, "marker_auroc": auroc,
-            "marker_auroc_balanced": by_proto[best].get("auroc_confounder_balanced"),
-            "box_hit_rate": by_proto[best].get("boxes_on_confounder"),
-            "flagged": len(report["flagged"]), "findings": len(findings), "verdict": report["verdict"],
-            "marker_drawn": rates.get("drawn"), "marker_removed": rates.get("removed"),
-            "worst_group_before": wg.get("before"), "worst_group_after": wg.get("after"),
-            "worst_group_balanced_training": wg.get("balanced_training"), "worst_group_smallest": wg.get("smallest_group"),
-            "unexplained": [u["confounder"] for u in report["unexplained"]],
-            "marker_score": findings[rank - 1]["score"] if rank is not None else None,
-            "weak_links": [f"{w['confounder']}~{w['target']}" for w in report.get("weak_links", [])]}
+    return {
+        "marker_finding_rank": rank,
+        "marker_auroc": auroc,
+        "marker_auroc_balanced": by_proto[best].get("auroc_confounder_balanced"),
+        "box_hit_rate": by_proto[best].get("boxes_on_confounder"),
+        "flagged": len(report["flagged"]),
+        "findings": len(findings),
+        "verdict": report["verdict"],
+        "marker_drawn": rates.get("drawn"),
+        "marker_removed": rates.get("removed"),
+        "worst_group_before": wg.get("before"),
+        "worst_group_after": wg.get("after"),
+        "worst_group_balanced_training": wg.get("balanced_training"),
+        "worst_group_smallest": wg.get("smallest_group"),
+        "unexplained": [u["confounder"] for u in report["unexplained"]],
+        "marker_score": findings[rank - 1]["score"] if rank is not None else None,
+        "weak_links": [f"{w['confounder']}~{w['target']}" for w in report.get("weak_links", [])],
+    }
 
 
 def goals_met(row: dict[str, Any]) -> Optional[bool]:
@@ -137,32 +175,63 @@ def goals_met(row: dict[str, Any]) -> Optional[bool]:
     if row["level"] == 0:
         return row["flagged"] == 0
     if row["level"] >= 0.5:
-        return (row["marker_finding_rank"] == 1 and (row.get("marker_auroc_balanced") or 0) >= 0.95
-                and row["box_hit_rate"] is not None and row["box_hit_rate"] >= 0.9)
+        return (
+            row["marker_finding_rank"] == 1
+            and (row.get("marker_auroc_balanced") or 0) >= 0.95
+            and row["box_hit_rate"] is not None
+            and row["box_hit_rate"] >= 0.9
+        )
     return None
 
 
-COLUMNS = [("shape", "shape"), ("size", "size"), ("level", "level"), ("goals", "goals_met"), ("finding rank", "marker_finding_rank"),
-           ("marker AUROC", "marker_auroc"), ("marker AUROC balanced", "marker_auroc_balanced"),
-           ("boxes on marker", "box_hit_rate"), ("flagged", "flagged"),
-           ("findings", "findings"), ("unexplained", "unexplained"), ("sensitivity", "sensitivity"),
-           ("marker drawn", "marker_drawn"), ("marker removed", "marker_removed"), ("WGA before", "worst_group_before"),
-           ("WGA after", "worst_group_after"), ("WGA balanced", "worst_group_balanced_training"),
-           ("rarest group", "worst_group_smallest"),
-           ("train s", "train_seconds"), ("report s", "report_seconds")]
+COLUMNS = [
+    ("shape", "shape"),
+    ("size", "size"),
+    ("level", "level"),
+    ("goals", "goals_met"),
+    ("finding rank", "marker_finding_rank"),
+    ("marker AUROC", "marker_auroc"),
+    ("marker AUROC balanced", "marker_auroc_balanced"),
+    ("boxes on marker", "box_hit_rate"),
+    ("flagged", "flagged"),
+    ("findings", "findings"),
+    ("unexplained", "unexplained"),
+    ("sensitivity", "sensitivity"),
+    ("marker drawn", "marker_drawn"),
+    ("marker removed", "marker_removed"),
+    ("WGA before", "worst_group_before"),
+    ("WGA after", "worst_group_after"),
+    ("WGA balanced", "worst_group_balanced_training"),
+    ("rarest group", "worst_group_smallest"),
+    ("train s", "train_seconds"),
+    ("report s", "report_seconds"),
+]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    fmt = lambda v: "–" if v is None or v == [] else (  # noqa: E731
-        f"{v:.3g}" if isinstance(v, float) else ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    fmt = lambda v: (
+        "–"
+        if v is None or v == []
+        # noqa: E731
+        else (f"{v:.3g}" if isinstance(v, float) else ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    )
     lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for _, k in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def sweep(out: Path, preset: Path, levels: list[float], shapes: list[Optional[str]], q: Optional[float],
-          max_steps: Optional[int], report_args: list[str], quick: bool, shortcut: Optional[dict] = None,
-          size: Optional[int] = None) -> list[dict[str, Any]]:
+def sweep(
+    out: Path,
+    preset: Path,
+    levels: list[float],
+    shapes: list[Optional[str]],
+    q: Optional[float],
+    max_steps: Optional[int],
+    report_args: list[str],
+    quick: bool,
+    shortcut: Optional[dict] = None,
+    size: Optional[int] = None,
+) -> list[dict[str, Any]]:
     """Train, report and summarise every (shape, level); writes OUT/sweep.json, sweep.md, sweep.png."""
     base = dict(shortcut or (yaml.safe_load(preset.read_text()).get("data", {}) or {}).get("shortcut") or {})
     if base.get("kind") != "planted_marker":
@@ -172,17 +241,29 @@ def sweep(out: Path, preset: Path, levels: list[float], shapes: list[Optional[st
     before = {r["run"]: r for r in json.loads((out / "sweep.json").read_text())} if (out / "sweep.json").is_file() else {}
     for shape in shapes:
         for level in levels:
-            spec = {**base, "p": float(level), **({"q": q} if q is not None else {}), **({"shape": shape} if shape else {}),
-                    **({"size": size} if size else {})}
+            spec = {
+                **base,
+                "p": float(level),
+                **({"q": q} if q is not None else {}),
+                **({"shape": shape} if shape else {}),
+                **({"size": size} if size else {}),
+            }
             name = f"{spec.get('shape', 'square')}_p{round(100 * level):03d}"
             run_dir = out / name
             train_s = train_run(preset, run_dir, spec, max_steps, quick) or (before.get(name) or {}).get("train_seconds") or 0.0
             start = time.time()
-            report = patronus_main(["shortcuts", "--checkpoint", str(run_dir), "--data.split", "test", "--wandb", "false",
-                                    *report_args])
-            row = {"run": name, "shape": spec.get("shape", "square"), "size": spec.get("size"), "level": float(level), "q": spec.get("q"),
-                   **summarise(report), "sensitivity": sensitivity(run_dir, str(spec["target"])),
-                   "train_seconds": round(train_s, 1), "report_seconds": round(time.time() - start, 1)}
+            report = patronus_main(["shortcuts", "--checkpoint", str(run_dir), "--data.split", "test", "--wandb", "false", *report_args])
+            row = {
+                "run": name,
+                "shape": spec.get("shape", "square"),
+                "size": spec.get("size"),
+                "level": float(level),
+                "q": spec.get("q"),
+                **summarise(report),
+                "sensitivity": sensitivity(run_dir, str(spec["target"])),
+                "train_seconds": round(train_s, 1),
+                "report_seconds": round(time.time() - start, 1),
+            }
             row["goals_met"] = goals_met(row)
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
@@ -198,15 +279,25 @@ def sweep(out: Path, preset: Path, levels: list[float], shapes: list[Optional[st
 
 def sweep_figure(rows: list[dict[str, Any]], path: Path) -> Path:
     """The sweep's metrics against the level, one panel each, bounded metrics on their full range."""
-    plots.sweep_figure([r["level"] for r in rows], {
-        "marker AUROC": [r["marker_auroc"] for r in rows],
-        "marker AUROC balanced": [r["marker_auroc_balanced"] for r in rows],
-        "boxes on marker": [r["box_hit_rate"] for r in rows],
-        "prototypes flagged": [float(r["flagged"]) for r in rows],
-        "marker finding rank": [float(r["marker_finding_rank"]) if r["marker_finding_rank"] else float("nan") for r in rows],
-        "confounder sensitivity": [r["sensitivity"] for r in rows]}, path,
-        limits={"marker AUROC": (0.5, 1.0), "marker AUROC balanced": (0.5, 1.0), "boxes on marker": (0.0, 1.0),
-                "marker finding rank": (1.0, 5.0), "confounder sensitivity": (0.0, 1.0)})
+    plots.sweep_figure(
+        [r["level"] for r in rows],
+        {
+            "marker AUROC": [r["marker_auroc"] for r in rows],
+            "marker AUROC balanced": [r["marker_auroc_balanced"] for r in rows],
+            "boxes on marker": [r["box_hit_rate"] for r in rows],
+            "prototypes flagged": [float(r["flagged"]) for r in rows],
+            "marker finding rank": [float(r["marker_finding_rank"]) if r["marker_finding_rank"] else float("nan") for r in rows],
+            "confounder sensitivity": [r["sensitivity"] for r in rows],
+        },
+        path,
+        limits={
+            "marker AUROC": (0.5, 1.0),
+            "marker AUROC balanced": (0.5, 1.0),
+            "boxes on marker": (0.0, 1.0),
+            "marker finding rank": (1.0, 5.0),
+            "confounder sensitivity": (0.0, 1.0),
+        },
+    )
     return path
 
 
@@ -220,19 +311,35 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--size", type=int, default=None, help="marker size in pixels (default: the preset's; a glyph needs ≥ 5)")
     p.add_argument("--max_steps", type=int, default=None, help="training steps per run (default: the preset's)")
     p.add_argument("--quick", action="store_true", help="tiny runs (mnist_tiny widths, 300 steps, levels 0 and 1): for tests")
-    p.add_argument("--group_split", default="test",
-                   help="split the report scores worst-group accuracy on, the marker re-planted independently of the target "
-                        "(default: the report's own split, less the images its classifiers were fit on)")
-    p.add_argument("--edit_guidance", type=float, default=1.0,
-                   help="edit guidance of the report's causal check (1 = the paper's plain edit; sample.py uses 4)")
+    p.add_argument(
+        "--group_split",
+        default="test",
+        help="split the report scores worst-group accuracy on, the marker re-planted independently of the target "
+        "(default: the report's own split, less the images its classifiers were fit on)",
+    )
+    p.add_argument(
+        "--edit_guidance",
+        type=float,
+        default=1.0,
+        help="edit guidance of the report's causal check (1 = the paper's plain edit; sample.py uses 4)",
+    )
     a = p.parse_args(argv)
     for v in a.levels:
         if not 0 <= v <= 1:
             raise SystemExit(f"error: --levels {v}: expected shares in [0, 1]")
     groups = ["--group_split", a.group_split, "--edit_guidance", str(a.edit_guidance)]
     if a.quick:
-        return sweep(a.out, QUICK["preset"], list(QUICK["levels"]), a.shapes, a.q, QUICK["max_steps"], QUICK["report"] + groups,
-                     True, shortcut=QUICK["shortcut"])
+        return sweep(
+            a.out,
+            QUICK["preset"],
+            list(QUICK["levels"]),
+            a.shapes,
+            a.q,
+            QUICK["max_steps"],
+            QUICK["report"] + groups,
+            True,
+            shortcut=QUICK["shortcut"],
+        )
     return sweep(a.out, a.preset, a.levels, a.shapes, a.q, a.max_steps, FULL_REPORT + groups, False, size=a.size)
 
 

@@ -46,7 +46,9 @@ def psnr_by_setting(checkpoint: str, images: int) -> dict[str, dict]:
         t0 = time.perf_counter()
         _, recon = pipe.reconstruct(x0, n, fixed_point=k)
         out[f"{n}x{k}"] = {"steps": n, "fixed_point": k, "calls": calls(n, k), "psnr_db": sum(psnr(recon, x0)) / len(x0)}
-        print(f"  N={n:>4} k={k}: {calls(n, k):>5} calls, {out[f'{n}x{k}']['psnr_db']:.2f} dB ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"  N={n:>4} k={k}: {calls(n, k):>5} calls, {out[f'{n}x{k}']['psnr_db']:.2f} dB ({time.perf_counter() - t0:.0f} s)", flush=True
+        )
     return out
 
 
@@ -104,14 +106,22 @@ def main() -> None:
     ours_batched = seconds_per_edit(pipe, a.batch, n, k)
     default_batched = seconds_per_edit(pipe, a.batch, 50, 0)
     res = {
-        "checkpoint": a.checkpoint, "psnr_db": quality, "reference_psnr_db_1000_steps": reference,
-        "chosen": chosen, "chosen_reaches_reference_within_0.5_db": bool(equal),
-        "paper_model_params_m": sum(p.numel() for p in net.parameters()) / 1e6, "threads": torch.get_num_threads(),
-        "paper_edit_s_per_image": paper_edit, "unet_call_s_batch1": per_call_b1,
-        "ours_s_per_image_batch1": ours_b1, f"ours_s_per_image_batch{a.batch}": ours_batched,
-        "speedup_call_count": 2000 / chosen["calls"], "speedup_batch1": paper_edit / ours_b1,
+        "checkpoint": a.checkpoint,
+        "psnr_db": quality,
+        "reference_psnr_db_1000_steps": reference,
+        "chosen": chosen,
+        "chosen_reaches_reference_within_0.5_db": bool(equal),
+        "paper_model_params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+        "threads": torch.get_num_threads(),
+        "paper_edit_s_per_image": paper_edit,
+        "unet_call_s_batch1": per_call_b1,
+        "ours_s_per_image_batch1": ours_b1,
+        f"ours_s_per_image_batch{a.batch}": ours_batched,
+        "speedup_call_count": 2000 / chosen["calls"],
+        "speedup_batch1": paper_edit / ours_b1,
         f"speedup_batch{a.batch}": paper_edit / ours_batched,
-        f"plain_50_s_per_image_batch{a.batch}": default_batched, f"plain_50_speedup_batch{a.batch}": paper_edit / default_batched,
+        f"plain_50_s_per_image_batch{a.batch}": default_batched,
+        f"plain_50_speedup_batch{a.batch}": paper_edit / default_batched,
     }
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

@@ -30,8 +30,16 @@ PRESETS: dict[str, list[str]] = {
     # stand-in for the speed; the epoch is then CheXpert-small's frontal training set.
     # No FFHQ here: the CelebA subset's face folder, read as a plain FFHQ-style folder, stands in.
     "ffhq_cpu": ["--data.root", "{shared}/celeba_subset/img_align_celeba_89x109"],
-    "chexpert_cpu": ["--data.dataset", "image_folder", "--data.root", "{shared}/nih_cxr1000_64px",  # data.channels follows model.net.in_channels (1)
-                     "--data.options", "{}", "--data.val_split", "valid"],
+    "chexpert_cpu": [
+        "--data.dataset",
+        "image_folder",
+        "--data.root",
+        "{shared}/nih_cxr1000_64px",  # data.channels follows model.net.in_channels (1)
+        "--data.options",
+        "{}",
+        "--data.val_split",
+        "valid",
+    ],
 }
 EPOCH_IMAGES = {"chexpert_cpu": 191_027, "ffhq_cpu": 70_000}  # CheXpert-small frontal train images; FFHQ
 
@@ -67,9 +75,25 @@ def main() -> None:
         extra = [x.replace("{shared}", a.shared) for x in PRESETS.get(name, [])]
         with tempfile.TemporaryDirectory() as run:
             try:
-                cli = PatronusCLI(args=["--config", str(preset), *extra, "--logger", "none", "--run_dir", run,
-                                        "--trainer.max_steps", str(a.steps), "--trainer.limit_val_batches", "0",
-                                        "--checkpoint.save_last", "false", "--trainer.enable_progress_bar", "false"])
+                cli = PatronusCLI(
+                    args=[
+                        "--config",
+                        str(preset),
+                        *extra,
+                        "--logger",
+                        "none",
+                        "--run_dir",
+                        run,
+                        "--trainer.max_steps",
+                        str(a.steps),
+                        "--trainer.limit_val_batches",
+                        "0",
+                        "--checkpoint.save_last",
+                        "false",
+                        "--trainer.enable_progress_bar",
+                        "false",
+                    ]
+                )
                 timer = StepTimer(a.warmup)
                 cli.trainer.callbacks.append(timer)
                 cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -79,8 +103,13 @@ def main() -> None:
                 continue
         n_train = EPOCH_IMAGES.get(name, len(cli.datamodule.train_set))
         ips = timer.images / timer.seconds
-        results[name] = {"train_images": n_train, "img_per_s": round(ips, 1), "epoch_minutes": round(n_train / ips / 60, 2),
-                         "image_size": cli.model.net.config.image_size, "batch_size": cli.datamodule.hparams.batch_size}
+        results[name] = {
+            "train_images": n_train,
+            "img_per_s": round(ips, 1),
+            "epoch_minutes": round(n_train / ips / 60, 2),
+            "image_size": cli.model.net.config.image_size,
+            "batch_size": cli.datamodule.hparams.batch_size,
+        }
         print(name, json.dumps(results[name]), flush=True)
         out.write_text(json.dumps(results, indent=2))
 

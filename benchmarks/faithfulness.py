@@ -22,12 +22,27 @@ from patronus import runs
 from patronus.cli.analyses import main as patronus_main
 
 COLUMNS = [
-    ("run", "run"), ("g", "guidance"), ("edit g", "edit_guidance"), ("judge acc", "judge_acc"),
-    ("class agr.", "class_agreement"), ("label agr.", "label_agreement"), ("attr agr.", "attribute_agreement"),
-    ("s→class probe", "s_class_probe"), ("s cycle", "s_cycle"), ("judge FID", "judge_fid"), ("real FID", "judge_fid_real"), ("raise gain", "raise_gain"), ("lower gain", "lower_gain"),
-    ("raise |Δx|", "raise_pixels"), ("lower |Δx|", "lower_pixels"), ("marker drawn", "drawn"), ("marker removed", "removed"),
-    ("removed under an unmarked s", "removed_by_swap"), ("drawn from noise", "drawn_from_noise"),
-    ("unedited", "drawn_from_noise_unedited"), ("removed from noise", "removed_from_noise"),
+    ("run", "run"),
+    ("g", "guidance"),
+    ("edit g", "edit_guidance"),
+    ("judge acc", "judge_acc"),
+    ("class agr.", "class_agreement"),
+    ("label agr.", "label_agreement"),
+    ("attr agr.", "attribute_agreement"),
+    ("s→class probe", "s_class_probe"),
+    ("s cycle", "s_cycle"),
+    ("judge FID", "judge_fid"),
+    ("real FID", "judge_fid_real"),
+    ("raise gain", "raise_gain"),
+    ("lower gain", "lower_gain"),
+    ("raise |Δx|", "raise_pixels"),
+    ("lower |Δx|", "lower_pixels"),
+    ("marker drawn", "drawn"),
+    ("marker removed", "removed"),
+    ("removed under an unmarked s", "removed_by_swap"),
+    ("drawn from noise", "drawn_from_noise"),
+    ("unedited", "drawn_from_noise_unedited"),
+    ("removed from noise", "removed_from_noise"),
     ("unedited", "removed_from_noise_unedited"),
     ("s", "seconds"),
 ]
@@ -39,16 +54,33 @@ def row_of(run: str, guidance: float, edit_guidance: float, out: dict[str, Any],
     refs = marker.get("references") or {}
     quality = out.get("sample_quality") or {}
     return {
-        "run": run, "guidance": guidance, "edit_guidance": edit_guidance,
-        "judge_acc": out["judge"]["class_accuracy"], "class_agreement": out["agreement"]["class_agreement"],
-        "label_agreement": out["agreement"]["label_agreement"], "attribute_agreement": out["agreement"]["attribute_agreement_mean"],
-        "s_class_probe": out["agreement"].get("s_class_probe"), "s_cycle": out["s_cycle"]["mean"],
-        "judge_fid": quality.get("judge_fid"), "judge_fid_real": quality.get("judge_fid_real"),
-        "raise_gain": out["edits"]["raise"]["gain_mean"], "lower_gain": out["edits"]["lower"]["gain_mean"],
-        "raise_pixels": out["edits"]["raise"]["pixel_change_mean"], "lower_pixels": out["edits"]["lower"]["pixel_change_mean"],
-        "drawn": marker.get("drawn_rate"), "removed": marker.get("removed_rate"),
-        **{k: refs.get(k) for k in ("removed_by_swap", "drawn_from_noise", "drawn_from_noise_unedited",
-                                    "removed_from_noise", "removed_from_noise_unedited")},
+        "run": run,
+        "guidance": guidance,
+        "edit_guidance": edit_guidance,
+        "judge_acc": out["judge"]["class_accuracy"],
+        "class_agreement": out["agreement"]["class_agreement"],
+        "label_agreement": out["agreement"]["label_agreement"],
+        "attribute_agreement": out["agreement"]["attribute_agreement_mean"],
+        "s_class_probe": out["agreement"].get("s_class_probe"),
+        "s_cycle": out["s_cycle"]["mean"],
+        "judge_fid": quality.get("judge_fid"),
+        "judge_fid_real": quality.get("judge_fid_real"),
+        "raise_gain": out["edits"]["raise"]["gain_mean"],
+        "lower_gain": out["edits"]["lower"]["gain_mean"],
+        "raise_pixels": out["edits"]["raise"]["pixel_change_mean"],
+        "lower_pixels": out["edits"]["lower"]["pixel_change_mean"],
+        "drawn": marker.get("drawn_rate"),
+        "removed": marker.get("removed_rate"),
+        **{
+            k: refs.get(k)
+            for k in (
+                "removed_by_swap",
+                "drawn_from_noise",
+                "drawn_from_noise_unedited",
+                "removed_from_noise",
+                "removed_from_noise_unedited",
+            )
+        },
         "seconds": seconds,
     }
 
@@ -87,9 +119,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(Path(__file__).with_name("faithfulness.json")))
     a = p.parse_args(argv)
-    options = ["--num_images", str(a.num_images), "--samples_per_ref", str(a.samples_per_ref), "--steps", str(a.steps),
-               "--num_edit_prototypes", str(a.num_edit_prototypes), "--judge_epochs", str(a.judge_epochs),
-               "--judge_images", str(a.judge_images), "--seed", str(a.seed)]
+    options = [
+        "--num_images",
+        str(a.num_images),
+        "--samples_per_ref",
+        str(a.samples_per_ref),
+        "--steps",
+        str(a.steps),
+        "--num_edit_prototypes",
+        str(a.num_edit_prototypes),
+        "--judge_epochs",
+        str(a.judge_epochs),
+        "--judge_images",
+        str(a.judge_images),
+        "--seed",
+        str(a.seed),
+    ]
     options += ["--inverted_steps", str(a.inverted_steps)] if a.inverted_steps is not None else []
     options += ["--device", a.device] if a.device else []
     rows, results, skipped = [], [], []
@@ -103,8 +148,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             for e in a.edit_guidance:
                 out_dir = runs.analysis_dir(run) / "faithfulness" / f"g{g:g}_e{e:g}"
                 t0 = time.perf_counter()
-                out = patronus_main(["faithfulness", "--checkpoint", run, "--guidance", str(g), "--edit_guidance", str(e),
-                                     "--out", str(out_dir), *options])
+                out = patronus_main(
+                    ["faithfulness", "--checkpoint", run, "--guidance", str(g), "--edit_guidance", str(e), "--out", str(out_dir), *options]
+                )
                 seconds = time.perf_counter() - t0
                 rows.append(row_of(run, g, e, out, seconds))
                 results.append({"run": run, "guidance": g, "edit_guidance": e, "seconds": seconds, "out": str(out_dir), "result": out})

@@ -63,15 +63,32 @@ def one_hot(labels: torch.Tensor, width: int) -> torch.Tensor:
 def train(name: str, config: str, max_steps: int, every: int, overrides: list[str], ceiling: bool) -> tuple[Path, float]:
     """Train (or resume) runs/scaling/NAME in a subprocess; returns (run dir, start time)."""
     run = REPO / "runs" / "scaling" / name
-    args = ["--config", config, "--run_dir", str(run), "--trainer.max_steps", str(max_steps),
-            "--checkpoint.every_n_train_steps", str(every), "--checkpoint.save_top_k", "-1", "--logger", "csv"]
+    args = [
+        "--config",
+        config,
+        "--run_dir",
+        str(run),
+        "--trainer.max_steps",
+        str(max_steps),
+        "--checkpoint.every_n_train_steps",
+        str(every),
+        "--checkpoint.save_top_k",
+        "-1",
+        "--logger",
+        "csv",
+    ]
     for kv in overrides:
         key, _, value = kv.partition("=")
         args += [f"--{key}", value]
-    code = ("import sys; from patronus.cli.train import train_main; "
-            + ("sys.path.insert(0, %r); from faithfulness_scaling import LabelConditioned as M; " % str(HERE) if ceiling
-               else "from patronus.training.module import PatronusModule as M; ")
-            + f"train_main({args!r}, model_class=M)")
+    code = (
+        "import sys; from patronus.cli.train import train_main; "
+        + (
+            f"sys.path.insert(0, {str(HERE)!r}); from faithfulness_scaling import LabelConditioned as M; "
+            if ceiling
+            else "from patronus.training.module import PatronusModule as M; "
+        )
+        + f"train_main({args!r}, model_class=M)"
+    )
     t0 = time.time()
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     return run, t0
@@ -92,28 +109,73 @@ def ceiling_point(ckpt: Path, num_images: int, steps: int, judge_images: int, ju
     refs, y = held[:num_images], labels[:num_images]
     agree = sample_agreement(pipe, refs, judge, 1, steps, 1.0, 0, y, conditions=one_hot(y, pipe.num_prototypes))
     quality = sample_quality(judge, agree.samples.flatten(0, 1), held)
-    return {"judge_acc": summary["class_accuracy"], "class_agreement": agree.class_agreement,
-            "label_agreement": agree.label_agreement, "judge_fid": quality["judge_fid"], "judge_fid_real": quality["judge_fid_real"]}
+    return {
+        "judge_acc": summary["class_accuracy"],
+        "class_agreement": agree.class_agreement,
+        "label_agreement": agree.label_agreement,
+        "judge_fid": quality["judge_fid"],
+        "judge_fid_real": quality["judge_fid_real"],
+    }
 
 
-def faithfulness_point(ckpt: Path, out: Path, num_images: int, edit_images: int, steps: int, edit_guidance: list[float],
-                       inversions: list[str], judge_images: int, judge_epochs: int) -> dict[str, Any]:
+def faithfulness_point(
+    ckpt: Path,
+    out: Path,
+    num_images: int,
+    edit_images: int,
+    steps: int,
+    edit_guidance: list[float],
+    inversions: list[str],
+    judge_images: int,
+    judge_epochs: int,
+) -> dict[str, Any]:
     """`faithfulness` for every (inversion, edit guidance); sample agreement once (it does not depend on either)."""
     point: dict[str, Any] = {"edits": {}}
     for inv in inversions:
         for w in edit_guidance:
-            res = patronus_main(["faithfulness", "--checkpoint", str(ckpt), "--out", str(out / f"{inv}_e{w:g}"),
-                                 "--num_images", str(num_images), "--edit_images", str(edit_images), "--steps", str(steps),
-                                 "--edit_guidance", str(w),
-                                 "--inversion", inv, "--judge_images", str(judge_images), "--judge_epochs", str(judge_epochs)])
+            res = patronus_main(
+                [
+                    "faithfulness",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--out",
+                    str(out / f"{inv}_e{w:g}"),
+                    "--num_images",
+                    str(num_images),
+                    "--edit_images",
+                    str(edit_images),
+                    "--steps",
+                    str(steps),
+                    "--edit_guidance",
+                    str(w),
+                    "--inversion",
+                    inv,
+                    "--judge_images",
+                    str(judge_images),
+                    "--judge_epochs",
+                    str(judge_epochs),
+                ]
+            )
             q = res.get("sample_quality") or {}
-            point.update({"judge_acc": res["judge"]["class_accuracy"], "class_agreement": res["agreement"]["class_agreement"],
-                          "label_agreement": res["agreement"]["label_agreement"], "s_probe": res["agreement"]["s_class_probe"],
-                          "s_cycle": res["s_cycle"]["mean"], "judge_fid": q.get("judge_fid"), "judge_fid_real": q.get("judge_fid_real")})
+            point.update(
+                {
+                    "judge_acc": res["judge"]["class_accuracy"],
+                    "class_agreement": res["agreement"]["class_agreement"],
+                    "label_agreement": res["agreement"]["label_agreement"],
+                    "s_probe": res["agreement"]["s_class_probe"],
+                    "s_cycle": res["s_cycle"]["mean"],
+                    "judge_fid": q.get("judge_fid"),
+                    "judge_fid_real": q.get("judge_fid_real"),
+                }
+            )
             point["edits"][f"{inv}_e{w:g}"] = {
-                "inversion": inv, "edit_guidance": w, "raise_gain": res["edits"]["raise"]["gain_mean"],
-                "lower_gain": res["edits"]["lower"]["gain_mean"], "raise_pixels": res["edits"]["raise"]["pixel_change_mean"],
-                "reconstruction_psnr_db": res["edits"]["reconstruction_psnr_db_mean"]}
+                "inversion": inv,
+                "edit_guidance": w,
+                "raise_gain": res["edits"]["raise"]["gain_mean"],
+                "lower_gain": res["edits"]["lower"]["gain_mean"],
+                "raise_pixels": res["edits"]["raise"]["pixel_change_mean"],
+                "reconstruction_psnr_db": res["edits"]["reconstruction_psnr_db_mean"],
+            }
     return point
 
 
@@ -123,25 +185,35 @@ def _fmt(v: Any) -> str:
 
 def markdown(curves: dict[str, Any]) -> str:
     """One row per (curve, checkpoint): the numbers the docs' table quotes."""
-    lines = ["| curve | step | minutes | class agreement | s probe | s cycle | judge FID (real floor) | "
-             "raise gain w=1 (inversion) | lower gain w=1 | recon PSNR dB |", "|" + "---|" * 10]
+    lines = [
+        "| curve | step | minutes | class agreement | s probe | s cycle | judge FID (real floor) | "
+        "raise gain w=1 (inversion) | lower gain w=1 | recon PSNR dB |",
+        "|" + "---|" * 10,
+    ]
     for name, curve in curves.items():
         for p in curve["points"]:
             edits = [e for e in p.get("edits", {}).values() if e["edit_guidance"] == 1.0]
             gain = " / ".join(f"{_fmt(e['raise_gain'])} ({e['inversion']})" for e in edits) or "–"
             lower = " / ".join(_fmt(e["lower_gain"]) for e in edits) or "–"
             psnr = " / ".join(_fmt(e["reconstruction_psnr_db"]) for e in edits) or "–"
-            lines.append(f"| {name} | {p['step']} | {_fmt(p['minutes'])} | {_fmt(p.get('class_agreement'))} | "
-                         f"{_fmt(p.get('s_probe'))} | {_fmt(p.get('s_cycle'))} | {_fmt(p.get('judge_fid'))} "
-                         f"({_fmt(p.get('judge_fid_real'))}) | {gain} | {lower} | {psnr} |")
+            lines.append(
+                f"| {name} | {p['step']} | {_fmt(p['minutes'])} | {_fmt(p.get('class_agreement'))} | "
+                f"{_fmt(p.get('s_probe'))} | {_fmt(p.get('s_cycle'))} | {_fmt(p.get('judge_fid'))} "
+                f"({_fmt(p.get('judge_fid_real'))}) | {gain} | {lower} | {psnr} |"
+            )
     return "\n".join(lines)
 
 
 def plot(curves: dict[str, Any], path: Path) -> None:
     from patronus.plots import render, subplots
 
-    keys = [("class_agreement", "class agreement (judge)"), ("s_probe", "s → class probe"), ("s_cycle", "s cycle"),
-            ("edit", "raise gain, w = 1"), ("judge_fid", "judge FID")]
+    keys = [
+        ("class_agreement", "class agreement (judge)"),
+        ("s_probe", "s → class probe"),
+        ("s_cycle", "s cycle"),
+        ("edit", "raise gain, w = 1"),
+        ("judge_fid", "judge FID"),
+    ]
     fig, axes = subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
     for name, curve in curves.items():
         pts = curve["points"]
@@ -194,15 +266,30 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if a.ceiling:
             point = ceiling_point(ckpt, a.num_images, a.steps, a.judge_images, a.judge_epochs)
         else:
-            point = faithfulness_point(ckpt, run / "analysis" / f"step{step}", a.num_images, a.edit_images, a.steps,
-                                       a.edit_guidance, a.inversion, a.judge_images, a.judge_epochs)
+            point = faithfulness_point(
+                ckpt,
+                run / "analysis" / f"step{step}",
+                a.num_images,
+                a.edit_images,
+                a.steps,
+                a.edit_guidance,
+                a.inversion,
+                a.judge_images,
+                a.judge_epochs,
+            )
         points.append({"step": step, "minutes": round(minutes, 2), **point, "eval_seconds": round(time.perf_counter() - t, 1)})
         print(json.dumps(points[-1]), flush=True)
     out = Path(a.out)
     curves = json.loads(out.read_text()) if out.is_file() else {}
-    curves[a.name] = {"command": "python benchmarks/faithfulness_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                      "config": a.config, "max_steps": a.max_steps, "set": a.set, "ceiling": a.ceiling,
-                      "date": time.strftime("%Y-%m-%d"), "points": points}
+    curves[a.name] = {
+        "command": "python benchmarks/faithfulness_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": a.config,
+        "max_steps": a.max_steps,
+        "set": a.set,
+        "ceiling": a.ceiling,
+        "date": time.strftime("%Y-%m-%d"),
+        "points": points,
+    }
     out.write_text(json.dumps(curves, indent=1))
     plot(curves, Path(a.plot))
     print(markdown(curves))

@@ -29,8 +29,9 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -47,22 +48,55 @@ from patronus.runs import MODEL_DIR, export_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "mnist_paper.yaml"
 # Dense (not sparse) bf16 tensor-core peaks from NVIDIA's datasheets, most specific name first.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+)
 # Toy sizes for --cpu-smoke: the same code path, a model that trains in seconds on CPU.
-SMOKE = ["--model.net.block_out_channels", "[16, 32]", "--model.net.layers_per_block", "1",
-         "--model.net.attention_levels", "[false, false]", "--model.net.mid_attention", "false",
-         "--model.net.num_prototypes", "8", "--data.batch_size", "16", "--data.num_workers", "0",
-         "--data.pin_memory", "false", "--trainer.accelerator", "cpu"]
+SMOKE = [
+    "--model.net.block_out_channels",
+    "[16, 32]",
+    "--model.net.layers_per_block",
+    "1",
+    "--model.net.attention_levels",
+    "[false, false]",
+    "--model.net.mid_attention",
+    "false",
+    "--model.net.num_prototypes",
+    "8",
+    "--data.batch_size",
+    "16",
+    "--data.num_workers",
+    "0",
+    "--data.pin_memory",
+    "false",
+    "--trainer.accelerator",
+    "cpu",
+]
 # (check, metric, unit): every row the table prints; tests/test_gpu_check.py asserts each is a finite number.
 ROWS = (
-    ("train eager", "img/s", "img/s"), ("train eager", "MFU", "%"), ("train eager", "peak memory", "GiB"),
+    ("train eager", "img/s", "img/s"),
+    ("train eager", "MFU", "%"),
+    ("train eager", "peak memory", "GiB"),
     ("train eager", "loader wait share", "%"),
-    ("train compiled", "img/s", "img/s"), ("train compiled", "MFU", "%"), ("train compiled", "peak memory", "GiB"),
-    ("train compiled", "loader wait share", "%"), ("train compiled", "compile + warm-up", "s"),
+    ("train compiled", "img/s", "img/s"),
+    ("train compiled", "MFU", "%"),
+    ("train compiled", "peak memory", "GiB"),
+    ("train compiled", "loader wait share", "%"),
+    ("train compiled", "compile + warm-up", "s"),
     ("train compiled", "speed-up vs eager", "x"),
-    ("edit latency", "batch 1", "s/img"), ("edit latency", "batched", "s/img"),
-    ("faithfulness", "wall time", "s"), ("faithfulness", "class agreement", "%"),
+    ("edit latency", "batch 1", "s/img"),
+    ("edit latency", "batched", "s/img"),
+    ("faithfulness", "wall time", "s"),
+    ("faithfulness", "class agreement", "%"),
     ("faithfulness", "reconstruction PSNR", "dB"),
 )
 
@@ -168,15 +202,39 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: the process's peak RSS (Linux: KiB)
 
 
-def train(run_dir: Path, args: list[str], compile: bool, steps: int, warmup: int, device: torch.device,
-          smoke: bool) -> tuple[StepClock, PatronusCLI]:
+def train(
+    run_dir: Path, args: list[str], compile: bool, steps: int, warmup: int, device: torch.device, smoke: bool
+) -> tuple[StepClock, PatronusCLI]:
     """`steps` steps of the preset through the train.py CLI with a StepClock; exports the model."""
-    cli = PatronusCLI(args=["--config", str(PRESET), "--run_dir", str(run_dir), "--logger", "none",
-                            "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
-                            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                            "--checkpoint.every_n_train_steps", str(10 * steps), "--interpret_monitor.every_n_steps", "0",
-                            "--run_summary.num_images", "0", "--status.every_n_steps", str(max(steps // 4, 1)),
-                            "--model.compile", str(compile).lower(), *args])
+    cli = PatronusCLI(
+        args=[
+            "--config",
+            str(PRESET),
+            "--run_dir",
+            str(run_dir),
+            "--logger",
+            "none",
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--checkpoint.every_n_train_steps",
+            str(10 * steps),
+            "--interpret_monitor.every_n_steps",
+            "0",
+            "--run_summary.num_images",
+            "0",
+            "--status.every_n_steps",
+            str(max(steps // 4, 1)),
+            "--model.compile",
+            str(compile).lower(),
+            *args,
+        ]
+    )
     clock = StepClock(warmup, device)
     cli.trainer.callbacks.append(clock)
     if device.type == "cuda":
@@ -188,8 +246,7 @@ def train(run_dir: Path, args: list[str], compile: bool, steps: int, warmup: int
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--cpu-smoke", action="store_true", help="toy sizes on CPU: checks the script, not the GPU")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (default 400; smoke 6)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 100; smoke 2)")
@@ -218,16 +275,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         variants: dict[str, dict[str, Any]] = {}
         gflop = float("nan")
         for name, compile in (("train eager", False), ("train compiled", True)):
+
             def measure_training() -> dict[str, Any]:
                 nonlocal gflop
                 clock, cli = train(work / name.replace(" ", "_"), args, compile, steps, warmup, device, smoke)
                 gflop = gflop_per_image({k: v for k, v in dict(cli.model.net.config).items() if not k.startswith("_")})
                 wall = clock.compute + clock.wait
                 ips = clock.images / wall
-                return {"img/s": ips, "MFU": 100 * ips * gflop / (peak * 1e3), "peak memory": peak_memory_gib(device),
-                        "loader wait share": 100 * clock.wait / wall, "compile + warm-up": clock.warm_s,
-                        "timed steps": clock.steps, "batch_size": cli.datamodule.hparams.batch_size,
-                        "num_workers": cli.datamodule.hparams.num_workers, "precision": str(cli.trainer.precision)}
+                return {
+                    "img/s": ips,
+                    "MFU": 100 * ips * gflop / (peak * 1e3),
+                    "peak memory": peak_memory_gib(device),
+                    "loader wait share": 100 * clock.wait / wall,
+                    "compile + warm-up": clock.warm_s,
+                    "timed steps": clock.steps,
+                    "batch_size": cli.datamodule.hparams.batch_size,
+                    "num_workers": cli.datamodule.hparams.num_workers,
+                    "precision": str(cli.trainer.precision),
+                }
 
             # Eager must work (the rest uses its model); a failing torch.compile is a row of the table, not a crash.
             variants[name] = measure_training() if not compile else attempt(name, measure_training)
@@ -238,31 +303,65 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
         def measure_edits() -> dict[str, Any]:
             pipe = PatronusPipeline.from_pretrained(run / MODEL_DIR, device=device)
-            return {"batch 1": seconds_per_edit(pipe, 1, edit_steps, 0), "batched": seconds_per_edit(pipe, edit_batch, edit_steps, 0),
-                    "batch": edit_batch, "steps": edit_steps}
+            return {
+                "batch 1": seconds_per_edit(pipe, 1, edit_steps, 0),
+                "batched": seconds_per_edit(pipe, edit_batch, edit_steps, 0),
+                "batch": edit_batch,
+                "steps": edit_steps,
+            }
 
         edit = attempt("edit latency", measure_edits)
         print(f"edit latency: {edit['batch 1']:.3f} s/img alone, {edit['batched']:.4f} s/img in batches of {edit_batch}", flush=True)
 
-        faith_args = (["--num_images", "8", "--steps", "3", "--judge_images", "256"] if smoke else
-                      ["--num_images", "128", "--steps", "25", "--judge_images", "4000"])
+        faith_args = (
+            ["--num_images", "8", "--steps", "3", "--judge_images", "256"]
+            if smoke
+            else ["--num_images", "128", "--steps", "25", "--judge_images", "4000"]
+        )
 
         def measure_faithfulness() -> dict[str, Any]:
             t0 = time.perf_counter()
-            f = analyses_main(["faithfulness", "--checkpoint", str(run), "--out", str(work / "faithfulness"), "--device",
-                               device.type, "--wandb", "false", "--judge_epochs", "1", "--num_edit_prototypes", "2", *faith_args])
-            return {"wall time": time.perf_counter() - t0, "class agreement": 100 * nan_if_none(f["agreement"]["class_agreement"]),
-                    "reconstruction PSNR": f["edits"]["reconstruction_psnr_db_mean"], "options": faith_args}
+            f = analyses_main(
+                [
+                    "faithfulness",
+                    "--checkpoint",
+                    str(run),
+                    "--out",
+                    str(work / "faithfulness"),
+                    "--device",
+                    device.type,
+                    "--wandb",
+                    "false",
+                    "--judge_epochs",
+                    "1",
+                    "--num_edit_prototypes",
+                    "2",
+                    *faith_args,
+                ]
+            )
+            return {
+                "wall time": time.perf_counter() - t0,
+                "class agreement": 100 * nan_if_none(f["agreement"]["class_agreement"]),
+                "reconstruction PSNR": f["edits"]["reconstruction_psnr_db_mean"],
+                "options": faith_args,
+            }
 
         faith = attempt("faithfulness", measure_faithfulness)
 
     values = {**variants, "edit latency": edit, "faithfulness": faith}
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-        "smoke": smoke, "preset": str(PRESET.relative_to(REPO)), "steps": steps, "warmup": warmup, "torch": torch.__version__,
-        "gflop_per_image": gflop, "peak_tflops": peak, "peak_source": peak_source,
+        "smoke": smoke,
+        "preset": str(PRESET.relative_to(REPO)),
+        "steps": steps,
+        "warmup": warmup,
+        "torch": torch.__version__,
+        "gflop_per_image": gflop,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
         "rows": [{"check": c, "metric": m, "value": values[c][m], "unit": u} for c, m, u in ROWS],
-        "details": values, "total_s": time.perf_counter() - t_total,
+        "details": values,
+        "total_s": time.perf_counter() - t_total,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
@@ -271,8 +370,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def print_table(res: dict[str, Any]) -> None:
-    print(f"\n{res['device']} | {res['preset']} | {res['steps']} steps ({res['warmup']} untimed) | "
-          f"{res['gflop_per_image']:.2f} GFLOP/img | peak {res['peak_tflops']:.0f} TFLOP/s ({res['peak_source']})")
+    print(
+        f"\n{res['device']} | {res['preset']} | {res['steps']} steps ({res['warmup']} untimed) | "
+        f"{res['gflop_per_image']:.2f} GFLOP/img | peak {res['peak_tflops']:.0f} TFLOP/s ({res['peak_source']})"
+    )
     print("\n| check | metric | value | unit |\n|---|---|---|---|")
     for r in res["rows"]:
         v = r["value"]

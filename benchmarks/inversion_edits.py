@@ -45,10 +45,19 @@ def measure(run: str, num_images: int, guidance: list[float], pool: int = 300) -
                 ok = gap.abs() >= 0.1 * (levels["q99"][j] - levels["q01"][j])
                 gains.append(float(((pipe.encode(res.images[k]).s[:, j] - s_rec[:, j]) / gap)[ok].mean()))
             scores = psnr(res.reconstruction, refs)
-            rows.append({"run": run, "inversion": inversion, "edit_guidance": w, "prototypes": prototypes,
-                         "gain_per_prototype": gains, "gain_mean": sum(gains) / len(gains),
-                         "pixel_change": float((res.images - res.reconstruction[None]).abs().mean()),
-                         "reconstruction_psnr_db": sum(scores) / len(scores), "seconds": time.perf_counter() - t0})
+            rows.append(
+                {
+                    "run": run,
+                    "inversion": inversion,
+                    "edit_guidance": w,
+                    "prototypes": prototypes,
+                    "gain_per_prototype": gains,
+                    "gain_mean": sum(gains) / len(gains),
+                    "pixel_change": float((res.images - res.reconstruction[None]).abs().mean()),
+                    "reconstruction_psnr_db": sum(scores) / len(scores),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

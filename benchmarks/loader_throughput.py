@@ -29,8 +29,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -50,17 +51,26 @@ STAND_INS: dict[str, tuple[dict[str, Any], str]] = {
     "mnist_paper": ({"root": "{shared}"}, ""),
     "fashion_mnist_paper": ({"root": "{shared}"}, ""),
     "pneumoniamnist_paper": ({"root": "{shared}/medmnist"}, ""),
-    "cifar10_paper": ({"root": "{shared}/cifar10_jpeg", "train_split": "test", "options": {"layout": "folders"}},
-                      "CIFAR-10 test split as JPEG folders (the python batches are not staged)"),
-    "celeba_paper": ({"root": "{shared}/celeba_subset", "holdout": 0.05,
-                      "options": {"image_dir": "img_align_celeba_89x109", "attr_file": "list_attr_celeba_000001-010000.txt",
-                                  "partition_file": None}},
-                     "10,000-image subset at half resolution (89x109 JPEGs decode ~4x faster than the 178x218 originals)"),
-    "ffhq_paper": ({"root": "{shared}/celeba_subset/img_align_celeba_89x109"},
-                   "CelebA subset's 89x109 JPEG faces as an FFHQ-style folder (FFHQ thumbnails are 128x128 PNGs)"),
-    "chexpert_paper": ({"dataset": "image_folder", "root": "{shared}/nih_cxr1000_64px", "val_split": "valid", "options": {}},
-                       "NIH ChestX-ray14 64 px PNGs upsampled to the preset's size (CheXpert-small JPEGs are ~390x320: "
-                       "decoding them costs more)"),
+    "cifar10_paper": (
+        {"root": "{shared}/cifar10_jpeg", "train_split": "test", "options": {"layout": "folders"}},
+        "CIFAR-10 test split as JPEG folders (the python batches are not staged)",
+    ),
+    "celeba_paper": (
+        {
+            "root": "{shared}/celeba_subset",
+            "holdout": 0.05,
+            "options": {"image_dir": "img_align_celeba_89x109", "attr_file": "list_attr_celeba_000001-010000.txt", "partition_file": None},
+        },
+        "10,000-image subset at half resolution (89x109 JPEGs decode ~4x faster than the 178x218 originals)",
+    ),
+    "ffhq_paper": (
+        {"root": "{shared}/celeba_subset/img_align_celeba_89x109"},
+        "CelebA subset's 89x109 JPEG faces as an FFHQ-style folder (FFHQ thumbnails are 128x128 PNGs)",
+    ),
+    "chexpert_paper": (
+        {"dataset": "image_folder", "root": "{shared}/nih_cxr1000_64px", "val_split": "valid", "options": {}},
+        "NIH ChestX-ray14 64 px PNGs upsampled to the preset's size (CheXpert-small JPEGs are ~390x320: decoding them costs more)",
+    ),
 }
 
 
@@ -78,8 +88,9 @@ def data_module(cfg: dict[str, Any], overrides: dict[str, Any], shared: str, num
         value = value.replace("{shared}", shared) if isinstance(value, str) else value
         data[key] = {**(data.get(key) or {}), **value} if key == "options" and value else value
     net = cfg["model"]["net"]
-    data.update(image_size=net["image_size"], channels=net["in_channels"], num_workers=num_workers,
-                pin_memory=torch.cuda.is_available())  # pinning needs a GPU; the presets pin
+    data.update(
+        image_size=net["image_size"], channels=net["in_channels"], num_workers=num_workers, pin_memory=torch.cuda.is_available()
+    )  # pinning needs a GPU; the presets pin
     return PatronusDataModule(**data)
 
 
@@ -166,8 +177,6 @@ def measured_step_rate(net_cfg: dict[str, Any], batch: int, steps: int = 10) -> 
         step()
     torch.cuda.synchronize()
     rate = steps * batch / (time.perf_counter() - t0)
-    del net, opt
-    torch.cuda.empty_cache()
     return rate
 
 
@@ -176,8 +185,7 @@ def prepared_loader(folder: str, batch_size: int, num_workers: int) -> DataLoade
     import litdata
 
     ds = litdata.StreamingDataset(input_dir=str(Path(folder).resolve()), shuffle=True, seed=0)
-    return litdata.StreamingDataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items,
-                                       drop_last=True)
+    return litdata.StreamingDataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items, drop_last=True)
 
 
 def _pil_to_tensor(v: Any) -> Any:
@@ -212,39 +220,64 @@ def per_worker_rate(rows: dict[str, dict[str, float]]) -> tuple[float, int]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__)
-    p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
-                   help="the staged datasets folder (../shared/datasets from the project root)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument(
+        "--shared",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
+        help="the staged datasets folder (../shared/datasets from the project root)",
+    )
     p.add_argument("--presets", nargs="+", default=list(STAND_INS), help="configs/<name>.yaml GPU presets")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    p.add_argument("--workers", type=int, nargs="+", default=sorted({0, 1, min(cores, 8)}),
-                   help="DataLoader worker counts to time (per worker: the largest; keep it <= the free cores)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=sorted({0, 1, min(cores, 8)}),
+        help="DataLoader worker counts to time (per worker: the largest; keep it <= the free cores)",
+    )
     p.add_argument("--batches", type=int, default=50, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
-    p.add_argument("--cold", action="store_true",
-                   help="time the first read of each file (storage speed) instead of reading them once untimed first")
+    p.add_argument(
+        "--cold", action="store_true", help="time the first read of each file (storage speed) instead of reading them once untimed first"
+    )
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation, without a GPU to measure on")
     p.add_argument("--peak-tflops", type=float, default=H100_DENSE_BF16_TFLOPS, help="the GPU's dense bf16 peak (assumed)")
     p.add_argument("--headroom", type=float, default=1.25, help="loader capacity / step rate wanted (jitter, augmentation)")
-    p.add_argument("--prepared", action="append", default=[], metavar="[PRESET=]DIR",
-                   help="a litdata.optimize output folder to time too (repeatable)")
-    p.add_argument("--measure-gpu", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                   help="measure each preset's step rate on this GPU instead of assuming it from FLOPs")
+    p.add_argument(
+        "--prepared", action="append", default=[], metavar="[PRESET=]DIR", help="a litdata.optimize output folder to time too (repeatable)"
+    )
+    p.add_argument(
+        "--measure-gpu",
+        action=argparse.BooleanOptionalAction,
+        default=torch.cuda.is_available(),
+        help="measure each preset's step rate on this GPU instead of assuming it from FLOPs",
+    )
     p.add_argument("--out", default=str(Path(__file__).with_name("loader_throughput.json")))
     a = p.parse_args(argv)
     if a.batches < 1 or a.warmup < 0 or any(w < 0 for w in a.workers):
         p.error("--batches must be >= 1, --warmup >= 0 and every --workers >= 0")
 
     res: dict[str, Any] = {
-        "machine": {"cpu_count": os.cpu_count(), "usable_cores": cores,
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "settings": {"batches": a.batches, "warmup": a.warmup, "workers": a.workers, "headroom": a.headroom,
-                     "page_cache": "cold: first reads" if a.cold else "warm: one untimed pass over the same batches first"},
-        "step_rate_source": ("measured on this GPU: bf16 autocast, the preset's batch, synthetic images" if a.measure_gpu else
-                             f"assumed: {a.mfu:.0%} MFU of {a.peak_tflops:g} TFLOP/s (dense bf16 peak) / training GFLOP per "
-                             "image (forward + backward, FlopCounterMode)"),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "usable_cores": cores,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "settings": {
+            "batches": a.batches,
+            "warmup": a.warmup,
+            "workers": a.workers,
+            "headroom": a.headroom,
+            "page_cache": "cold: first reads" if a.cold else "warm: one untimed pass over the same batches first",
+        },
+        "step_rate_source": (
+            "measured on this GPU: bf16 autocast, the preset's batch, synthetic images"
+            if a.measure_gpu
+            else f"assumed: {a.mfu:.0%} MFU of {a.peak_tflops:g} TFLOP/s (dense bf16 peak) / training GFLOP per "
+            "image (forward + backward, FlopCounterMode)"
+        ),
         "presets": {},
     }
     print(f"step rate: {res['step_rate_source']}", flush=True)
@@ -252,9 +285,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         cfg = preset_config(name)
         overrides, note = STAND_INS.get(name, ({}, "the preset's own data.root"))
         net_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["model"]["net"].items()}
-        entry: dict[str, Any] = {"dataset": cfg["data"]["dataset"], "stand_in": note or None, "image_size": net_cfg["image_size"],
-                                 "channels": net_cfg.get("in_channels", 1), "batch_size": cfg["data"].get("batch_size", 64),
-                                 "preset_num_workers": cfg["data"].get("num_workers", 0), "raw": {}}
+        entry: dict[str, Any] = {
+            "dataset": cfg["data"]["dataset"],
+            "stand_in": note or None,
+            "image_size": net_cfg["image_size"],
+            "channels": net_cfg.get("in_channels", 1),
+            "batch_size": cfg["data"].get("batch_size", 64),
+            "preset_num_workers": cfg["data"].get("num_workers", 0),
+            "raw": {},
+        }
         try:
             dm = data_module(cfg, overrides, a.shared, a.workers[0])
             dm.setup("fit")
@@ -270,8 +309,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             entry["skipped"] = str(e)[:300]
             print(f"{name}: skipped ({entry['skipped']})", flush=True)
         entry["gflop_per_image"] = gflop_per_image(net_cfg)
-        entry["step_img_per_s"] = (measured_step_rate(net_cfg, entry["batch_size"]) if a.measure_gpu else
-                                   a.mfu * a.peak_tflops * 1e3 / entry["gflop_per_image"])
+        entry["step_img_per_s"] = (
+            measured_step_rate(net_cfg, entry["batch_size"]) if a.measure_gpu else a.mfu * a.peak_tflops * 1e3 / entry["gflop_per_image"]
+        )
         if entry["raw"]:
             rate, at = per_worker_rate(entry["raw"])
             entry["raw_img_per_s_per_worker"], entry["per_worker_measured_at"] = rate, at
@@ -299,8 +339,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             if item["by_workers"] and "skipped" not in item:
                 item["img_per_s_per_worker"], item["per_worker_measured_at"] = per_worker_rate(item["by_workers"])
                 if preset in res["presets"]:
-                    item["workers_needed"] = workers_needed(res["presets"][preset]["step_img_per_s"], item["img_per_s_per_worker"],
-                                                            a.headroom)
+                    item["workers_needed"] = workers_needed(
+                        res["presets"][preset]["step_img_per_s"], item["img_per_s_per_worker"], a.headroom
+                    )
         if "skipped" in item:
             print(f"prepared {spec}: skipped: {item['skipped']}", flush=True)
         res["prepared"][spec] = item
@@ -322,15 +363,19 @@ def print_table(res: dict[str, Any], a: argparse.Namespace) -> None:
     print("|---|---|---|" + "---|" * len(a.workers) + "---|---|---|---|---|")
     for name, e in res["presets"].items():
         rates = " | ".join(f(e["raw"].get(str(w), {}).get("img_per_s")) for w in a.workers)
-        print(f"| {name} | {e['image_size']} | {e['batch_size']} | {rates} | {f(e.get('raw_img_per_s_per_worker'))} | "
-              f"{e['gflop_per_image']:.1f} | {f(e['step_img_per_s'])} | {f(e.get('workers_needed'), 'd')} | {e['preset_num_workers']} |")
+        print(
+            f"| {name} | {e['image_size']} | {e['batch_size']} | {rates} | {f(e.get('raw_img_per_s_per_worker'))} | "
+            f"{e['gflop_per_image']:.1f} | {f(e['step_img_per_s'])} | {f(e.get('workers_needed'), 'd')} | {e['preset_num_workers']} |"
+        )
     for spec, item in res["prepared"].items():
         if "skipped" in item:
             print(f"| prepared {spec} | skipped: {item['skipped']} |")
             continue
         rates = " | ".join(f(item["by_workers"].get(str(w), {}).get("img_per_s")) for w in a.workers)
-        print(f"| prepared {spec} | | {item['batch_size']} | {rates} | {f(item.get('img_per_s_per_worker'))} | | | "
-              f"{f(item.get('workers_needed'), 'd')} | |")
+        print(
+            f"| prepared {spec} | | {item['batch_size']} | {rates} | {f(item.get('img_per_s_per_worker'))} | | | "
+            f"{f(item.get('workers_needed'), 'd')} | |"
+        )
     notes = [f"{n}: {e['stand_in']}" for n, e in res["presets"].items() if e.get("stand_in")]
     notes += [f"{n}: skipped: {e['skipped']}" for n, e in res["presets"].items() if e.get("skipped")]
     if notes:

@@ -34,16 +34,17 @@ from patronus.interpret.quality import fast_auroc
 from patronus.interpret.report import ReportData
 
 
-def features_and_marker(run: str, pipe, split: Optional[str], balanced: bool, attribute: str,
-                        n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def features_and_marker(run: str, pipe, split: Optional[str], balanced: bool, attribute: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature maps flattened to (N, D, cells) and the marker attribute (N,) of a split of the run's data."""
     data = ReportData.from_dataset(run_dataset(run, pipe, DataSource(None, None, split, None), group_balanced=balanced), n)
     if attribute not in data.attribute_names:
-        raise ValueError(f"--attribute {attribute!r}: the run's data has attributes {data.attribute_names}; "
-                         "probe a run trained with a planted marker")
+        raise ValueError(
+            f"--attribute {attribute!r}: the run's data has attributes {data.attribute_names}; probe a run trained with a planted marker"
+        )
     with torch.no_grad():
-        z = torch.cat([pipe.model.encoder.features(data.images[i:i + 256].to(pipe.device)).float().cpu()
-                       for i in range(0, len(data.images), 256)])
+        z = torch.cat(
+            [pipe.model.encoder.features(data.images[i : i + 256].to(pipe.device)).float().cpu() for i in range(0, len(data.images), 256)]
+        )
     return z.flatten(2), data.attributes[:, data.attribute_names.index(attribute)].float()
 
 
@@ -53,8 +54,7 @@ def min_distance_auroc(z: torch.Tensor, marker: torch.Tensor, prototype: torch.T
     return float(fast_auroc(-d[:, None], marker)[0])
 
 
-def fitted_prototype(z: torch.Tensor, marker: torch.Tensor, start: torch.Tensor, steps: int = 300,
-                     lr: float = 0.01) -> torch.Tensor:
+def fitted_prototype(z: torch.Tensor, marker: torch.Tensor, start: torch.Tensor, steps: int = 300, lr: float = 0.01) -> torch.Tensor:
     """A prototype vector fitted with the labels: pairwise logistic ranking loss, marked nearer than unmarked."""
     p = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([p], lr=lr)
@@ -80,10 +80,13 @@ def probe(run: str, group_split: str, attribute: str, alphas: list[float], num_i
     channel = fast_auroc(zb[:, :, cell], mb)
     centroid, mean = zv[mv == 1][:, :, cell].mean(0), zv.mean((0, 2))
     half = torch.randperm(len(mb), generator=torch.Generator().manual_seed(0))
-    fit, held = half[: len(mb) // 2], half[len(mb) // 2:]
+    fit, held = half[: len(mb) // 2], half[len(mb) // 2 :]
     fitted = fitted_prototype(zb[fit], mb[fit], centroid)
     return {
-        "run": run, "cell": cell, "grid": list(pipe.model.encoder.feature_shape()), "images": len(mb),
+        "run": run,
+        "cell": cell,
+        "grid": list(pipe.model.encoder.feature_shape()),
+        "images": len(mb),
         "marked": int(mb.sum()),
         "trained_best": {"prototype": best, "auroc": trained[best]},
         "best_channel_at_cell": float(torch.maximum(channel, 1 - channel).max()),

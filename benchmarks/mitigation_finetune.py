@@ -54,8 +54,22 @@ def held_prototypes(run: Path) -> dict[int, float]:
 def finetune(run: Path, out: Path, steps: int) -> float:
     """Fine-tune RUN with the report's config into OUT (resumed if started); seconds taken."""
     start = time.time()
-    train_main(["--config", str(run / runs.CONFIG_FILE), "--config", str(run / FINETUNE_CONFIG), "--run_dir", str(out),
-                "--trainer.max_steps", str(steps), "--logger", "none", "--trainer.enable_progress_bar", "false"])
+    train_main(
+        [
+            "--config",
+            str(run / runs.CONFIG_FILE),
+            "--config",
+            str(run / FINETUNE_CONFIG),
+            "--run_dir",
+            str(out),
+            "--trainer.max_steps",
+            str(steps),
+            "--logger",
+            "none",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     return time.time() - start
 
 
@@ -96,10 +110,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(a.seed)  # the same noise for all three
         samples[name] = pipe.sample(cond, generator=gen, steps=a.sampling_steps).cpu()
     rates = {name: float(detector.present(x).float().mean()) for name, x in samples.items()}
-    result = {"run": str(a.run), "fine_tuned_run": str(out), "held_prototypes": held, "fine_tune_steps": a.steps,
-              "fine_tune_seconds": round(seconds, 1), "images": len(marked), "target": target,
-              "marker_in_real_images": float(detector.present(marked).float().mean()),
-              "marker_drawn": rates, "detector_real_accuracy": detector.real_accuracy}
+    result = {
+        "run": str(a.run),
+        "fine_tuned_run": str(out),
+        "held_prototypes": held,
+        "fine_tune_steps": a.steps,
+        "fine_tune_seconds": round(seconds, 1),
+        "images": len(marked),
+        "target": target,
+        "marker_in_real_images": float(detector.present(marked).float().mean()),
+        "marker_drawn": rates,
+        "detector_real_accuracy": detector.real_accuracy,
+    }
     c = min(len(marked), 16)
     plots.save_rows([marked[:c], *(x[:c] for x in samples.values())], out / "mitigation.png")
     (out / "mitigation.json").write_text(json.dumps(result, indent=1))

@@ -32,8 +32,8 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 
-from patronus.training.callbacks import InterpretMonitor
 from patronus.cli.train import PatronusCLI
+from patronus.training.callbacks import InterpretMonitor
 
 PRESET = Path("configs/mnist_cpu.yaml")
 
@@ -77,10 +77,26 @@ class StepTimer(pl.Callback):
 
 def timed_run(steps: int, every: int, warmup: int) -> StepTimer:
     with tempfile.TemporaryDirectory() as run:
-        cli = PatronusCLI(args=["--config", str(PRESET), "--run_dir", run, "--logger", "wandb",
-                                "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
-                                "--checkpoint.save_last", "false", "--trainer.enable_progress_bar", "false",
-                                "--interpret_monitor.every_n_steps", str(every)])
+        cli = PatronusCLI(
+            args=[
+                "--config",
+                str(PRESET),
+                "--run_dir",
+                run,
+                "--logger",
+                "wandb",
+                "--trainer.max_steps",
+                str(steps),
+                "--trainer.limit_val_batches",
+                "0",
+                "--checkpoint.save_last",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--interpret_monitor.every_n_steps",
+                str(every),
+            ]
+        )
         timer = StepTimer(warmup)
         cli.trainer.callbacks.append(timer)  # last: its on_train_batch_end follows the monitor's probe
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -112,29 +128,51 @@ def main() -> None:
     n = a.default_steps // every
 
     def default_fraction(probe: float, step: float) -> dict:
-        return {"probe_seconds": round(n * probe, 2), "train_seconds": round(a.default_steps * step, 1),
-                "cost_fraction": round(n * probe / (a.default_steps * step + n * probe), 4)}
+        return {
+            "probe_seconds": round(n * probe, 2),
+            "train_seconds": round(a.default_steps * step, 1),
+            "cost_fraction": round(n * probe / (a.default_steps * step + n * probe), 4),
+        }
 
     step_med, probe_med = statistics.median(on.steps), statistics.median(on.probes)
     result = {
-        "preset": str(PRESET), "logger": "wandb (offline)",
-        "measured_run": {"steps": a.steps, "timed_steps": len(on.steps), "probe_every": a.every, "probes": len(on.probes),
-                         "step_s_median": round(step_med, 4), "step_s_min": round(min(on.steps), 4),
-                         "probe_s_each": [round(x, 3) for x in on.probes],
-                         "probe_s_median": round(probe_med, 3), "probe_in_steps": round(probe_med / step_med, 2),
-                         "cost_fraction": round(sum(on.probes) / on.wall, 4)},
-        "default_run": {"max_steps": a.default_steps, "every_n_steps": every, "probes": n,
-                        **default_fraction(probe_med, step_med),
-                        "cost_fraction_from_minimums": default_fraction(min(on.probes), min(on.steps))["cost_fraction"]},
+        "preset": str(PRESET),
+        "logger": "wandb (offline)",
+        "measured_run": {
+            "steps": a.steps,
+            "timed_steps": len(on.steps),
+            "probe_every": a.every,
+            "probes": len(on.probes),
+            "step_s_median": round(step_med, 4),
+            "step_s_min": round(min(on.steps), 4),
+            "probe_s_each": [round(x, 3) for x in on.probes],
+            "probe_s_median": round(probe_med, 3),
+            "probe_in_steps": round(probe_med / step_med, 2),
+            "cost_fraction": round(sum(on.probes) / on.wall, 4),
+        },
+        "default_run": {
+            "max_steps": a.default_steps,
+            "every_n_steps": every,
+            "probes": n,
+            **default_fraction(probe_med, step_med),
+            "cost_fraction_from_minimums": default_fraction(min(on.probes), min(on.steps))["cost_fraction"],
+        },
         "monitor_defaults": defaults,
         "loadavg_1min_before_after": [round(load_before, 2), round(load_after, 2)],
         "seconds": round(time.perf_counter() - t0, 1),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor(),
-                    "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+        },
     }
     if off is not None:
-        result["compare"] = {"with_s": round(on.wall, 2), "without_s": round(off.wall, 2),
-                             "fraction": round((on.wall - off.wall) / on.wall, 4)}
+        result["compare"] = {
+            "with_s": round(on.wall, 2),
+            "without_s": round(off.wall, 2),
+            "fraction": round((on.wall - off.wall) / on.wall, 4),
+        }
     print(json.dumps(result, indent=2))
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 

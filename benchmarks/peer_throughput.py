@@ -66,8 +66,12 @@ PAPER_URL = "https://github.com/nina-weng/patronus"
 IMG_SHAPE = (1, 32, 32)  # MNIST-like: the paper's MNIST/FMNIST branch of TrainingConfig
 NUM_PROTOS = 30
 # The paper's MNIST prototype encoder (TrainingConfig's plb_* for MNIST; = patronus's "paper32" layout).
-PLB = dict(plb_channel_inputs=[1, 32, 64, 64, 128], plb_layer_filter_sizes=[3, 3, 3, 3],
-           plb_layer_strides=[2, 1, 1, 1], plb_layer_paddings=[1, 0, 0, 0])
+PLB = dict(
+    plb_channel_inputs=[1, 32, 64, 64, 128],
+    plb_layer_filter_sizes=[3, 3, 3, 3],
+    plb_layer_strides=[2, 1, 1, 1],
+    plb_layer_paddings=[1, 0, 0, 0],
+)
 MATCHED_ATTENTION = tuple(PAPER["attention_levels"])
 
 Step = Callable[[], None]
@@ -92,8 +96,11 @@ def git_info(repo: Path) -> dict[str, Any]:
         r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else ""
 
-    return {"commit": git("rev-parse", "HEAD") or "unknown (not a git clone)", "origin": git("remote", "get-url", "origin"),
-            "modified_files": [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown (not a git clone)",
+        "origin": git("remote", "get-url", "origin"),
+        "modified_files": [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()],
+    }
 
 
 def import_paper(clone: Path) -> tuple[type, type, type]:
@@ -112,10 +119,18 @@ def import_paper(clone: Path) -> tuple[type, type, type]:
 def paper_model(Unet: type, mc: dict[str, Any], attention: tuple[bool, ...]) -> nn.Module:
     """Constructed with the arguments `train_patronus.py` passes (ModelConfig + MNIST TrainingConfig)."""
     return Unet(
-        input_channels=IMG_SHAPE[0], output_channels=IMG_SHAPE[0], base_channels=mc["BASE_CH"],
-        base_channels_multiples=tuple(mc["BASE_CH_MULT"]), apply_attention=attention,
-        dropout_rate=mc["DROPOUT_RATE"], time_multiple=mc["TIME_EMB_MULT"], num_proto=NUM_PROTOS,
-        prototype_vector_shape=(1, 128), encoder_type="basic_conv", img_size=IMG_SHAPE, **PLB,
+        input_channels=IMG_SHAPE[0],
+        output_channels=IMG_SHAPE[0],
+        base_channels=mc["BASE_CH"],
+        base_channels_multiples=tuple(mc["BASE_CH_MULT"]),
+        apply_attention=attention,
+        dropout_rate=mc["DROPOUT_RATE"],
+        time_multiple=mc["TIME_EMB_MULT"],
+        num_proto=NUM_PROTOS,
+        prototype_vector_shape=(1, 128),
+        encoder_type="basic_conv",
+        img_size=IMG_SHAPE,
+        **PLB,
     )
 
 
@@ -226,7 +241,7 @@ def main() -> None:
         time_block(steps[name], a.warmup, device)
     ips: dict[str, list[float]] = {n: [] for n in names}
     for r in range(a.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
         for name in order:
             ips[name].append(a.steps * a.batch / time_block(steps[name], a.steps, device))
         print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {ips[n][-1]:.1f}" for n in names) + " img/s", flush=True)
@@ -239,22 +254,39 @@ def main() -> None:
             ratios[f"{ours} / {theirs}"] = {"ratio_of_medians": med[ours] / med[theirs], "median_paired_ratio": statistics.median(paired)}
 
     res = {
-        "device": device_name(device), "torch": torch.__version__, "batch": a.batch, "image_shape": list(IMG_SHAPE),
-        "num_prototypes": NUM_PROTOS, "rounds": a.rounds, "steps_per_block": a.steps, "warmup_steps": a.warmup,
-        "paper_code": {"url": PAPER_URL, **git_info(clone), "model_config": mc,
-                       "attention": {k: list(attention[k]) for k in a.paper_attention}},
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "batch": a.batch,
+        "image_shape": list(IMG_SHAPE),
+        "num_prototypes": NUM_PROTOS,
+        "rounds": a.rounds,
+        "steps_per_block": a.steps,
+        "warmup_steps": a.warmup,
+        "paper_code": {
+            "url": PAPER_URL,
+            **git_info(clone),
+            "model_config": mc,
+            "attention": {k: list(attention[k]) for k in a.paper_attention},
+        },
         "patronus_model": PAPER,
         "models": info,
-        "img_per_s": ips, "median_img_per_s": med, "ratios": ratios,
+        "img_per_s": ips,
+        "median_img_per_s": med,
+        "ratios": ratios,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2, default=list))
-    print(f"\n{res['device']}, torch {res['torch']}, batch {a.batch}, {a.rounds} rounds x {a.steps} steps, paper code "
-          f"{res['paper_code']['commit'][:12]}\n")
+    print(
+        f"\n{res['device']}, torch {res['torch']}, batch {a.batch}, {a.rounds} rounds x {a.steps} steps, paper code "
+        f"{res['paper_code']['commit'][:12]}\n"
+    )
     print("| implementation | params (M) | GFLOP/img | median img/s | per-round img/s |\n|---|---|---|---|---|")
     for n in names:
-        print(f"| {n} | {info[n]['params_M']:.1f} | {info[n]['gflop_per_img']:.2f} | {med[n]:.1f} | "
-              + " ".join(f"{v:.1f}" for v in ips[n]) + " |")
+        print(
+            f"| {n} | {info[n]['params_M']:.1f} | {info[n]['gflop_per_img']:.2f} | {med[n]:.1f} | "
+            + " ".join(f"{v:.1f}" for v in ips[n])
+            + " |"
+        )
     print("\n| ratio | of medians | median of per-round ratios |\n|---|---|---|")
     for k, v in ratios.items():
         print(f"| {k} | {v['ratio_of_medians']:.2f} | {v['median_paired_ratio']:.2f} |")

@@ -1,7 +1,7 @@
 """patronus: interpretable prototype-conditioned diffusion models.
 
-    from patronus import PatronusPipeline
-    pipe = PatronusPipeline.from_pretrained("runs/mnist_cpu")
+from patronus import PatronusPipeline
+pipe = PatronusPipeline.from_pretrained("runs/mnist_cpu")
 """
 
 from typing import Any

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from diffusers import DDPMScheduler
+from torch import nn
 
 from patronus.edits import hold_prototypes
 from patronus.models.patronus import PatronusModel
@@ -33,8 +34,13 @@ def reconstruction_loss(decoder: nn.Module, z: torch.Tensor, x0: torch.Tensor) -
 
 
 def diffusion_loss(
-    model: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, snr_gamma: Optional[float] = None,
-    held: Optional[dict[int, float]] = None, condition_dropout: float = 0.0, s: Optional[torch.Tensor] = None,
+    model: PatronusModel,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    snr_gamma: Optional[float] = None,
+    held: Optional[dict[int, float]] = None,
+    condition_dropout: float = 0.0,
+    s: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoising MSE (on ε, or on v for `prediction="v"` models) with s = g(x0) from the clean image,
     gradients into the encoder.

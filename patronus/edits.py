@@ -9,8 +9,9 @@ similarities are clamped at 0 and every other prototype is left bit-for-bit unto
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Optional, Sequence, Union
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -57,8 +58,7 @@ def parse_edit(spec: str, num_prototypes: int) -> list[Edit]:
             )
         j, sym, raw, unit = int(m.group(1)), m.group(2), m.group(3), m.group(4)
         if raw in RENAMED_LEVELS:
-            raise ValueError(f"edit {spec!r}: '{raw}' is now called '{RENAMED_LEVELS[raw]}' "
-                             f"(write {j}{sym}{RENAMED_LEVELS[raw]})")
+            raise ValueError(f"edit {spec!r}: '{raw}' is now called '{RENAMED_LEVELS[raw]}' (write {j}{sym}{RENAMED_LEVELS[raw]})")
         if not 0 <= j < num_prototypes:
             raise ValueError(f"edit {spec!r}: prototype {j} does not exist; the model has K={num_prototypes} (0..{num_prototypes - 1})")
         if re.fullmatch(_LEVEL, raw):

@@ -22,10 +22,11 @@ those again, so `inverted_steps = steps` (the default) is a full inversion to x_
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Literal, Optional
 
 import torch
 from diffusers import DiffusionPipeline
@@ -98,7 +99,7 @@ class PatronusPipeline(DiffusionPipeline):
     # --- loading -------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: Optional[str | torch.device] = None, **kwargs) -> "PatronusPipeline":
+    def from_pretrained(cls, path: str | Path, device: Optional[str | torch.device] = None, **kwargs) -> PatronusPipeline:
         """Load from a saved pipeline (`save_pretrained`), a training run directory, an exported
         model directory or a Lightning `.ckpt`. A run's trained activation prior comes along."""
         p = Path(path)
@@ -194,8 +195,9 @@ class PatronusPipeline(DiffusionPipeline):
         sched = scheduler_for(self.scheduler.config, sampler, steps, clip)
         if corrections is not None:
             if sampler != "ddim" or len(corrections) != steps:
-                raise ValueError(f"corrections: expected {steps} noise maps for a DDIM-scheduled decode, "
-                                 f"got {len(corrections)} with sampler={sampler!r}")
+                raise ValueError(
+                    f"corrections: expected {steps} noise maps for a DDIM-scheduled decode, got {len(corrections)} with sampler={sampler!r}"
+                )
             kwargs = {"eta": 1.0, "variance_noise": torch.zeros_like(x)}
         else:
             kwargs = {"generator": generator}
@@ -227,8 +229,14 @@ class PatronusPipeline(DiffusionPipeline):
         w = self.guidance if guidance is None else guidance
         return self.denoise(x_T, s, steps, sampler=sampler, generator=generator, callback=callback, guidance=w)
 
-    def invert(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50,
-               inverted_steps: Optional[int] = None, fixed_point: int = 0) -> torch.Tensor:
+    def invert(
+        self,
+        x0: torch.Tensor,
+        s: Optional[torch.Tensor] = None,
+        steps: int = 50,
+        inverted_steps: Optional[int] = None,
+        fixed_point: int = 0,
+    ) -> torch.Tensor:
         """Deterministic DDIM inversion x0 → x_T under s (default: x0's own), without clipping.
 
         `inverted_steps` k < steps inverts only the first k steps: the x_t that
@@ -243,8 +251,9 @@ class PatronusPipeline(DiffusionPipeline):
         with self.inference():
             return denoise_loop(sched, x0, self._eps(s), first, progress=self.progress_bar, fixed_point=fixed_point)
 
-    def invert_edit_friendly(self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50,
-                             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def invert_edit_friendly(
+        self, x0: torch.Tensor, s: Optional[torch.Tensor] = None, steps: int = 50, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024, Alg. 1): (x_T, noise maps).
 
         Every x_{t_i} of the decoding schedule is drawn *independently* from q(x_t | x0) =
@@ -259,13 +268,13 @@ class PatronusPipeline(DiffusionPipeline):
         sched = scheduler_for(self.scheduler.config, "ddim", steps, clip=False)
         gen = torch.Generator().manual_seed(seed)
         alpha_bar = sched.alphas_cumprod.to(self.device)
-        x_ts = [alpha_bar[t].sqrt() * x0 + (1 - alpha_bar[t]).sqrt() * self.noise(x0.shape, generator=gen)
-                for t in sched.timesteps.tolist()]
+        x_ts = [
+            alpha_bar[t].sqrt() * x0 + (1 - alpha_bar[t]).sqrt() * self.noise(x0.shape, generator=gen) for t in sched.timesteps.tolist()
+        ]
         targets = x_ts[1:] + [x0]
         eps, zeros = self._eps(s), torch.zeros_like(x0)
         with self.inference():
-            means = [sched.step(eps(x, t), t, x, eta=1.0, variance_noise=zeros).prev_sample
-                     for x, t in zip(x_ts, sched.timesteps)]
+            means = [sched.step(eps(x, t), t, x, eta=1.0, variance_noise=zeros).prev_sample for x, t in zip(x_ts, sched.timesteps)]
         return x_ts[0], torch.stack([y - m for y, m in zip(targets, means)])
 
     def reconstruct(self, x0: torch.Tensor, steps: int = 50, fixed_point: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,15 +321,30 @@ class PatronusPipeline(DiffusionPipeline):
             latent = self.invert(x0, s, steps, inverted_steps=k, fixed_point=fixed_point)
         recon = self.denoise(latent, s, steps, inverted_steps=k, clip=False, corrections=corrections)
         requested = [apply_edits(s, list(e), levels) for e in edits]
-        images = [self.decode_edited(latent, r, s, steps, inverted_steps=k, guidance=guidance, corrections=corrections)
-                  for r in requested]
-        return EditResult(latent, s, recon, torch.stack(images) if images else recon.new_zeros(0, *recon.shape),
-                          torch.stack(requested) if requested else s.new_zeros(0, *s.shape), k, corrections)
+        images = [self.decode_edited(latent, r, s, steps, inverted_steps=k, guidance=guidance, corrections=corrections) for r in requested]
+        return EditResult(
+            latent,
+            s,
+            recon,
+            torch.stack(images) if images else recon.new_zeros(0, *recon.shape),
+            torch.stack(requested) if requested else s.new_zeros(0, *s.shape),
+            k,
+            corrections,
+        )
 
-    def decode_edited(self, x: torch.Tensor, s_edit: torch.Tensor, s: torch.Tensor, steps: int = 50, *,
-                      inverted_steps: Optional[int] = None, guidance: Optional[float] = None,
-                      callback: Optional[StepCallback] = None, clip: bool = False,
-                      corrections: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode_edited(
+        self,
+        x: torch.Tensor,
+        s_edit: torch.Tensor,
+        s: torch.Tensor,
+        steps: int = 50,
+        *,
+        inverted_steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        callback: Optional[StepCallback] = None,
+        clip: bool = False,
+        corrections: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Decode x (an inverted or fresh latent) under edited activations s_edit, with edit guidance
         ε̂(s) + w·(ε̂(s_edit) − ε̂(s)) relative to the unedited s (default w: `self.edit_guidance`).
 
@@ -328,8 +352,9 @@ class PatronusPipeline(DiffusionPipeline):
         `clip=True` for a fresh x_T, as `sample` does (unclipped x̂0 from noise can run out of range).
         `corrections`: the noise maps of an edit-friendly inversion of x."""
         w = self.edit_guidance if guidance is None else guidance
-        return self.denoise(x, s_edit, steps, inverted_steps=inverted_steps, clip=clip, guidance=w, guide_from=s,
-                            callback=callback, corrections=corrections)
+        return self.denoise(
+            x, s_edit, steps, inverted_steps=inverted_steps, clip=clip, guidance=w, guide_from=s, callback=callback, corrections=corrections
+        )
 
     def sample_activations(self, n: int, steps: int = 50, seed: int = 0) -> torch.Tensor:
         """n activation vectors (n, K) from the diffusion prior over standardised s (Patronus §3.4)."""

@@ -24,9 +24,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Optional, Sequence
+from typing import IO, Any, Optional
 
 import torch
 import yaml
@@ -103,16 +104,17 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 def non_finite(tensors: Mapping[str, Any]) -> list[str]:
     """Names of the floating-point tensors holding NaN or inf (a diverged run)."""
-    return [k for k, v in tensors.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [k for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def check_finite(tensors: Mapping[str, Any], where: str) -> None:
     """ValueError naming `where` when any weight is NaN/inf: such a model samples noise, silently."""
     bad = non_finite(tensors)
     if bad:
-        raise ValueError(f"{where}: {len(bad)} of {len(tensors)} tensors hold NaN/inf (e.g. {bad[:3]}): the training "
-                         "run diverged; use an earlier checkpoint, or retrain with a lower model.lr")
+        raise ValueError(
+            f"{where}: {len(bad)} of {len(tensors)} tensors hold NaN/inf (e.g. {bad[:3]}): the training "
+            "run diverged; use an earlier checkpoint, or retrain with a lower model.lr"
+        )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -194,8 +196,9 @@ def retire_options(config: dict[str, Any], where: str | Path) -> dict[str, Any]:
     config = dict(config)
     for key, kept in RETIRED_OPTIONS.items():
         if key in config and config.pop(key) != kept:
-            raise ValueError(f"{where}: {key} was removed from patronus (only {kept!r} remains); this model needs "
-                             "the release that trained it")
+            raise ValueError(
+                f"{where}: {key} was removed from patronus (only {kept!r} remains); this model needs the release that trained it"
+            )
     return config
 
 
@@ -241,7 +244,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Patronus
         _net_from_config(config, config_file)  # names a wrong field or type before diffusers sees it
         try:
             net = PatronusModel.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
-        except (OSError, EnvironmentError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: cannot load the exported weights ({str(e).strip().splitlines()[0]})") from None
         weights = next(path.glob("*.safetensors"), path)
         check_finite(net.state_dict(), str(weights))
@@ -271,8 +274,13 @@ def statistics_path(checkpoint: str | Path, source: dict[str, Any]) -> Path:
     return home_of(checkpoint) / STATS_DIR / f"{key}.json"
 
 
-def cached_statistics(checkpoint: str | Path, source: dict[str, Any], compute: Callable[[], dict[str, Any]],
-                      num_prototypes: Optional[int] = None, keys: Sequence[str] = ()) -> dict[str, Any]:
+def cached_statistics(
+    checkpoint: str | Path,
+    source: dict[str, Any],
+    compute: Callable[[], dict[str, Any]],
+    num_prototypes: Optional[int] = None,
+    keys: Sequence[str] = (),
+) -> dict[str, Any]:
     """Statistics for `source`, computed by `compute()` once and stored with what they were computed on.
     A stored file without one of `keys` (written by an older release) is recomputed."""
     cache = statistics_path(checkpoint, source)
@@ -281,8 +289,11 @@ def cached_statistics(checkpoint: str | Path, source: dict[str, Any], compute: C
             stored = json.loads(cache.read_text())
         except json.JSONDecodeError:  # a damaged cache is recomputed, never trusted
             stored = {}
-        if (stored.get("source") == source and (num_prototypes is None or len(stored.get("mean", [])) == num_prototypes)
-                and all(k in stored for k in keys)):
+        if (
+            stored.get("source") == source
+            and (num_prototypes is None or len(stored.get("mean", [])) == num_prototypes)
+            and all(k in stored for k in keys)
+        ):
             return stored
     stats = {"source": source, **compute()}
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ Plain tensors in and out: no model, no eval mode, no device handling (`PatronusP
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 

@@ -24,6 +24,20 @@ def chromium() -> str:
 
 def dump_dom(page: Path, profile: Path, budget_ms: int = 5000) -> str:
     """The DOM of a local page after its scripts ran, as headless chromium serialises it."""
-    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", page.as_uri()],
-                          check=False, capture_output=True, text=True, timeout=120).stdout
+    return subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout

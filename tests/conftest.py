@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import lightning.pytorch as pl
 import pytest
@@ -56,8 +57,14 @@ def shared_datasets() -> Path:
     return SHARED
 
 
-def train_tiny(run_dir: Path, max_steps: int = 400, shortcut: Optional[dict] = None, extra_callbacks: Sequence[pl.Callback] = (),
-               module_options: Optional[dict] = None, **trainer_kwargs) -> PatronusModule:
+def train_tiny(
+    run_dir: Path,
+    max_steps: int = 400,
+    shortcut: Optional[dict] = None,
+    extra_callbacks: Sequence[pl.Callback] = (),
+    module_options: Optional[dict] = None,
+    **trainer_kwargs,
+) -> PatronusModule:
     """Train the tiny model on the embedded MNIST subset (real data, optionally with a planted
     shortcut), EMA weights at the end; `module_options` go to PatronusModule."""
     pl.seed_everything(0, verbose=False)

@@ -20,8 +20,13 @@ class RecordSamples(pl.Callback):
         self.folder = folder
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        line = {"step": trainer.global_step, "rank": trainer.global_rank, "world_size": trainer.world_size,
-                "epoch": trainer.current_epoch, "ids": batch["index"].tolist()}
+        line = {
+            "step": trainer.global_step,
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "epoch": trainer.current_epoch,
+            "ids": batch["index"].tolist(),
+        }
         with open(Path(self.folder) / f"ids-rank{trainer.global_rank}.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
             fh.flush()

@@ -1,7 +1,6 @@
 """Bad inputs end with one line naming the file or field and what was expected; nothing on disk is lost.
 Images of any bit depth are read at their true intensity (real 16-bit PNG files written here)."""
 
-import gzip
 import json
 import re
 import shutil
@@ -116,8 +115,26 @@ def test_sample_reads_image_files_at_the_runs_bit_depth(tmp_path):
         data = {"dataset": "image_folder", "root": str(tmp_path / "xrays"), "val_split": "train", "options": options}
         (run / "config.yaml").write_text(yaml.safe_dump({"data": data}))
         shutil.rmtree(run / "analysis", ignore_errors=True)  # statistics cached per source
-        summary = sample_main(["--checkpoint", str(run), "--images", json.dumps([str(xray)]), "--out", str(tmp_path / out), "--device", "cpu",
-                               "--steps", "2", "--inversion_steps", "2", "--num_samples", "1", "--edit_top", "1"])
+        summary = sample_main(
+            [
+                "--checkpoint",
+                str(run),
+                "--images",
+                json.dumps([str(xray)]),
+                "--out",
+                str(tmp_path / out),
+                "--device",
+                "cpu",
+                "--steps",
+                "2",
+                "--edit_steps",
+                "2",
+                "--num_samples",
+                "1",
+                "--edit_top",
+                "1",
+            ]
+        )
         grid = np.asarray(Image.open(summary["files"]["samples"]).convert("L"))
         return grid[1:33, 1:33]  # row 1, column 1: the reference as it was read (make_grid padding 1)
 
@@ -208,8 +225,7 @@ def test_bad_gz_in_mnist_folder_is_named(tmp_path):
 
 
 def test_npz_with_every_row_skipped_says_so(tmp_path):
-    np.savez(tmp_path / "pneumoniamnist.npz", train_images=np.zeros((3, 28, 28), np.uint8),
-             train_labels=np.array([[7], [9], [-1]]))
+    np.savez(tmp_path / "pneumoniamnist.npz", train_images=np.zeros((3, 28, 28), np.uint8), train_labels=np.array([[7], [9], [-1]]))
     with pytest.raises(ValueError, match=r"pneumoniamnist\.npz: all 3 rows of train_labels are bad .*nothing is left"):
         medmnist(str(tmp_path), "train", 28, on_error="skip")
 
@@ -250,16 +266,42 @@ def test_yaml_syntax_error_names_the_file(tmp_path, capsys):
 def test_data_follows_the_model_and_mismatches_are_named(tmp_path, capsys):
     code = None
     try:
-        train_main(["--config", TINY, "--run_dir", str(tmp_path / "run"), "--logger", "none", "--data.root", str(REPO / "data"),
-                    "--model.net.in_channels", "3", "--trainer.max_steps", "1"])
+        train_main(
+            [
+                "--config",
+                TINY,
+                "--run_dir",
+                str(tmp_path / "run"),
+                "--logger",
+                "none",
+                "--data.root",
+                str(REPO / "data"),
+                "--model.net.in_channels",
+                "3",
+                "--trainer.max_steps",
+                "1",
+            ]
+        )
     except SystemExit as e:
         code = e.code
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "gives 1-channel 32x32 images, but the model expects model.net.in_channels=3" in line
     from patronus.cli.train import PatronusCLI
 
-    cli = PatronusCLI(args=["--config", TINY, "--logger", "none", "--run_dir", str(tmp_path / "r2"), "--model.net.image_size", "16",
-                            "--model.net.in_channels", "1"])
+    cli = PatronusCLI(
+        args=[
+            "--config",
+            TINY,
+            "--logger",
+            "none",
+            "--run_dir",
+            str(tmp_path / "r2"),
+            "--model.net.image_size",
+            "16",
+            "--model.net.in_channels",
+            "1",
+        ]
+    )
     assert cli.datamodule.hparams.image_size == 16 and cli.datamodule.hparams.channels == 1  # linked, never disagree
 
 

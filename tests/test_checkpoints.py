@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from patronus.runs import export_model, load_model
 from patronus.models.patronus import PatronusModel
+from patronus.runs import export_model, load_model
 from tests.conftest import TINY_NET
 
 

@@ -26,8 +26,7 @@ def test_goals_follow_the_issue():
     sweep = load_sweep()
     assert sweep.goals_met({"level": 0.0, "flagged": 0}) is True
     assert sweep.goals_met({"level": 0.0, "flagged": 1}) is False
-    row = {"level": 0.8, "flagged": 2, "marker_finding_rank": 1, "marker_auroc": 0.97, "marker_auroc_balanced": 0.96,
-           "box_hit_rate": 0.9}
+    row = {"level": 0.8, "flagged": 2, "marker_finding_rank": 1, "marker_auroc": 0.97, "marker_auroc_balanced": 0.96, "box_hit_rate": 0.9}
     assert sweep.goals_met(row) is True and sweep.goals_met({**row, "marker_finding_rank": 2}) is False
     # a prototype that fires on the marked class scores high where the marker goes with the class, not where it does not
     assert sweep.goals_met({**row, "marker_auroc": 0.99, "marker_auroc_balanced": 0.8}) is False
@@ -69,8 +68,9 @@ def test_quick_sweep_flags_nothing_at_zero_and_finds_the_marker_at_full_contamin
     assert json.loads((run / "analysis" / "marker_feature_probe.json").read_text()) == probe
 
     # fine-tuning with the finding held (the report's finetune_held.yaml), then the marker-drawn rates
-    result = load_benchmark("mitigation_finetune").main(["--run", str(tmp_path / "square_p100"), "--steps", "20",
-                                                         "--num_images", "16", "--sampling_steps", "5"])
+    result = load_benchmark("mitigation_finetune").main(
+        ["--run", str(tmp_path / "square_p100"), "--steps", "20", "--num_images", "16", "--sampling_steps", "5"]
+    )
     held_run = tmp_path / "square_p100_held"
     assert (held_run / "model").is_dir() and (held_run / "mitigation.png").is_file()
     assert json.loads((held_run / "mitigation.json").read_text()) == json.loads(json.dumps(result))

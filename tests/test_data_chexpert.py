@@ -102,11 +102,13 @@ def test_valid_split(root):
 
 @pytest.mark.parametrize("header", [True, False])
 def test_pacemaker_column_from_csv(root, tmp_path, header):
-    pm_rows = [[f"{TRAIN}/patient00004/study2/view1_frontal.jpg", "1"],
-               [f"{TRAIN}/patient00002/study1/view1_frontal.jpg", "0"],
-               # the same image named as in the full-resolution release still matches
-               ["CheXpert-v1.0/train/patient00003/study1/view1_frontal.jpg", "0.0"],
-               [f"{TRAIN}/patient99999/study1/view1_frontal.jpg", "1"]]  # not in this split: unused
+    pm_rows = [
+        [f"{TRAIN}/patient00004/study2/view1_frontal.jpg", "1"],
+        [f"{TRAIN}/patient00002/study1/view1_frontal.jpg", "0"],
+        # the same image named as in the full-resolution release still matches
+        ["CheXpert-v1.0/train/patient00003/study1/view1_frontal.jpg", "0.0"],
+        [f"{TRAIN}/patient99999/study1/view1_frontal.jpg", "1"],
+    ]  # not in this split: unused
     pm_csv = tmp_path / "pacemaker.csv"
     pm_csv.write_text("\n".join(",".join(r) for r in ([["Path", "PM"]] if header else []) + pm_rows) + "\n")
     ds = chexpert(str(root), "train", 16, pacemaker_csv=str(pm_csv))

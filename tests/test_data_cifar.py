@@ -92,7 +92,10 @@ def test_python_layout_uses_torchvisions_loader(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
     train = cifar10(str(tmp_path), "train", 32)
     test = cifar10(str(tmp_path), "test", 16, layout="python")
-    assert FakeCIFAR10.calls == [dict(root=str(tmp_path), train=True, download=False), dict(root=str(tmp_path), train=False, download=False)]
+    assert FakeCIFAR10.calls == [
+        dict(root=str(tmp_path), train=True, download=False),
+        dict(root=str(tmp_path), train=False, download=False),
+    ]
     assert len(train) == 6 and len(test) == 4 and train.labels.tolist() == [0, 1, 2, 3, 4, 5]
     assert train.images.dtype == torch.uint8 and train.attributes[5].argmax() == 5 and train.classes == CLASSES
     x = test[0]["image"]

@@ -119,7 +119,9 @@ def test_one_channel_folder(tmp_path):
 
 def test_csv_row_naming_a_missing_file(folder):
     csv = _csv(folder / "a.csv", "image,Smiling\ntrain/a/1.png,1\na/1.png,0\nvalid/nope.png,1\n")
-    expected = r"a.csv: row on line 3 \(image='a/1.png'\): .*a/1.png does not exist; paths are relative to ROOT, did you mean train/a/1.png\?"
+    expected = (
+        r"a.csv: row on line 3 \(image='a/1.png'\): .*a/1.png does not exist; paths are relative to ROOT, did you mean train/a/1.png\?"
+    )
     with pytest.raises(FileNotFoundError, match=expected + r".*and 1 more"):
         attribute_folder(str(folder), "train", 16, attributes_csv=csv)
     with pytest.warns(UserWarning) as record:

@@ -34,9 +34,7 @@ def medmnist_dir(shared_datasets: Path) -> Path:
 # -- real files -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "split,counts", [("train", [1214, 3494]), ("val", [135, 389]), ("test", [234, 390])]
-)
+@pytest.mark.parametrize("split,counts", [("train", [1214, 3494]), ("val", [135, 389]), ("test", [234, 390])])
 def test_pneumoniamnist_official_split_sizes_and_class_balance(medmnist_dir, split, counts):
     ds = medmnist(str(medmnist_dir), split, 32, name="pneumoniamnist")
     assert len(ds) == SPLIT_SIZES[split] == sum(counts)
@@ -115,8 +113,9 @@ def test_64px_file_follows_the_name_size_convention(tmp_path):
 
 
 def test_unknown_set_falls_back_to_numbered_classes(tmp_path):
-    write_npz(tmp_path / "mymnist.npz", splits(lambda s, n: np.zeros((n, 28, 28), np.uint8)),
-              splits(lambda s, n: (np.arange(n) % 5)[:, None]))
+    write_npz(
+        tmp_path / "mymnist.npz", splits(lambda s, n: np.zeros((n, 28, 28), np.uint8)), splits(lambda s, n: (np.arange(n) % 5)[:, None])
+    )
     ds = medmnist(str(tmp_path), "train", 32, name="mymnist")
     assert ds.classes == [f"class_{i}" for i in range(5)] and ds.attributes.shape == (12, 5)
 

@@ -28,9 +28,18 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     module = PatronusModule(PatronusModel(**TINY_NET), lr=2e-3, snr_gamma=5.0)
     data = PatronusDataModule(root=str(REPO / "data"), batch_size=8, train_subset=256, val_subset=32)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=6, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, val_check_interval=6, check_val_every_n_epoch=None,
-        callbacks=[SaveRankWeights(tmp_path)], default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=6,
+        check_val_every_n_epoch=None,
+        callbacks=[SaveRankWeights(tmp_path)],
+        default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=data)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -45,9 +54,28 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
 @pytest.mark.slow
 def test_train_script_with_two_ddp_processes(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "mnist_tiny.yaml"), "--run_dir", str(run),
-           "--data.root", str(REPO / "data"), "--logger", "csv", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--trainer.max_steps", "6", "--trainer.val_check_interval", "6", "--trainer.precision", "32"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--config",
+        str(REPO / "configs" / "mnist_tiny.yaml"),
+        "--run_dir",
+        str(run),
+        "--data.root",
+        str(REPO / "data"),
+        "--logger",
+        "csv",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "6",
+        "--trainer.precision",
+        "32",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr

@@ -33,8 +33,7 @@ def test_the_registered_scheduler_is_the_one_every_verb_uses(tiny_model, tiny_pi
 
     from patronus.pipeline import PatronusPipeline
 
-    chosen = DDIMScheduler.from_config(tiny_model.noise_scheduler().config, timestep_spacing="leading", steps_offset=1,
-                                       clip_sample=False)
+    chosen = DDIMScheduler.from_config(tiny_model.noise_scheduler().config, timestep_spacing="leading", steps_offset=1, clip_sample=False)
     pipe = PatronusPipeline(model=tiny_model, scheduler=chosen)
     x0 = mnist_test_images[:2]
     s = pipe.encode(x0).s
@@ -119,8 +118,8 @@ def test_editing_moves_the_edited_prototype_in_the_requested_direction(tiny_pipe
     base = tiny_pipe.encode(recon).s[:, j]
     up, down = tiny_pipe.encode(imgs[0]).s[:, j], tiny_pipe.encode(imgs[1]).s[:, j]
     assert torch.allclose(requested[0][:, j], s_high[j].expand(len(x0)))
-    assert (up - base).mean() > 0, (up - base)
-    assert (down - base).mean() < 0, (down - base)
+    assert (up - base).mean() > 0, up - base
+    assert (down - base).mean() < 0, down - base
     # Other prototypes' requested values are untouched.
     others = [k for k in range(s.shape[1]) if k != j]
     assert torch.equal(requested[0][:, others], s[:, others])
@@ -157,8 +156,9 @@ def test_edit_friendly_inversion_reproduces_the_image_and_frees_the_edit(tiny_pi
     pool = tiny_pipe.encode(mnist_test_images).s
     s_low, s_high = activation_range(pool)
     j = most_variable_prototypes(pool, 1)[0]
-    res = tiny_pipe.edit(x0, [[Edit(j, "set", "q99")], [Edit(j, "set", "q01")]], steps=20,
-                         levels={"q01": s_low, "q99": s_high}, inversion="edit_friendly")
+    res = tiny_pipe.edit(
+        x0, [[Edit(j, "set", "q99")], [Edit(j, "set", "q01")]], steps=20, levels={"q01": s_low, "q99": s_high}, inversion="edit_friendly"
+    )
     assert (res.reconstruction - x0).abs().max() < 1e-4 and res.corrections is not None
     base = tiny_pipe.encode(res.reconstruction).s[:, j]
     assert (tiny_pipe.encode(res.images[0]).s[:, j] - base).mean() > 0

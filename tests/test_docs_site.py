@@ -27,8 +27,11 @@ def readme_sections() -> list[str]:
 
 def pipeline_verbs() -> list[str]:
     """Every public member PatronusPipeline defines itself (not what it inherits from diffusers)."""
-    return [name for name, value in vars(PatronusPipeline).items()
-            if not name.startswith("_") and (callable(value) or isinstance(value, (property, classmethod, staticmethod)))]
+    return [
+        name
+        for name, value in vars(PatronusPipeline).items()
+        if not name.startswith("_") and (callable(value) or isinstance(value, (property, classmethod, staticmethod)))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
             pytest.fail(f"CI=true but {missing} not installed; .ci/run installs the docs extra")
         pytest.skip(f'{missing} not installed: pip install -e ".[docs]"')
     out = tmp_path_factory.mktemp("site")
-    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-                           cwd=REPO, check=False, capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, f"mkdocs build --strict failed:\n{build.stdout}\n{build.stderr}"
     return out
 

@@ -15,8 +15,14 @@ def test_parse_edit_forms():
 
 @pytest.mark.parametrize(
     "spec,message",
-    [("12=q99", "prototype 12 does not exist.*K=10"), ("3", "cannot parse"), ("3*q99", "only works with '='"), ("a=1", "cannot parse"),
-     ("3=max", r"'max' is now called 'q99' \(write 3=q99\)"), ("1=q95,7=min", r"'min' is now called 'q01' \(write 7=q01\)")],
+    [
+        ("12=q99", "prototype 12 does not exist.*K=10"),
+        ("3", "cannot parse"),
+        ("3*q99", "only works with '='"),
+        ("a=1", "cannot parse"),
+        ("3=max", r"'max' is now called 'q99' \(write 3=q99\)"),
+        ("1=q95,7=min", r"'min' is now called 'q01' \(write 7=q01\)"),
+    ],
 )
 def test_parse_edit_errors_name_the_spec(spec, message):
     with pytest.raises(ValueError, match=message):

@@ -21,8 +21,17 @@ from patronus.interpret.stats import activation_statistics, edit_levels
 from patronus.runs import export_model
 from tests.conftest import REPO
 
-MARKER = {"kind": "planted_marker", "target": "7", "p": 0.9, "q": 0.1, "shape": "square", "size": 4,
-          "position": [2, 26], "intensity": 1.0, "seed": 0}
+MARKER = {
+    "kind": "planted_marker",
+    "target": "7",
+    "p": 0.9,
+    "q": 0.1,
+    "shape": "square",
+    "size": 4,
+    "position": [2, 26],
+    "intensity": 1.0,
+    "seed": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +136,7 @@ def test_raised_and_lowered_prototypes_move_towards_their_targets(tiny_pipe, mni
     prototypes = torch.tensor(stats["std"]).argsort(descending=True)[:2].tolist()
     x0 = pool[:12]
     res = edit_gain(tiny_pipe, x0, prototypes, levels, steps=10)
-    for d, level in ((res.raised, "max"), (res.lowered, "min")):
+    for d, level in ((res.raised, "q99"), (res.lowered, "q01")):
         assert d.images.shape == (2, 12, 1, 32, 32)
         # the definition, recomputed from the decodes themselves
         s_rec = tiny_pipe.encode(res.reconstruction).s
@@ -135,7 +144,7 @@ def test_raised_and_lowered_prototypes_move_towards_their_targets(tiny_pipe, mni
             target = float(levels[level][j])
             s_dec = tiny_pipe.encode(d.images[p]).s
             gap = target - s_rec[:, j]
-            keep = gap.abs() >= 0.1 * float(levels["max"][j] - levels["min"][j])
+            keep = gap.abs() >= 0.1 * float(levels["q99"][j] - levels["q01"][j])
             expect = ((s_dec[keep, j] - s_rec[keep, j]) / gap[keep]).mean()
             assert float(d.gain[p]) == pytest.approx(float(expect), abs=1e-4) and int(d.counted[p]) == int(keep.sum())
             assert float(d.pixel_change[p]) == pytest.approx(float((d.images[p] - res.reconstruction).abs().mean()), abs=1e-6)
@@ -210,7 +219,7 @@ def test_marker_effect_on_real_images_from_barely_noised_latents(tiny_pipe, mnis
     masks = torch.stack([ds[i]["marker_mask"] for i in marked_rows])
     unmarked = torch.stack([ds[i]["image"] for i in unmarked_rows])
     levels = edit_levels(activation_statistics(tiny_pipe.encode(mnist[1].images[:200]).s))
-    eff = marker_effect(tiny_pipe, unmarked, marked, masks, [0, 1], levels, steps=10, partial_steps=1)
+    eff = marker_effect(tiny_pipe, unmarked, marked, masks, [0, 1], levels, steps=10, inverted_steps=1)
     assert eff.detector.rule == "mask" and eff.detector.real_accuracy == 1.0
     r = eff.rates
     assert (r.drawn, r.removed, r.drawn_in_reconstruction, r.kept_in_reconstruction) == (0.0, 0.0, 0.0, 1.0)
@@ -219,8 +228,9 @@ def test_marker_effect_on_real_images_from_barely_noised_latents(tiny_pipe, mnis
     assert refs.removed_by_swap == 0.0  # the marked latents keep the marker under any s: nothing left to redraw
     fresh = [refs.drawn_from_noise, refs.drawn_from_noise_unedited, refs.removed_from_noise, refs.removed_from_noise_unedited]
     assert all(0.0 <= v <= 1.0 for v in fresh)
-    assert marker_effect(tiny_pipe, unmarked, marked, masks, [0, 1], levels, steps=10, partial_steps=1,
-                         references=False).references is None
+    assert (
+        marker_effect(tiny_pipe, unmarked, marked, masks, [0, 1], levels, steps=10, inverted_steps=1, references=False).references is None
+    )
 
 
 def test_same_class_partners_take_turns_within_the_class():
@@ -234,8 +244,23 @@ def test_faithfulness_command_end_to_end(tiny_model, tmp_path, capsys):
     run = tmp_path / "run"
     export_model(tiny_model, run / "model")
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": "mnist", "root": str(REPO / "data"), "shortcut": MARKER}}))
-    out = main(["faithfulness", "--checkpoint", str(run), "--num_images", "16", "--steps", "5", "--judge_epochs", "1",
-                "--judge_images", "2000", "--num_edit_prototypes", "2"])
+    out = main(
+        [
+            "faithfulness",
+            "--checkpoint",
+            str(run),
+            "--num_images",
+            "16",
+            "--steps",
+            "5",
+            "--judge_epochs",
+            "1",
+            "--judge_images",
+            "2000",
+            "--num_edit_prototypes",
+            "2",
+        ]
+    )
     folder = run / "analysis" / "faithfulness"
     assert json.loads((folder / "faithfulness.json").read_text()) == json.loads(json.dumps(out))
     for name in ("agreement", "edits_raise", "edits_lower", "marker"):
@@ -253,8 +278,13 @@ def test_faithfulness_command_end_to_end(tiny_model, tmp_path, capsys):
     m = out["marker"]
     assert m["unmarked_images"] == 16 and m["marked_images"] == 16 and m["detector"]["rule"] == "mask"
     assert m["prototypes"] and 0 <= m["drawn_rate"] <= 1 and 0 <= m["removed_rate"] <= 1
-    assert set(m["references"]) == {"removed_by_swap", "drawn_from_noise", "drawn_from_noise_unedited", "removed_from_noise",
-                                    "removed_from_noise_unedited"} and all(0 <= v <= 1 for v in m["references"].values())
+    assert set(m["references"]) == {
+        "removed_by_swap",
+        "drawn_from_noise",
+        "drawn_from_noise_unedited",
+        "removed_from_noise",
+        "removed_from_noise_unedited",
+    } and all(0 <= v <= 1 for v in m["references"].values())
     with pytest.raises(SystemExit) as exit_info:
         main(["faithfulness", "--checkpoint", str(run), "--guidance", "2.0"])
     assert exit_info.value.code == 2 and "guidance=2.0" in capsys.readouterr().err

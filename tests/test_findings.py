@@ -19,8 +19,9 @@ def case(n: int = 1500, p: float = 0.9, q: float = 0.05, seed: int = 0):
     marker = torch.where(y == 3, torch.rand(n, generator=g) < p, torch.rand(n, generator=g) < q).float()
     noise = lambda: 0.3 * torch.randn(n, generator=g)  # noqa: E731
     s = torch.stack([marker + noise(), 0.8 * marker + noise(), (y == 3).float() + noise(), noise()], 1)
-    where = torch.stack([torch.full((n,), 5), torch.full((n,), 6), torch.randint(0, 64, (n,), generator=g),
-                         torch.randint(0, 64, (n,), generator=g)], 1)
+    where = torch.stack(
+        [torch.full((n,), 5), torch.full((n,), 6), torch.randint(0, 64, (n,), generator=g), torch.randint(0, 64, (n,), generator=g)], 1
+    )
     attrs = torch.cat([torch.nn.functional.one_hot(y, 4).float(), marker[:, None]], 1)
     t, t_names, c, c_names = split_targets(attrs, ["0", "1", "2", "3", "marker"], y, ["0", "1", "2", "3"])
     return s, where, y, marker, t, t_names, c, c_names
@@ -86,8 +87,20 @@ def test_a_real_but_weak_link_is_named_not_flagged():
     assert 0.05 < weak[0].rate_target < 0.1 and weak[0].rate_rest == 0.0
     assert weak_links(t, tn, c, cn, min_effect=0.05) == []  # counted (and tested) at a lower minimum
     images, unseen = torch.zeros(len(y), 1, 8, 8), auroc_matrix(s, c) * 0 + 0.5  # as if no prototype saw the marker
-    uncarried = lambda m: unexplained_signals(images, s, where, t, tn, c, cn, unseen, auroc_matrix(s, t), set(),  # noqa: E731
-                                              [(0, 0, 8, 8)] * 64, min_effect=m)
+    uncarried = lambda m: unexplained_signals(
+        images,
+        s,
+        where,
+        t,
+        tn,
+        c,
+        cn,
+        unseen,
+        auroc_matrix(s, t),
+        set(),  # noqa: E731
+        [(0, 0, 8, 8)] * 64,
+        min_effect=m,
+    )
     assert uncarried(0.1) == [] and [u.target for u in uncarried(0.0)] == ["class=3"]  # nor is it "unexplained signal"
     verdict = _verdict([], [], cn, 0.05, weak=weak, min_effect=0.1)
     assert verdict.startswith("No shortcut found") and "marker goes with class=3" in verdict and "10 percentage points" in verdict
@@ -100,8 +113,17 @@ def test_prototypes_of_different_confounders_at_different_places_stay_apart():
     s = torch.randn(400, 3)
     where = torch.tensor([0, 60, 0]).expand(400, 3)
     conf = (torch.rand(400, 2) < 0.5).float()
-    f = group_findings([0, 1], s, where, torch.tensor([0.3, 0.2, 0.0]), torch.tensor([0.01, 0.02, 1.0]),
-                       torch.tensor([0, 0, 0]), torch.tensor([0, 1, 0]), conf, grid_width=8)
+    f = group_findings(
+        [0, 1],
+        s,
+        where,
+        torch.tensor([0.3, 0.2, 0.0]),
+        torch.tensor([0.01, 0.02, 1.0]),
+        torch.tensor([0, 0, 0]),
+        torch.tensor([0, 1, 0]),
+        conf,
+        grid_width=8,
+    )
     assert [x.prototypes for x in f] == [[0], [1]]
     assert same_position(where, 0, 2, torch.arange(400), 8) == 1.0 and same_position(where, 0, 1, torch.arange(400), 8) == 0.0
 
@@ -113,8 +135,17 @@ def test_a_finding_leads_with_its_best_confounder_detector_not_its_top_score():
     marker = (torch.rand(400) < 0.5).float()
     s = torch.stack([marker + 1.5 * torch.randn(400), marker + 0.1 * torch.randn(400)], 1)
     where = torch.tensor([27, 7]).expand(400, 2)
-    f = group_findings([0, 1], s, where, torch.tensor([0.5, 0.4]), torch.tensor([0.01, 0.01]),
-                       torch.tensor([0, 0]), torch.tensor([0, 0]), marker[:, None], grid_width=8)
+    f = group_findings(
+        [0, 1],
+        s,
+        where,
+        torch.tensor([0.5, 0.4]),
+        torch.tensor([0.01, 0.01]),
+        torch.tensor([0, 0]),
+        torch.tensor([0, 0]),
+        marker[:, None],
+        grid_width=8,
+    )
     assert len(f) == 1 and f[0].prototypes == [1, 0] and f[0].score == 0.5  # ranked by its best score still
     assert f[0].same_position == [1]  # the class-shape prototype fires elsewhere
 
@@ -178,12 +209,12 @@ def test_an_uncarried_confounder_is_reported_with_where_it_sits():
     where = torch.zeros(n, 2, dtype=torch.long)
     boxes = [(8, 0, 16, 8)]  # the only cell looks at the bottom-left
     t, c2 = y[:, None], c[:, None]
-    u = unexplained_signals(images, s, where, t, ["target"], c2, ["line"], auroc_matrix(s, c2), auroc_matrix(s, t),
-                            set(), boxes)
+    u = unexplained_signals(images, s, where, t, ["target"], c2, ["line"], auroc_matrix(s, c2), auroc_matrix(s, t), set(), boxes)
     assert len(u) == 1 and u[0].confounder == "line" and u[0].peak[0] == 2 and 10 <= u[0].peak[1] < 14
     assert "line" in u[0].sentence() and "no prototype" in u[0].sentence()
-    assert unexplained_signals(images, s, where, t, ["target"], c2, ["line"], auroc_matrix(s, c2), auroc_matrix(s, t),
-                               {"line"}, boxes) == []  # a finding already carries it
+    assert (
+        unexplained_signals(images, s, where, t, ["target"], c2, ["line"], auroc_matrix(s, c2), auroc_matrix(s, t), {"line"}, boxes) == []
+    )  # a finding already carries it
     d = effect_map(images, c == 1, c == 0)
     assert float(d[2, 11]) > 5 and abs(float(d[10, 3])) < 1
 
@@ -201,12 +232,29 @@ def test_a_finding_whose_prototypes_miss_the_confounder_says_so_in_the_verdict()
     images[c == 1, :, 2, 10:14] = 1.0
     s = torch.stack([y + 0.5 * torch.randn(n, generator=g), torch.randn(n, generator=g)], 1)
     t, c2 = y[:, None], c[:, None]
-    weak = {"prototypes": [0], "target": "target", "confounder": "line", "p_value": 0.01,
-            "auroc_confounder_best": float(auroc_matrix(s, c2)[0, 0]), "auroc_confounder_group": 0.3}
+    weak = {
+        "prototypes": [0],
+        "target": "target",
+        "confounder": "line",
+        "p_value": 0.01,
+        "auroc_confounder_best": float(auroc_matrix(s, c2)[0, 0]),
+        "auroc_confounder_group": 0.3,
+    }
     assert not detects_confounder(weak)  # 0.3 read sign-free is 0.7, still short of 0.9
     carried = {"line"} if detects_confounder(weak) else set()
-    u = unexplained_signals(images, s, torch.zeros(n, 2, dtype=torch.long), t, ["target"], c2, ["line"],
-                            auroc_matrix(s, c2), auroc_matrix(s, t), carried, [(8, 0, 16, 8)])
+    u = unexplained_signals(
+        images,
+        s,
+        torch.zeros(n, 2, dtype=torch.long),
+        t,
+        ["target"],
+        c2,
+        ["line"],
+        auroc_matrix(s, c2),
+        auroc_matrix(s, t),
+        carried,
+        [(8, 0, 16, 8)],
+    )
     verdict = _verdict([weak], u, ["line"], 0.05, boxes_on_confounder=0.25)
     assert verdict.startswith("Shortcut found: target is predicted through line, carried by p0")
     assert "do not detect line itself" in verdict and "25%" in verdict and "(row 2, col 1" in verdict

@@ -71,6 +71,7 @@ def test_trapezoid_weights_integrate_known_functions_over_log_snr(tiny_model, ti
     nodes = torch.tensor([-7.0, -6.9, -2.0, 0.5, 4.0, 9.0], dtype=torch.float64)
     assert float((trapezoid_weights(nodes.flip(0)) * (2 * nodes.flip(0) - 5)).sum()) == pytest.approx(-48, rel=1e-12)
     assert float((trapezoid_weights(nodes) * (2 * nodes - 5)).sum()) == pytest.approx((9.0**2 - 5 * 9.0) - (7.0**2 + 5 * 7.0), rel=1e-12)
+
     # a smooth density: ∫ sigmoid(α) dα = softplus(hi) − softplus(lo)
     def rel_error(alpha: torch.Tensor) -> float:
         exact = torch.nn.functional.softplus(alpha.max()) - torch.nn.functional.softplus(alpha.min())
@@ -147,8 +148,10 @@ def test_information_is_zero_when_the_baseline_equals_the_activation(tiny_pipe, 
 def test_estimates_converge_with_more_noise_draws(tiny_pipe, x0, s, busiest):
     """Across 4 seeds, 4 ε per node instead of 1 shrinks the spread by about 1/√4 = 0.5."""
     nodes = torch.tensor([5, 200])
-    runs = {n: [prototype_information(tiny_pipe, x0, [busiest], timesteps=nodes, num_noise=n, seed=seed, s=s)
-                for seed in range(4)] for n in (1, 4)}
+    runs = {
+        n: [prototype_information(tiny_pipe, x0, [busiest], timesteps=nodes, num_noise=n, seed=seed, s=s) for seed in range(4)]
+        for n in (1, 4)
+    }
     pixel = {n: torch.stack([r.pixel[:, 0] for r in rs]) for n, rs in runs.items()}  # (seeds, B, H, W)
     total = {n: torch.stack([r.total[:, 0] for r in rs]) for n, rs in runs.items()}  # (seeds, B)
     pixel_ratio = float(pixel[4].std(0).mean() / pixel[1].std(0).mean())
@@ -210,8 +213,7 @@ def test_saliency_is_the_nonnegative_gradient_of_f_also_under_no_grad(tiny_model
     torch.testing.assert_close(maps["saliency"], grad.abs().sum(1), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(maps["gradient_x_input"], (grad * x_t.detach()).sum(1), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(saliency_map(tiny_pipe, x0, busiest, t, 0.0, 1, 2, s=s), maps["saliency"])
-    torch.testing.assert_close(saliency_map(tiny_pipe, x0, busiest, t, 0.0, 1, 2, s=s, times_input=True),
-                               maps["abs_gradient_x_input"])
+    torch.testing.assert_close(saliency_map(tiny_pipe, x0, busiest, t, 0.0, 1, 2, s=s, times_input=True), maps["abs_gradient_x_input"])
 
 
 @torch.no_grad()
@@ -277,10 +279,34 @@ def _png(path) -> torch.Tensor:
 @pytest.mark.slow
 def test_information_and_attribution_from_the_cli(tiny_model, tmp_path, capsys):
     model_dir = export_model(tiny_model, tmp_path / "model")
-    common = ["--checkpoint", str(model_dir), "--data.dataset", "mnist", "--data.root", str(REPO / "data"),
-              "--data.split", "test", "--num_images", "3"]
-    out = main(["information", *common, "--prototypes", "[1,6,3]", "--num_timesteps", "4", "--num_noise", "1",
-                "--pairs", "2", "--baseline", "median"])
+    common = [
+        "--checkpoint",
+        str(model_dir),
+        "--data.dataset",
+        "mnist",
+        "--data.root",
+        str(REPO / "data"),
+        "--data.split",
+        "test",
+        "--num_images",
+        "3",
+    ]
+    out = main(
+        [
+            "information",
+            *common,
+            "--prototypes",
+            "[1,6,3]",
+            "--num_timesteps",
+            "4",
+            "--num_noise",
+            "1",
+            "--pairs",
+            "2",
+            "--baseline",
+            "median",
+        ]
+    )
     folder = model_dir / "analysis" / "information"
     for name in ("information.png", "information_when.png", "pid.png"):
         img = _png(folder / name)
@@ -316,8 +342,10 @@ def test_information_and_attribution_from_the_cli(tiny_model, tmp_path, capsys):
     saved = load_file(str(folder / "attribution.safetensors"))
     assert saved["map_saliency"].shape == (3, 32, 32) and bool((saved["map_saliency"] >= 0).all())
     assert saved["saliency_deletion_curve"].shape == (3, 5)
-    for flag, value, message in (("--prototype", "8", "prototype 8: the model has K=8"),
-                                 ("--timestep", "5000", "timestep 5000: the model has T=1000")):
+    for flag, value, message in (
+        ("--prototype", "8", "prototype 8: the model has K=8"),
+        ("--timestep", "5000", "timestep 5000: the model has T=1000"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["attribution", *common, flag, value])
         assert exit_info.value.code == 2 and f"error: {message}" in capsys.readouterr().err

@@ -106,7 +106,9 @@ def test_cli_commands_write_figures_and_numbers(tiny_model, tmp_path, capsys):
     out = main(["variations", *common, "--num_images", "2", "--n", "2", "--steps", "5"])
     assert out["mean_pixel_std_across_variations"] > 0
     out = main(["extrapolate", *common, "--num_images", "2", "--n", "3", "--prototype", "1", "--steps", "5"])
-    assert len(out["values"]) == 3 and json.loads((model_dir / "analysis" / "extrapolate" / "extrapolate.json").read_text())["prototype"] == 1
+    assert (
+        len(out["values"]) == 3 and json.loads((model_dir / "analysis" / "extrapolate" / "extrapolate.json").read_text())["prototype"] == 1
+    )
     out = main(["prior", *common, "--num_images", "256", "--prior_steps", "200", "--steps", "5"])
     assert (model_dir / "analysis" / "prior" / "model" / "config.json").is_file() and out["held_out_images"] == 1000
     assert (model_dir / "analysis" / "prior" / "prior_samples.png").is_file()
@@ -130,13 +132,28 @@ def test_cli_user_errors_end_in_one_line_and_exit_code_2(tiny_model, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {err[0].removeprefix('error: ')}"] and message in err[0], err  # one line, no traceback
     with pytest.raises(ValueError, match="K=8|steps=0|out of range"):  # --debug: the exception itself
-        main([args[0], "--checkpoint", str(model_dir), "--data.dataset", "mnist", "--data.root", str(REPO / "data"), *args[1:], "--debug", "true"])
+        main(
+            [
+                args[0],
+                "--checkpoint",
+                str(model_dir),
+                "--data.dataset",
+                "mnist",
+                "--data.root",
+                str(REPO / "data"),
+                *args[1:],
+                "--debug",
+                "true",
+            ]
+        )
 
 
 def test_cli_missing_checkpoint_and_bad_type(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["stats", "--checkpoint", str(tmp_path / "nope")])
-    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'nope'}: no such file or directory"
+    assert (
+        exit_info.value.code == 2 and capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'nope'}: no such file or directory"
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(["stats", "--checkpoint", str(tmp_path), "--num_images", "many"])
     assert exit_info.value.code == 2 and "num_images" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_no_import_circle_inside_the_package():
         path.append(m)
         for d in sorted(g[m]):
             if state.get(d) == 1:
-                pytest.fail("import circle: " + " -> ".join(path[path.index(d):] + [d]))
+                pytest.fail("import circle: " + " -> ".join(path[path.index(d) :] + [d]))
             if d not in state:
                 visit(d)
         path.pop()
@@ -59,8 +59,11 @@ def test_no_import_circle_inside_the_package():
 
 
 def test_nothing_below_the_command_line_imports_it():
-    offenders = {m: sorted(d for d in deps if d.startswith("patronus.cli")) for m, deps in graph().items()
-                 if not m.startswith("patronus.cli") and m != "patronus.__main__"}
+    offenders = {
+        m: sorted(d for d in deps if d.startswith("patronus.cli"))
+        for m, deps in graph().items()
+        if not m.startswith("patronus.cli") and m != "patronus.__main__"
+    }
     assert not {m: d for m, d in offenders.items() if d}, offenders
 
 
@@ -71,16 +74,25 @@ def test_analyses_neither_draw_nor_write_command_line_code():
         assert "patronus.plots" not in imports_of(path), path.name
 
 
-INFERENCE_MODULES = ["patronus", "patronus.pipeline", "patronus.models", "patronus.runs", "patronus.edits", "patronus.data",
-                     "patronus.plots"] + sorted(module_name(p) for p in (PACKAGE / "interpret").glob("*.py"))
+INFERENCE_MODULES = [
+    "patronus",
+    "patronus.pipeline",
+    "patronus.models",
+    "patronus.runs",
+    "patronus.edits",
+    "patronus.data",
+    "patronus.plots",
+] + sorted(module_name(p) for p in (PACKAGE / "interpret").glob("*.py"))
 
 
 def test_inference_and_analyses_do_not_load_lightning():
-    code = ("import importlib, sys\n"
-            f"for m in {INFERENCE_MODULES!r}:\n"
-            "    importlib.import_module(m)\n"
-            "bad = sorted(k for k in sys.modules if k == 'lightning' or k.startswith(('lightning.', 'pytorch_lightning')))\n"
-            "print(bad[:5])\n")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {INFERENCE_MODULES!r}:\n"
+        "    importlib.import_module(m)\n"
+        "bad = sorted(k for k in sys.modules if k == 'lightning' or k.startswith(('lightning.', 'pytorch_lightning')))\n"
+        "print(bad[:5])\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout

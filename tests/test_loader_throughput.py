@@ -17,8 +17,7 @@ import loader_throughput  # noqa: E402
 def make_prepared(folder, n: int = 300) -> None:
     """A litdata.optimize folder of PneumoniaMNIST-sized items, as `python -m patronus prepare` might write."""
     litdata = pytest.importorskip("litdata")
-    litdata.optimize(fn=item, inputs=list(range(n)), output_dir=str(folder), chunk_bytes="64KB", num_workers=1,
-                     verbose=False)
+    litdata.optimize(fn=item, inputs=list(range(n)), output_dir=str(folder), chunk_bytes="64KB", num_workers=1, verbose=False)
 
 
 def item(i: int) -> dict:
@@ -30,12 +29,30 @@ def item(i: int) -> dict:
 def test_every_preset_and_a_prepared_folder_get_finite_numbers(shared_datasets, tmp_path, monkeypatch):
     make_prepared(tmp_path / "prepared")
     out = tmp_path / "loader.json"
-    res = loader_throughput.main(["--shared", str(shared_datasets), "--presets", "pneumoniamnist_paper", "chexpert_paper",
-                                  "--workers", "0", "1", "--batches", "2", "--warmup", "1", "--out", str(out),
-                                  "--prepared", f"pneumoniamnist_paper={tmp_path / 'prepared'}", "--no-measure-gpu"])
+    res = loader_throughput.main(
+        [
+            "--shared",
+            str(shared_datasets),
+            "--presets",
+            "pneumoniamnist_paper",
+            "chexpert_paper",
+            "--workers",
+            "0",
+            "1",
+            "--batches",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+            "--prepared",
+            f"pneumoniamnist_paper={tmp_path / 'prepared'}",
+            "--no-measure-gpu",
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert "40% MFU of 989 TFLOP/s" in res["step_rate_source"]  # the assumption is stated
-    for name, e in res["presets"].items():
+    for e in res["presets"].values():
         assert "skipped" not in e, e
         assert set(e["raw"]) == {"0", "1"} and all(r["img_per_s"] > 0 for r in e["raw"].values())
         assert e["workers_needed"] >= 1 and math.isfinite(e["step_img_per_s"])
@@ -47,6 +64,22 @@ def test_every_preset_and_a_prepared_folder_get_finite_numbers(shared_datasets, 
     assert prepared["by_workers"]["0"]["images"] == 2 * 128 and prepared["workers_needed"] >= 1
 
     monkeypatch.setitem(sys.modules, "litdata", None)  # not installed: a note, not a crash
-    res = loader_throughput.main(["--shared", str(shared_datasets), "--presets", "pneumoniamnist_paper", "--workers", "0",
-                                  "--batches", "1", "--warmup", "0", "--out", str(out), "--prepared", str(tmp_path / "x")])
+    res = loader_throughput.main(
+        [
+            "--shared",
+            str(shared_datasets),
+            "--presets",
+            "pneumoniamnist_paper",
+            "--workers",
+            "0",
+            "--batches",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+            "--prepared",
+            str(tmp_path / "x"),
+        ]
+    )
     assert res["prepared"][str(tmp_path / "x")]["skipped"].startswith("litdata is not installed")

@@ -11,12 +11,12 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from safetensors.torch import load_file
 
-from patronus.training.callbacks import EMA, InterpretMonitor
 from patronus.cli.train import PatronusCLI
 from patronus.data.datamodule import PatronusDataModule
-from patronus.pipeline import PatronusPipeline
 from patronus.interpret.stats import activation_statistics
 from patronus.models.patronus import PatronusModel
+from patronus.pipeline import PatronusPipeline
+from patronus.training.callbacks import EMA, InterpretMonitor
 from patronus.training.module import PatronusModule
 from tests.conftest import REPO, TINY_NET
 from tests.wandb_records import read_run
@@ -33,11 +33,21 @@ def monitored_run(tmp_path_factory: pytest.TempPathFactory):
     module = PatronusModule(PatronusModel(**TINY_NET), lr=2e-3, warmup_steps=5, snr_gamma=5.0)
     data = PatronusDataModule(root=str(REPO / "data"), batch_size=32, val_subset=64)
     monitor = InterpretMonitor(every_n_steps=EVERY, num_images=IMAGES, steps=DDIM, pool_size=POOL, top_k=TOP_K, bins=10)
-    loggers = [CSVLogger(run / "csv", name="", version=""), WandbLogger(save_dir=run, project="test", offline=True),
-               TensorBoardLogger(run / "tb", name="", version="")]
+    loggers = [
+        CSVLogger(run / "csv", name="", version=""),
+        WandbLogger(save_dir=run, project="test", offline=True),
+        TensorBoardLogger(run / "tb", name="", version=""),
+    ]
     trainer = pl.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_steps=STEPS, logger=loggers, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=run,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=STEPS,
+        logger=loggers,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=run,
         callbacks=[EMA(decay=0.9), monitor],
     )
     trainer.fit(module, datamodule=data)
@@ -165,6 +175,5 @@ def test_wandb_and_tensorboard_pictures_are_the_pngs_on_disk(monitored_run):
             disk = _png(run / "interpret" / f"step_{step:07d}" / f"{name}.png")
             assert disk.float().std() > 10, f"{name} at step {step} on disk is flat"
             assert torch.equal(_png(wb), disk), f"wandb's {wb.name} differs from the PNG on disk"
-            tb_img = torch.ops.image.decode_png(torch.frombuffer(bytearray(tb_event.encoded_image_string), dtype=torch.uint8),
-                                                0, False)[:3]
+            tb_img = torch.ops.image.decode_png(torch.frombuffer(bytearray(tb_event.encoded_image_string), dtype=torch.uint8), 0, False)[:3]
             assert torch.equal(tb_img, disk), f"TensorBoard's interpret/{name} at step {step} differs from the PNG on disk"

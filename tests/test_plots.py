@@ -20,14 +20,16 @@ def test_the_plots_package_neither_selects_a_backend_nor_imports_pyplot():
 
 
 def test_figures_render_to_uint8_and_png_without_pyplot(tmp_path):
-    code = ("import sys, torch\n"
-            "from patronus import plots\n"
-            f"img = plots.heatmap(torch.rand(3, 4), xlabels=list('abcd'), ylabels=list('xyz'), title='t', path={str(tmp_path / 'h.png')!r})\n"
-            "fig, ax = plots.subplots(figsize=(2, 2))\n"
-            "ax.plot([0, 1], [1, 0])\n"
-            "line = plots.render(fig)\n"
-            "pyplot = sys.modules.get('matplotlib.pyplot')\n"
-            "print(img.dtype, img.shape[0], line.shape[0], pyplot is None or not pyplot.get_fignums())\n")
+    code = (
+        "import sys, torch\n"
+        "from patronus import plots\n"
+        f"img = plots.heatmap(torch.rand(3, 4), xlabels=list('abcd'), ylabels=list('xyz'), title='t', path={str(tmp_path / 'h.png')!r})\n"
+        "fig, ax = plots.subplots(figsize=(2, 2))\n"
+        "ax.plot([0, 1], [1, 0])\n"
+        "line = plots.render(fig)\n"
+        "pyplot = sys.modules.get('matplotlib.pyplot')\n"
+        "print(img.dtype, img.shape[0], line.shape[0], pyplot is None or not pyplot.get_fignums())\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["torch.uint8", "3", "3", "True"], proc.stdout

@@ -133,9 +133,14 @@ def test_a_negative_position_weight_is_refused():
         PrototypeEncoder(position_weight=-1.0)
 
 
-@pytest.mark.parametrize("options", [dict(layout="paper32", image_size=32, in_channels=1),
-                                     dict(layout="chexpert", image_size=64, in_channels=1),
-                                     dict(backbone="resnet10t", image_size=32, in_channels=3)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(layout="paper32", image_size=32, in_channels=1),
+        dict(layout="chexpert", image_size=64, in_channels=1),
+        dict(backbone="resnet10t", image_size=32, in_channels=3),
+    ],
+)
 def test_the_feature_decoder_redraws_an_image_of_the_input_size(options):
     """A conv layout is mirrored (each cell redraws its receptive field), a timm backbone upsampled;
     either way the reconstruction loss compares like with like, and the activations computed from the

@@ -15,8 +15,15 @@ from patronus.diffusion import diffusion_loss
 from patronus.interpret.quality import auroc_matrix
 from patronus.models.patronus import PatronusModel
 from patronus.models.prototypes import ReceptiveField
-from patronus.training.reseeding import (PrototypeReseeding, away_from, densest_cluster, move_prototype, pixel_owner, plan_reseed,
-                                         reset_moments)
+from patronus.training.reseeding import (
+    PrototypeReseeding,
+    away_from,
+    densest_cluster,
+    move_prototype,
+    pixel_owner,
+    plan_reseed,
+    reset_moments,
+)
 from tests.conftest import REPO, train_tiny
 
 
@@ -68,8 +75,17 @@ def test_a_marker_the_model_never_saw_gets_a_prototype_that_detects_it(tiny_mode
     """The tiny model was trained on clean digits: its denoiser cannot draw the marker from s, so the
     marker is the recurring error, and the centroid seeded from it detects it better than any prototype."""
     x, has, masks = marked_pool(256, 0.25)
-    plan, why = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, t=700, candidates=128, radius_share=0.05,
-                            min_support=4, protected=set(), generator=torch.Generator().manual_seed(0))
+    plan, why = plan_reseed(
+        tiny_model,
+        tiny_model.noise_scheduler(),
+        x,
+        t=700,
+        candidates=128,
+        radius_share=0.05,
+        min_support=4,
+        protected=set(),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert plan is not None, why
     top, left, bottom, right = tiny_model.encoder.cell_box(plan.cell)
     mask = masks[plan.image, 0]
@@ -80,14 +96,32 @@ def test_a_marker_the_model_never_saw_gets_a_prototype_that_detects_it(tiny_mode
     before = auroc_matrix(tiny_model.encoder(x), has.float()[:, None])[0].max()
     after = auroc_matrix(s[:, None], has.float()[:, None])[0, 0]
     assert after > before + 0.1, (float(before), float(after))  # a better marker detector than any prototype had
-    again, _ = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, t=700, candidates=128, radius_share=0.05,
-                           min_support=4, protected={plan.index}, generator=torch.Generator().manual_seed(0))
+    again, _ = plan_reseed(
+        tiny_model,
+        tiny_model.noise_scheduler(),
+        x,
+        t=700,
+        candidates=128,
+        radius_share=0.05,
+        min_support=4,
+        protected={plan.index},
+        generator=torch.Generator().manual_seed(0),
+    )
     assert again is not None and again.index != plan.index  # a prototype is reseeded once at most
     # A place is seeded once: with the marker's place taken, the round looks elsewhere or nowhere.
     taken = torch.cat([plan.place[None], plan.member_places])
-    elsewhere, why = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, t=700, candidates=128, radius_share=0.05,
-                                 min_support=4, protected={plan.index}, generator=torch.Generator().manual_seed(0),
-                                 seeded_places=taken)
+    elsewhere, why = plan_reseed(
+        tiny_model,
+        tiny_model.noise_scheduler(),
+        x,
+        t=700,
+        candidates=128,
+        radius_share=0.05,
+        min_support=4,
+        protected={plan.index},
+        generator=torch.Generator().manual_seed(0),
+        seeded_places=taken,
+    )
     assert elsewhere is None or bool(away_from(elsewhere.member_places, taken, (10, 10)).all()), why
 
 
@@ -99,8 +133,7 @@ def test_a_contrast_seed_moves_the_centroid_away_from_the_typical_patch(tiny_mod
     x, has, _ = marked_pool(256, 0.25)
     kwargs = dict(t=700, candidates=128, radius_share=0.05, min_support=4, protected=set())
     plain, why = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, generator=torch.Generator().manual_seed(0), **kwargs)
-    sharp, _ = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, generator=torch.Generator().manual_seed(0),
-                           contrast=1.0, **kwargs)
+    sharp, _ = plan_reseed(tiny_model, tiny_model.noise_scheduler(), x, generator=torch.Generator().manual_seed(0), contrast=1.0, **kwargs)
     assert plain is not None and sharp is not None, why
     assert (sharp.index, sharp.image, sharp.cell, sharp.support) == (plain.index, plain.image, plain.cell, plain.support)
     with torch.no_grad():
@@ -159,9 +192,22 @@ class RecordingReseeding(PrototypeReseeding):
 
 def test_the_callback_moves_the_prototype_and_its_ema_copy_and_survives_a_resume(tmp_path):
     reseed = RecordingReseeding(every_n_steps=30, start_step=30, stop_fraction=0.5, min_support=2)
-    module = train_tiny(tmp_path, max_steps=60, extra_callbacks=[reseed],
-                        shortcut={"kind": "planted_marker", "target": "7", "p": 0.9, "q": 0.05, "shape": "square",
-                                  "size": 6, "position": [1, 25], "intensity": 1.0, "seed": 0})
+    module = train_tiny(
+        tmp_path,
+        max_steps=60,
+        extra_callbacks=[reseed],
+        shortcut={
+            "kind": "planted_marker",
+            "target": "7",
+            "p": 0.9,
+            "q": 0.05,
+            "shape": "square",
+            "size": 6,
+            "position": [1, 25],
+            "intensity": 1.0,
+            "seed": 0,
+        },
+    )
     assert len(reseed.plans) == 1 and list(reseed.reseeded) == [reseed.plans[0][0].index]
     plan, old = reseed.plans[0]
     # training ends on the EMA weights: they hold the new prototype, not a blend that keeps most of the old one

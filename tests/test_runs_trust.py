@@ -20,13 +20,23 @@ from safetensors.torch import load_file, save_file
 
 from patronus.cli.train import train_main
 from patronus.models.patronus import PatronusModel
-from patronus.runs import atomic_write, export_model, find_resume_point, load_model
+from patronus.runs import export_model, find_resume_point, load_model
 from patronus.training.logs import logged_after
 from tests.conftest import REPO, TINY_NET
 
 TINY = str(REPO / "configs" / "mnist_tiny.yaml")
-QUIET = ["--trainer.limit_val_batches", "0", "--interpret_monitor.every_n_steps", "0", "--trainer.enable_progress_bar", "false",
-         "--trainer.enable_model_summary", "false", "--data.root", str(REPO / "data")]
+QUIET = [
+    "--trainer.limit_val_batches",
+    "0",
+    "--interpret_monitor.every_n_steps",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.root",
+    str(REPO / "data"),
+]
 
 
 @pytest.fixture
@@ -71,9 +81,11 @@ def test_kill_mid_write_keeps_the_old_file_and_leaks_no_temporary(tmp_path, othe
     target = tmp_path / "checkpoints" / "last.ckpt"
     target.parent.mkdir()
     old = fake_ckpt(target, 20)
-    child = ("import sys, time\nfrom patronus.runs import atomic_write\n"
-             "def slow(fh):\n    for _ in range(1000):\n        fh.write(b'x' * 4096); fh.flush(); time.sleep(0.01)\n"
-             f"atomic_write({str(target)!r}, slow)\n")
+    child = (
+        "import sys, time\nfrom patronus.runs import atomic_write\n"
+        "def slow(fh):\n    for _ in range(1000):\n        fh.write(b'x' * 4096); fh.flush(); time.sleep(0.01)\n"
+        f"atomic_write({str(target)!r}, slow)\n"
+    )
     env = {**os.environ, "TMPDIR": str(other_tmp), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", child], env=env, cwd=REPO)
     deadline = time.time() + 60
@@ -105,15 +117,28 @@ class Tail:
 @pytest.mark.slow
 def test_killed_at_random_moments_every_rerun_resumes_within_one_interval(tmp_path, other_tmp):
     run, every, max_steps = tmp_path / "run", 5, 30
-    args = [str(REPO / "train.py"), "--config", TINY, "--run_dir", str(run), "--logger", "csv", *QUIET,
-            "--trainer.max_steps", str(max_steps), "--checkpoint.every_n_train_steps", str(every), "--status.every_n_steps", "1"]
+    args = [
+        str(REPO / "train.py"),
+        "--config",
+        TINY,
+        "--run_dir",
+        str(run),
+        "--logger",
+        "csv",
+        *QUIET,
+        "--trainer.max_steps",
+        str(max_steps),
+        "--checkpoint.every_n_train_steps",
+        str(every),
+        "--status.every_n_steps",
+        "1",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(other_tmp)}
     rng = random.Random(13)
     resumed_from = []
-    for kill in range(3):
+    for _kill in range(3):
         proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail = Tail(proc)
-        start = tail.step
         deadline = time.time() + 120
         while time.time() < deadline and tail.step < (resumed_from[-1] if resumed_from else 0) + every + 1:
             time.sleep(0.05)
@@ -149,8 +174,19 @@ def assert_continuous(rows: list[dict[str, str]]) -> None:
 
 def test_resume_after_a_kill_continues_the_metrics_history(tmp_path, capsys):
     run = tmp_path / "run"
-    base = ["--config", TINY, "--run_dir", str(run), "--logger", "csv", *QUIET, "--checkpoint.every_n_train_steps", "5",
-            "--trainer.log_every_n_steps", "2"]
+    base = [
+        "--config",
+        TINY,
+        "--run_dir",
+        str(run),
+        "--logger",
+        "csv",
+        *QUIET,
+        "--checkpoint.every_n_train_steps",
+        "5",
+        "--trainer.log_every_n_steps",
+        "2",
+    ]
     assert run_train([*base, "--trainer.max_steps", "5"], capsys)[0] == 0
     at_five = tmp_path / "checkpoints_at_5"
     shutil.copytree(run / "checkpoints", at_five)
@@ -191,9 +227,28 @@ def run_train(args: list[str], capsys) -> tuple[int, str]:
 
 def test_divergence_stops_with_step_and_cause_and_exports_nothing(tmp_path, capsys):
     run = tmp_path / "run"
-    code, log = run_train(["--config", TINY, "--run_dir", str(run), "--logger", "none", *QUIET, "--model.lr", "1e6",
-                           "--model.warmup_steps", "0", "--trainer.max_steps", "20", "--checkpoint.every_n_train_steps", "1",
-                           "--trainer.precision", "32"], capsys)
+    code, log = run_train(
+        [
+            "--config",
+            TINY,
+            "--run_dir",
+            str(run),
+            "--logger",
+            "none",
+            *QUIET,
+            "--model.lr",
+            "1e6",
+            "--model.warmup_steps",
+            "0",
+            "--trainer.max_steps",
+            "20",
+            "--checkpoint.every_n_train_steps",
+            "1",
+            "--trainer.precision",
+            "32",
+        ],
+        capsys,
+    )
     assert code == 2
     last = log.strip().splitlines()[-1]
     assert re.match(r"error: .*step \d+.*learning rate", last), last
@@ -242,8 +297,19 @@ def test_load_errors_never_advise_an_unsafe_load(tmp_path):
 
 def test_rerun_never_destroys(tmp_path, capsys):
     run = tmp_path / "run"
-    base = ["--config", TINY, "--run_dir", str(run), "--logger", "csv", *QUIET, "--checkpoint.every_n_train_steps", "5",
-            "--trainer.log_every_n_steps", "2"]
+    base = [
+        "--config",
+        TINY,
+        "--run_dir",
+        str(run),
+        "--logger",
+        "csv",
+        *QUIET,
+        "--checkpoint.every_n_train_steps",
+        "5",
+        "--trainer.log_every_n_steps",
+        "2",
+    ]
     code, _ = run_train([*base, "--trainer.max_steps", "7"], capsys)
     assert code == 0
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7  # final step saved

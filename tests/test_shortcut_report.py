@@ -6,10 +6,12 @@ import json
 import pytest
 import torch
 import yaml
+from torchvision.io import ImageReadMode, decode_image
 
 from patronus.cli.analyses import main
 from patronus.diffusion import diffusion_loss
 from patronus.edits import set_prototypes
+from patronus.interpret.report import ReportData, build_report
 from patronus.interpret.shortcut_report import (
     LinearProbe,
     association,
@@ -20,18 +22,24 @@ from patronus.interpret.shortcut_report import (
     split_targets,
     stratified_auroc,
 )
-from patronus.interpret.report import ReportData, build_report
 from patronus.interpret.stats import activation_statistics
 from patronus.models.patronus import PatronusModel
 from patronus.pipeline import PatronusPipeline
 from patronus.runs import export_model
-from torchvision.io import ImageReadMode, decode_image
-
-from tests.wandb_records import read_run
 from tests.conftest import REPO, TINY_NET, train_tiny
+from tests.wandb_records import read_run
 
-MARKER = {"kind": "planted_marker", "target": "7", "p": 0.9, "q": 0.1, "shape": "square", "size": 8,
-          "position": [0, 24], "intensity": 1.0, "seed": 0}
+MARKER = {
+    "kind": "planted_marker",
+    "target": "7",
+    "p": 0.9,
+    "q": 0.1,
+    "shape": "square",
+    "size": 8,
+    "position": [0, 24],
+    "intensity": 1.0,
+    "seed": 0,
+}
 
 
 def planted(n: int = 3000, seed: int = 0):
@@ -152,8 +160,29 @@ def marker_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_on_a_planted_marker_ranks_the_marker_prototype_first(marker_run):
-    out = main(["shortcuts", "--checkpoint", str(marker_run), "--data.split", "test", "--num_images", "1000", "--top", "2",
-                "--num_refs", "8", "--steps", "10", "--info_timesteps", "6", "--info_noise", "1", "--wandb", "true"])
+    out = main(
+        [
+            "shortcuts",
+            "--checkpoint",
+            str(marker_run),
+            "--data.split",
+            "test",
+            "--num_images",
+            "1000",
+            "--top",
+            "2",
+            "--num_refs",
+            "8",
+            "--steps",
+            "10",
+            "--info_timesteps",
+            "6",
+            "--info_noise",
+            "1",
+            "--wandb",
+            "true",
+        ]
+    )
     first = out["ranking"][0]
     assert out["candidate_confounders"] == ["marker"] and out["flagged"][0] == first["prototype"]
     assert first["target"] == "class=7" and first["confounder"] == "marker" and first["score"] > 0.3

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from patronus.cli.shortcut_data import main
 from patronus.data.datasets import LabelledImageDataset
 from patronus.data.registry import build_dataset
-from patronus.cli.shortcut_data import main
 from patronus.data.shortcuts import apply_shortcut, celeba_hair_smile, correlated_subset, phi, planted_marker
 from tests.conftest import REPO
 
@@ -58,7 +58,9 @@ def test_celeba_hair_smile_recipe_on_real_attributes(shared_datasets):
     opts = dict(image_dir="img_align_celeba_89x109", attr_file="list_attr_celeba_000001-010000.txt", partition_file=None)
     ds = build_dataset("celeba", str(shared_datasets / "celeba_subset"), "train", 32, **opts)
     sub, report = celeba_hair_smile(ds)
-    black, blond, brown, smile = (sub.attributes[:, sub.attribute_names.index(n)] == 1 for n in ("Black_Hair", "Blond_Hair", "Brown_Hair", "Smiling"))
+    black, blond, brown, smile = (
+        sub.attributes[:, sub.attribute_names.index(n)] == 1 for n in ("Black_Hair", "Blond_Hair", "Brown_Hair", "Smiling")
+    )
     assert torch.all((black.int() + blond.int() + brown.int()) == 1)
     assert torch.all(smile[blond]) and not torch.any(smile[black]) and torch.all(smile[brown])
     # Same selection written out by hand on the attribute table:
@@ -77,7 +79,19 @@ def test_config_and_cli_entry_points(mnist, capsys):
         apply_shortcut(mnist, 32, {"kind": "watermark"})
     with pytest.raises(ValueError, match="data.shortcut \\(planted_marker\\).*colour"):
         apply_shortcut(mnist, 32, {"kind": "planted_marker", "target": "1", "colour": "red"})
-    out = main(["planted_marker", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--data.split", "test", "--params", '{"target": "1", "p": 0.8, "q": 0.1}'])
+    out = main(
+        [
+            "planted_marker",
+            "--data.dataset",
+            "mnist",
+            "--data.root",
+            str(REPO / "data"),
+            "--data.split",
+            "test",
+            "--params",
+            '{"target": "1", "p": 0.8, "q": 0.1}',
+        ]
+    )
     assert '"phi_target~marker"' in capsys.readouterr().out and out["rows"] == 2000
 
 
@@ -125,8 +139,7 @@ def test_hair_smile_recipe_gives_the_papers_61214_rows_on_full_celeba_attributes
 
 @pytest.mark.parametrize("shape", ["square", "disc", "ring", "cross", "line", "glyph"])
 def test_every_marker_shape_stays_in_its_region_and_is_recorded_in_the_mask(mnist, shape):
-    ds, report = planted_marker(mnist, 32, target="3", p=1.0, q=0.0, shape=shape, size=8, position="random",
-                                region=[16, 0, 32, 16], seed=1)
+    ds, report = planted_marker(mnist, 32, target="3", p=1.0, q=0.0, shape=shape, size=8, position="random", region=[16, 0, 32, 16], seed=1)
     threes = (mnist.labels == 3).nonzero().flatten()[:10]
     masks = torch.stack([ds[int(i)]["marker_mask"] for i in threes])
     assert bool((masks[:, :, :16].sum() == 0) and (masks[:, :, :, 16:].sum() == 0))  # inside rows 16.., cols ..16
@@ -147,22 +160,42 @@ def test_blended_marker_mixes_with_the_image(mnist):
 
 
 def test_marker_options_name_the_bad_field(mnist):
-    for bad, field in (({"shape": "star"}, "shape"), ({"opacity": 1.5}, "opacity"), ({"intensity": 3.0}, "intensity"),
-                       ({"shape": "glyph", "size": 3}, "size"), ({"shape": "glyph", "text": "Q"}, "text"),
-                       ({"shape": "ring", "thickness": 0}, "thickness"),
-                       ({"position": "random", "region": [0, 0, 4, 40]}, "region"),
-                       ({"position": [1, 1], "region": [0, 0, 8, 8]}, "region")):
+    for bad, field in (
+        ({"shape": "star"}, "shape"),
+        ({"opacity": 1.5}, "opacity"),
+        ({"intensity": 3.0}, "intensity"),
+        ({"shape": "glyph", "size": 3}, "size"),
+        ({"shape": "glyph", "text": "Q"}, "text"),
+        ({"shape": "ring", "thickness": 0}, "thickness"),
+        ({"position": "random", "region": [0, 0, 4, 40]}, "region"),
+        ({"position": [1, 1], "region": [0, 0, 8, 8]}, "region"),
+    ):
         with pytest.raises(ValueError, match=f"shortcut.{field}"):
             planted_marker(mnist, 32, target="1", **{"size": 8, **bad})
 
 
 def test_a_built_dataset_written_to_disk_reads_back_as_an_attribute_folder_with_masks(tmp_path, capsys):
     params = '{"target": "1", "p": 0.9, "q": 0.05, "shape": "cross", "size": 7, "position": "random", "seed": 2}'
-    out = main(["planted_marker", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--splits", "[test]",
-                "--params", params, "--out_dir", str(tmp_path / "built")])
+    out = main(
+        [
+            "planted_marker",
+            "--data.dataset",
+            "mnist",
+            "--data.root",
+            str(REPO / "data"),
+            "--splits",
+            "[test]",
+            "--params",
+            params,
+            "--out_dir",
+            str(tmp_path / "built"),
+        ]
+    )
     assert out["written"] == {"test": 2000} and out["read_with"]["options"] == {"attributes_csv": "attributes.csv", "masks": "masks"}
     back = build_dataset("attribute_folder", str(tmp_path / "built"), "test", 32, channels=1, **out["read_with"]["options"])
-    orig, _ = apply_shortcut(build_dataset("mnist", str(REPO / "data"), "test", 32), 32, {"kind": "planted_marker", **__import__("json").loads(params)})
+    orig, _ = apply_shortcut(
+        build_dataset("mnist", str(REPO / "data"), "test", 32), 32, {"kind": "planted_marker", **__import__("json").loads(params)}
+    )
     assert back.attribute_names == ["marker"] and back.classes == orig.classes
     assert torch.equal(back.labels, orig.labels) and torch.equal(back.attributes[:, 0], orig.has_marker.float())
     for i in (int(orig.has_marker.nonzero()[0]), int((~orig.has_marker).nonzero()[0])):
@@ -170,8 +203,21 @@ def test_a_built_dataset_written_to_disk_reads_back_as_an_attribute_folder_with_
         assert (a["image"] - b["image"]).abs().max() < 1 / 127  # 8-bit PNG
         assert torch.equal(a["marker_mask"], b["marker_mask"])
     with pytest.raises(SystemExit):  # refuses to overwrite a dataset by accident
-        main(["planted_marker", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--splits", "[test]",
-              "--params", params, "--out_dir", str(tmp_path / "built")])
+        main(
+            [
+                "planted_marker",
+                "--data.dataset",
+                "mnist",
+                "--data.root",
+                str(REPO / "data"),
+                "--splits",
+                "[test]",
+                "--params",
+                params,
+                "--out_dir",
+                str(tmp_path / "built"),
+            ]
+        )
     assert "not empty" in capsys.readouterr().err
 
 
@@ -179,8 +225,23 @@ def test_a_balanced_split_plants_the_marker_independently_of_the_target(tmp_path
     """Worst-group accuracy needs every target × marker group populated: SPLIT_balanced has the
     marker on about half of each class, the contaminated split on 90% of the target and 5% of the rest."""
     params = '{"target": "1", "p": 0.9, "q": 0.05, "shape": "square", "size": 4, "seed": 0}'
-    out = main(["planted_marker", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--splits", "[test]",
-                "--balanced_splits", "[test]", "--params", params, "--out_dir", str(tmp_path / "built")])
+    out = main(
+        [
+            "planted_marker",
+            "--data.dataset",
+            "mnist",
+            "--data.root",
+            str(REPO / "data"),
+            "--splits",
+            "[test]",
+            "--balanced_splits",
+            "[test]",
+            "--params",
+            params,
+            "--out_dir",
+            str(tmp_path / "built"),
+        ]
+    )
     assert out["written"] == {"test": 2000, "test_balanced": 2000}
     opts = out["read_with"]["options"]
     for split, (p, q) in (("test", (0.9, 0.05)), ("test_balanced", (0.5, 0.5))):
@@ -189,6 +250,19 @@ def test_a_balanced_split_plants_the_marker_independently_of_the_target(tmp_path
         marker = ds.attributes[:, 0]
         assert abs(float(marker[ones].mean()) - p) < 0.08 and abs(float(marker[~ones].mean()) - q) < 0.05
     with pytest.raises(SystemExit):
-        main(["celeba_hair_smile", "--data.dataset", "mnist", "--data.root", str(REPO / "data"), "--splits", "[test]",
-              "--balanced_splits", "[test]", "--out_dir", str(tmp_path / "other")])
+        main(
+            [
+                "celeba_hair_smile",
+                "--data.dataset",
+                "mnist",
+                "--data.root",
+                str(REPO / "data"),
+                "--splits",
+                "[test]",
+                "--balanced_splits",
+                "[test]",
+                "--out_dir",
+                str(tmp_path / "other"),
+            ]
+        )
     assert "only a planted_marker" in capsys.readouterr().err

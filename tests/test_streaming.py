@@ -32,14 +32,37 @@ from tests.conftest import REPO, TINY_NET
 from tests.streaming_helpers import RecordSamples, read_ids
 
 TRAIN_ROWS, BATCH = 96, 8  # one epoch = 12 steps on one process, 6 on two
-MARKER = {"kind": "planted_marker", "target": "7", "p": 0.9, "q": 0.1, "shape": "square", "size": 8,
-          "position": [0, 24], "intensity": 1.0, "seed": 0}
+MARKER = {
+    "kind": "planted_marker",
+    "target": "7",
+    "p": 0.9,
+    "q": 0.1,
+    "shape": "square",
+    "size": 8,
+    "position": [0, 24],
+    "intensity": 1.0,
+    "seed": 0,
+}
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "WORLD_SIZE", "LOCAL_RANK", "RANK", "GLOBAL_RANK")
 
 
 def prepare_cli(out: Path, *extra: str) -> dict:
-    return main(["prepare", "--train_config", str(REPO / "configs" / "mnist_tiny.yaml"), "--data.root", str(REPO / "data"),
-                 "--out", str(out), "--chunk_bytes", "8KB", "--num_workers", "2", *extra])
+    return main(
+        [
+            "prepare",
+            "--train_config",
+            str(REPO / "configs" / "mnist_tiny.yaml"),
+            "--data.root",
+            str(REPO / "data"),
+            "--out",
+            str(out),
+            "--chunk_bytes",
+            "8KB",
+            "--num_workers",
+            "2",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +80,13 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_prepared_rows_equal_the_raw_dataset(prepared):
     meta = json.loads((prepared / META_FILE).read_text())
     assert meta["image_size"] == 32 and meta["channels"] == 1 and meta["source"]["dataset"] == "mnist"
-    assert sorted(p.name for p in prepared.iterdir()) == ["patronus.json", "test", "test.tables.safetensors", "train",
-                                                           "train.tables.safetensors"]
+    assert sorted(p.name for p in prepared.iterdir()) == [
+        "patronus.json",
+        "test",
+        "test.tables.safetensors",
+        "train",
+        "train.tables.safetensors",
+    ]
     assert len(list((prepared / "train").glob("chunk-*.bin"))) > 4  # several chunks: sharding and shuffling have units
     raw = build_dataset("mnist", str(REPO / "data"), "train", 32)
     ds = streaming(str(prepared), "train", 32, channels=1)
@@ -93,19 +121,39 @@ def test_a_baked_in_shortcut_keeps_its_masks_and_attribute(prepared, tmp_path):
 
 
 def test_real_faces_with_attributes_and_a_holdout(shared_datasets, tmp_path):
-    root, options = shared_datasets / "celeba_subset", {"image_dir": "img_align_celeba_89x109",
-                                                          "attr_file": "list_attr_celeba_000001-010000.txt", "partition_file": None}
+    root, options = (
+        shared_datasets / "celeba_subset",
+        {"image_dir": "img_align_celeba_89x109", "attr_file": "list_attr_celeba_000001-010000.txt", "partition_file": None},
+    )
     out = tmp_path / "celeba"
-    main(["prepare", "--data.dataset", "celeba", "--data.root", str(root), "--data.image_size", "32", "--data.options",
-          json.dumps(options), "--splits", "[train]", "--limit", "64", "--out", str(out), "--num_workers", "2"])
+    main(
+        [
+            "prepare",
+            "--data.dataset",
+            "celeba",
+            "--data.root",
+            str(root),
+            "--data.image_size",
+            "32",
+            "--data.options",
+            json.dumps(options),
+            "--splits",
+            "[train]",
+            "--limit",
+            "64",
+            "--out",
+            str(out),
+            "--num_workers",
+            "2",
+        ]
+    )
     raw = build_dataset("celeba", str(root), "train", 32, **options)
     ds = streaming(str(out), "train", 32, channels=3)
     assert len(ds.attribute_names) == 40 and torch.equal(ds.attributes, raw.attributes[:64])
     for i in (0, 63):
         assert (ds[i]["image"] - raw[i]["image"]).abs().max() <= 1 / 255 + 1e-6
     # the preset's dataset options come along with --data.dataset streaming: the same ones are accepted
-    dm = PatronusDataModule(dataset="streaming", root=str(out), image_size=32, channels=3, holdout=0.25, batch_size=8,
-                            options=options)
+    dm = PatronusDataModule(dataset="streaming", root=str(out), image_size=32, channels=3, holdout=0.25, batch_size=8, options=options)
     dm.setup("fit")
     with pytest.raises(ValueError, match=r"data.options \{'crop': 'squash'\} differ from the options the data was prepared with"):
         streaming(str(out), "train", 32, crop="squash", **options)
@@ -204,9 +252,16 @@ class StopAt(pl.Callback):
 def test_resume_mid_epoch_continues_with_the_next_unseen_sample(prepared, tmp_path):
     def fit(callbacks: list, ckpt: Optional[Path] = None) -> None:
         pl.seed_everything(0, verbose=False)
-        trainer = pl.Trainer(accelerator="cpu", max_steps=TRAIN_ROWS // BATCH, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                             callbacks=[RecordSamples(str(tmp_path)), *callbacks])
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=TRAIN_ROWS // BATCH,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+            callbacks=[RecordSamples(str(tmp_path)), *callbacks],
+        )
         data = PatronusDataModule(dataset="streaming", root=str(prepared), batch_size=BATCH, num_workers=1)
         trainer.fit(PatronusModule(PatronusModel(**TINY_NET), lr=1e-3), datamodule=data, ckpt_path=ckpt, weights_only=True)
 
@@ -226,8 +281,27 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_sample(prepared, tmp_pa
 
 def test_an_analysis_reads_prepared_data(prepared, tmp_path):
     model = export_model(PatronusModel(**TINY_NET), tmp_path / "model")
-    out = main(["quality", "--checkpoint", str(model), "--data.dataset", "streaming", "--data.root", str(prepared),
-                "--data.split", "test", "--num_images", "64", "--folds", "2", "--device", "cpu", "--out", str(tmp_path / "q")])
+    out = main(
+        [
+            "quality",
+            "--checkpoint",
+            str(model),
+            "--data.dataset",
+            "streaming",
+            "--data.root",
+            str(prepared),
+            "--data.split",
+            "test",
+            "--num_images",
+            "64",
+            "--folds",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "q"),
+        ]
+    )
     assert out["images"] == 64 and out["attributes"] == [str(d) for d in range(10)]
 
 
@@ -236,13 +310,55 @@ def test_the_shortcut_report_runs_on_prepared_marker_data(tmp_path):
     """The report reads prepared data as it is: the marker attribute is its candidate confounder and the
     stored masks score where it looks (a random model: the numbers mean nothing, the plumbing does)."""
     prep = tmp_path / "marker"
-    main(["prepare", "--train_config", str(REPO / "configs" / "mnist_marker_cpu.yaml"), "--data.root", str(REPO / "data"),
-          "--splits", "[test]", "--limit", "300", "--out", str(prep), "--num_workers", "2"])
+    main(
+        [
+            "prepare",
+            "--train_config",
+            str(REPO / "configs" / "mnist_marker_cpu.yaml"),
+            "--data.root",
+            str(REPO / "data"),
+            "--splits",
+            "[test]",
+            "--limit",
+            "300",
+            "--out",
+            str(prep),
+            "--num_workers",
+            "2",
+        ]
+    )
     model = export_model(PatronusModel(**TINY_NET), tmp_path / "model")
-    out = main(["shortcuts", "--checkpoint", str(model), "--data.dataset", "streaming", "--data.root", str(prep),
-                "--data.split", "test", "--num_images", "200", "--top", "2", "--num_refs", "4", "--steps", "4",
-                "--info_timesteps", "2", "--info_noise", "1", "--permutations", "20", "--device", "cpu",
-                "--out", str(tmp_path / "report")])
+    out = main(
+        [
+            "shortcuts",
+            "--checkpoint",
+            str(model),
+            "--data.dataset",
+            "streaming",
+            "--data.root",
+            str(prep),
+            "--data.split",
+            "test",
+            "--num_images",
+            "200",
+            "--top",
+            "2",
+            "--num_refs",
+            "4",
+            "--steps",
+            "4",
+            "--info_timesteps",
+            "2",
+            "--info_noise",
+            "1",
+            "--permutations",
+            "20",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "report"),
+        ]
+    )
     assert out["candidate_confounders"] == ["marker"] and out["ranking"][0]["hits_on_confounder_images"] is not None
     assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "where_boxes.png").is_file()
 
@@ -257,12 +373,41 @@ def free_port() -> int:
 
 
 def train_args(prepared: Path, run_dir: str, ids: Path, max_steps: int, *extra: str) -> list[str]:
-    return [str(REPO / "train.py"), "--config", str(REPO / "configs" / "mnist_tiny.yaml"), "--run_dir", run_dir,
-            "--data.dataset", "streaming", "--data.root", str(prepared), "--data.batch_size", str(BATCH), "--logger", "csv",
-            "--trainer.precision", "32", "--trainer.max_steps", str(max_steps), "--trainer.strategy", "ddp",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--interpret_monitor.every_n_steps", "0", "--run_summary.num_images", "0", "--trainer.limit_val_batches", "0",
-            "--trainer.callbacks+=tests.streaming_helpers.RecordSamples", "--trainer.callbacks.folder", str(ids), *extra]
+    return [
+        str(REPO / "train.py"),
+        "--config",
+        str(REPO / "configs" / "mnist_tiny.yaml"),
+        "--run_dir",
+        run_dir,
+        "--data.dataset",
+        "streaming",
+        "--data.root",
+        str(prepared),
+        "--data.batch_size",
+        str(BATCH),
+        "--logger",
+        "csv",
+        "--trainer.precision",
+        "32",
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--interpret_monitor.every_n_steps",
+        "0",
+        "--run_summary.num_images",
+        "0",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.callbacks+=tests.streaming_helpers.RecordSamples",
+        "--trainer.callbacks.folder",
+        str(ids),
+        *extra,
+    ]
 
 
 def launch(args: list[str], nodes: int, cwds: Optional[list[Path]] = None, timeout: int = 300) -> list[tuple[int, str]]:
@@ -280,8 +425,9 @@ def launch(args: list[str], nodes: int, cwds: Optional[list[Path]] = None, timeo
         else:
             args_r = args
         cwd = cwds[rank] if cwds else REPO
-        procs.append(subprocess.Popen([sys.executable, *args_r], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen([sys.executable, *args_r], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     results, deadline = [], time.time() + timeout
     try:
         for p in procs:
@@ -314,9 +460,23 @@ def test_two_nodes_train_identical_weights_on_disjoint_shards_and_rank0_alone_wr
     ids = tmp_path / "ids"
     ids.mkdir()
     steps = TRAIN_ROWS // (2 * BATCH)  # one epoch
-    args = train_args(prepared, "run", ids, steps, "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", str(steps),
-                      "--sample_grid.num_images", "2", "--sample_grid.ddim_steps", "2",
-                      "--trainer.callbacks+=tests.streaming_helpers.SaveWeights", "--trainer.callbacks.folder", str(ids))
+    args = train_args(
+        prepared,
+        "run",
+        ids,
+        steps,
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.val_check_interval",
+        str(steps),
+        "--sample_grid.num_images",
+        "2",
+        "--sample_grid.steps",
+        "2",
+        "--trainer.callbacks+=tests.streaming_helpers.SaveWeights",
+        "--trainer.callbacks.folder",
+        str(ids),
+    )
     out = assert_ok(launch(args, nodes=2, cwds=nodes))
     assert "distributed_backend=gloo" in out and "All distributed processes registered. Starting with 2 processes" in out
     w0, w1 = (torch.load(ids / f"weights-rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -359,7 +519,7 @@ def test_train_script_killed_mid_epoch_resumes_where_it_stopped(prepared, tmp_pa
     assert saved in (4, 8) and len(killed) >= 7, (saved, len(killed))
     out = assert_ok(launch(args, nodes=1))
     assert f"(step {saved})" in out
-    rows = read_ids(ids)[len(killed):]
+    rows = read_ids(ids)[len(killed) :]
     assert [r["step"] for r in rows] == list(range(saved, epoch))
     assert_one_epoch([r for r in killed if r["step"] < saved] + rows)  # nothing the checkpoint holds is seen twice
 
@@ -385,9 +545,19 @@ def test_a_run_resumes_on_another_number_of_processes(prepared, tmp_path, first,
 def test_a_nan_on_one_rank_stops_both_with_the_divergence_message(prepared, tmp_path):
     run, ids = tmp_path / "run", tmp_path / "ids"
     ids.mkdir()
-    args = train_args(prepared, str(run), ids, 6, "--checkpoint.every_n_train_steps", "2",
-                      "--trainer.callbacks+=tests.streaming_helpers.PoisonBatch", "--trainer.callbacks.rank", "1",
-                      "--trainer.callbacks.step", "3")
+    args = train_args(
+        prepared,
+        str(run),
+        ids,
+        6,
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--trainer.callbacks+=tests.streaming_helpers.PoisonBatch",
+        "--trainer.callbacks.rank",
+        "1",
+        "--trainer.callbacks.step",
+        "3",
+    )
     results = launch(args, nodes=2, timeout=240)  # a rank left running would hang in its next all-reduce until killed
     for code, out in results:
         last = out.strip().splitlines()[-1]

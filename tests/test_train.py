@@ -1,8 +1,8 @@
 """Training through Lightning: fast_dev_run, the real scripts end to end, resume after a kill."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from patronus.runs import load_model
 from patronus.cli.train import PatronusCLI
+from patronus.runs import load_model
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs" / "mnist_tiny.yaml")
@@ -47,16 +47,54 @@ def test_train_then_sample_scripts_end_to_end(tmp_path):
     assert net.config.num_prototypes == 8
 
     out = tmp_path / "out"
-    run_script(str(REPO / "sample.py"), "--checkpoint", str(run), "--out", str(out), "--indices", "[0,1,2]",
-               "--steps", "5", "--edit_steps", "5", "--num_samples", "2", "--edit", '["3=q99", "1=q01,2*2"]', cwd=tmp_path)
+    run_script(
+        str(REPO / "sample.py"),
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(out),
+        "--indices",
+        "[0,1,2]",
+        "--steps",
+        "5",
+        "--edit_steps",
+        "5",
+        "--num_samples",
+        "2",
+        "--edit",
+        '["3=q99", "1=q01,2*2"]',
+        cwd=tmp_path,
+    )
     summary = json.loads((out / "summary.json").read_text())
     # User errors end with one line naming what was wrong, exit code 2, no traceback.
-    for args, message in [(["--unconditional", "4"], "no trained activation prior"),  # needs `python -m patronus prior` first
-                          (["--edit", "9=q99"], "prototype 9 does not exist"), (["--steps", "0"], "steps=0"),
-                          (["--edit", "3=max"], "'max' is now called 'q99'")]:
-        proc = subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(run), "--out", str(out / "u"),
-                               "--steps", "3", "--edit_steps", "3", "--num_samples", "1", "--edit_top", "0", *args],
-                              cwd=tmp_path, capture_output=True, text=True)
+    for args, message in [
+        (["--unconditional", "4"], "no trained activation prior"),  # needs `python -m patronus prior` first
+        (["--edit", "9=q99"], "prototype 9 does not exist"),
+        (["--steps", "0"], "steps=0"),
+        (["--edit", "3=max"], "'max' is now called 'q99'"),
+    ]:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "sample.py"),
+                "--checkpoint",
+                str(run),
+                "--out",
+                str(out / "u"),
+                "--steps",
+                "3",
+                "--edit_steps",
+                "3",
+                "--num_samples",
+                "1",
+                "--edit_top",
+                "0",
+                *args,
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error:") and message in proc.stderr, proc.stderr
     assert {"samples.png", "reconstructions.png", "edits.png", "summary.json"} <= {p.name for p in out.iterdir()}
@@ -69,9 +107,23 @@ def test_train_then_sample_scripts_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "run"
-    args = [str(REPO / "train.py"), "--config", TINY, "--run_dir", str(run), "--data.root", str(REPO / "data"),
-            "--logger", "csv", "--trainer.max_steps", "200", "--checkpoint.every_n_train_steps", "10",
-            "--trainer.limit_val_batches", "0"]
+    args = [
+        str(REPO / "train.py"),
+        "--config",
+        TINY,
+        "--run_dir",
+        str(run),
+        "--data.root",
+        str(REPO / "data"),
+        "--logger",
+        "csv",
+        "--trainer.max_steps",
+        "200",
+        "--checkpoint.every_n_train_steps",
+        "10",
+        "--trainer.limit_val_batches",
+        "0",
+    ]
     proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240

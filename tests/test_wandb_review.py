@@ -25,10 +25,38 @@ def reviewed_run(tmp_path_factory: pytest.TempPathFactory):
     """The tiny preset trained with the default (offline wandb) logger, then sample.py on it."""
     tmp = tmp_path_factory.mktemp("review")
     run, out = tmp / "run", tmp / "out"
-    run_script(str(REPO / "train.py"), "--config", TINY, "--run_dir", str(run), "--data.root", str(REPO / "data"),
-               "--wandb_log_model", "true", "--run_summary.steps", "10", cwd=tmp)
-    run_script(str(REPO / "sample.py"), "--checkpoint", str(run), "--out", str(out), "--indices", "[0,1,2]", "--steps", "5",
-               "--edit_steps", "5", "--num_samples", "1", "--edit_top", "1", cwd=tmp)
+    run_script(
+        str(REPO / "train.py"),
+        "--config",
+        TINY,
+        "--run_dir",
+        str(run),
+        "--data.root",
+        str(REPO / "data"),
+        "--wandb_log_model",
+        "true",
+        "--run_summary.steps",
+        "10",
+        cwd=tmp,
+    )
+    run_script(
+        str(REPO / "sample.py"),
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(out),
+        "--indices",
+        "[0,1,2]",
+        "--steps",
+        "5",
+        "--edit_steps",
+        "5",
+        "--num_samples",
+        "1",
+        "--edit_top",
+        "1",
+        cwd=tmp,
+    )
     (folder,) = (run / "wandb").glob("offline-run-*")
     return run, out, read_run(folder)
 

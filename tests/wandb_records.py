@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
 
 BLOCK = 32768
 
 
-def records(path: Path) -> Iterator["pb.Record"]:
+def records(path: Path) -> Iterator[pb.Record]:
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", f"{path}: not a wandb datastore"
     pos, pending = 7, b""

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 import torch
 from jsonargparse import ArgumentParser
@@ -144,8 +145,9 @@ def cmd_prior(ctx: Context, num_images: int = 5000, prior_steps: int = 3000, ste
     return {"losses_every_100_steps": losses, **check.as_dict(), "saved_to": str(runs.prior_dir(ctx.checkpoint))}
 
 
-def cmd_localise(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, inverted_steps: Optional[int] = None,
-                 steps: int = 50) -> dict:
+def cmd_localise(
+    ctx: Context, num_images: int = 8, prototypes: Prototypes = None, inverted_steps: Optional[int] = None, steps: int = 50
+) -> dict:
     """Raise each prototype to its q99, decode, box where it fires (optionally from partial noise).
 
     Args:
@@ -163,8 +165,9 @@ def cmd_localise(ctx: Context, num_images: int = 8, prototypes: Prototypes = Non
     return {"inverted_steps": inverted_steps, "steps": steps, "localisations": [vars(f) for f in found]}
 
 
-def cmd_consistency(ctx: Context, num_images: int = 8, prototypes: Prototypes = None, inverted_steps: Optional[int] = None,
-                    steps: int = 50) -> dict:
+def cmd_consistency(
+    ctx: Context, num_images: int = 8, prototypes: Prototypes = None, inverted_steps: Optional[int] = None, steps: int = 50
+) -> dict:
     """Edit each prototype into many images: how consistent are position and patch (one score each).
 
     Args:
@@ -180,8 +183,12 @@ def cmd_consistency(ctx: Context, num_images: int = 8, prototypes: Prototypes = 
     scores = prototype_consistency(ctx.pipe, outcome)
     plots.save_png(plots.consistency_grid(outcome, ctx.pipe.model.encoder.receptive_field()), ctx.out / "consistency.png")
     valid = [c.consistency for c in scores if c.consistency == c.consistency]
-    return {"images": len(refs), "steps": steps, "prototypes": [c.as_dict() for c in scores],
-            "mean_consistency": sum(valid) / len(valid) if valid else float("nan")}
+    return {
+        "images": len(refs),
+        "steps": steps,
+        "prototypes": [c.as_dict() for c in scores],
+        "mean_consistency": sum(valid) / len(valid) if valid else float("nan"),
+    }
 
 
 def cmd_quality(ctx: Context, num_images: int = 10000, folds: int = 5) -> dict:
@@ -202,15 +209,32 @@ def cmd_quality(ctx: Context, num_images: int = 10000, folds: int = 5) -> dict:
         attrs, names = class_indicators(labels, list(ds.classes))
     report = prototype_quality(s, attrs, names, labels, folds=folds, seed=ctx.seed)
     K = ctx.pipe.num_prototypes
-    plots.heatmap(report.auroc, xlabels=[str(j) for j in range(K)], ylabels=names, xlabel="prototype", ylabel="attribute",
-                  title="single-prototype AUROC (sign-free)", vmin=0.5, vmax=1.0, colorbar_label="AUROC",
-                  path=ctx.out / "auroc_matrix.png")
+    plots.heatmap(
+        report.auroc,
+        xlabels=[str(j) for j in range(K)],
+        ylabels=names,
+        xlabel="prototype",
+        ylabel="attribute",
+        title="single-prototype AUROC (sign-free)",
+        vmin=0.5,
+        vmax=1.0,
+        colorbar_label="AUROC",
+        path=ctx.out / "auroc_matrix.png",
+    )
     return {"images": n, "attributes": names, **report.summary(), "auroc_matrix": report.auroc.tolist()}
 
 
-def cmd_fid(ctx: Context, num_images: int = 500, steps: int = 50, features: str = "encoder", feature_checkpoint: Optional[str] = None,
-            inception_weights: Optional[str] = None, feature_weights: Optional[str] = None, unconditional: bool = False,
-            batch_size: int = 100) -> dict:
+def cmd_fid(
+    ctx: Context,
+    num_images: int = 500,
+    steps: int = 50,
+    features: str = "encoder",
+    feature_checkpoint: Optional[str] = None,
+    inception_weights: Optional[str] = None,
+    feature_weights: Optional[str] = None,
+    unconditional: bool = False,
+    batch_size: int = 100,
+) -> dict:
     """FID/KID offline with a local feature network; generated and real images kept as PNG.
 
     Args:
@@ -237,12 +261,18 @@ def cmd_fid(ctx: Context, num_images: int = 500, steps: int = 50, features: str 
     write_pngs(real_u8, ctx.out / "real")
     plots.save_rows([fake_u8[:16].float() / 127.5 - 1], ctx.out / "generated_grid.png")
     scores = fid_kid(real_u8, fake_u8, feature, extra)
-    floor = ctx.images(2 * len(real))[len(real):]
+    floor = ctx.images(2 * len(real))[len(real) :]
     if len(floor) >= 2:  # the same metric between two sets of real images: what "perfect" scores at this N
         scores["real_vs_real"] = fid_kid(real_u8, to_uint8(floor), feature, extra)
-    return {"source": "prior" if unconditional else "conditional", "features": features,
-            "feature_checkpoint": feature_checkpoint or ctx.checkpoint, "steps": steps, **scores,
-            "generated_dir": str(ctx.out / "generated"), "real_dir": str(ctx.out / "real")}
+    return {
+        "source": "prior" if unconditional else "conditional",
+        "features": features,
+        "feature_checkpoint": feature_checkpoint or ctx.checkpoint,
+        "steps": steps,
+        **scores,
+        "generated_dir": str(ctx.out / "generated"),
+        "real_dir": str(ctx.out / "real"),
+    }
 
 
 def _times(times: torch.Tensor) -> list[Optional[float]]:
@@ -265,25 +295,47 @@ def cmd_emergence(ctx: Context, num_images: int = 8, prototypes: Prototypes = No
     refs = ctx.images(num_images)
     K = pipe.num_prototypes
     prototypes = ctx.check_prototypes(prototypes) or most_variable_prototypes(pipe.encode(refs).s, min(8, K))
-    res = edit_emergence(pipe, refs, prototypes, edit_levels(ctx.statistics())["max"], steps, every)
+    res = edit_emergence(pipe, refs, prototypes, edit_levels(ctx.statistics())["q99"], steps, every)
     names = [f"p{j}" for j in prototypes]
     out = ctx.out
-    plots.emergence_heatmap(res.effect.T, res.timesteps, "edit effect: s_J(x̂0(t) | s_J = max) − s_J(x̂0(t) | plain)",
-                            out / "emergence_heatmap.png", names)
-    plots.emergence_curve_plot(res.mean, res.std, res.timesteps, [f"p{j} → {float(v):.3g}" for j, v in zip(prototypes, res.s_target)],
-                               out / "emergence_curves.png", title="s_J(x̂0(t) | s_J = max) − s_J(x0), mean ± std")
+    plots.emergence_heatmap(
+        res.effect.T, res.timesteps, "edit effect: s_J(x̂0(t) | s_J = max) − s_J(x̂0(t) | plain)", out / "emergence_heatmap.png", names
+    )
+    plots.emergence_curve_plot(
+        res.mean,
+        res.std,
+        res.timesteps,
+        [f"p{j} → {float(v):.3g}" for j, v in zip(prototypes, res.s_target)],
+        out / "emergence_curves.png",
+        title="s_J(x̂0(t) | s_J = max) − s_J(x0), mean ± std",
+    )
     plain_mean, plain_std, settle = plain_settling(res)  # (S, K), (S, K), (K,)
-    plots.emergence_heatmap(plain_mean.T, res.timesteps, "plain reconstruction: s(x̂0(t)) − s(x0)", out / "plain_heatmap.png",
-                            [f"p{j}" for j in range(K)])
+    plots.emergence_heatmap(
+        plain_mean.T, res.timesteps, "plain reconstruction: s(x̂0(t)) − s(x0)", out / "plain_heatmap.png", [f"p{j}" for j in range(K)]
+    )
     tensors = {
-        "timesteps": res.timesteps, "prototypes": torch.tensor(prototypes, dtype=torch.long), "s_ref": res.s_ref,
-        "s_target": res.s_target, "plain": res.plain, "edited": res.edited, "mean": res.mean, "std": res.std,
-        "plain_mean": res.plain_mean, "plain_std": res.plain_std, "times": res.times, "effect_times": res.effect_times,
-        "plain_mean_all": plain_mean, "plain_std_all": plain_std, "plain_settle_times": settle,
+        "timesteps": res.timesteps,
+        "prototypes": torch.tensor(prototypes, dtype=torch.long),
+        "s_ref": res.s_ref,
+        "s_target": res.s_target,
+        "plain": res.plain,
+        "edited": res.edited,
+        "mean": res.mean,
+        "std": res.std,
+        "plain_mean": res.plain_mean,
+        "plain_std": res.plain_std,
+        "times": res.times,
+        "effect_times": res.effect_times,
+        "plain_mean_all": plain_mean,
+        "plain_std_all": plain_std,
+        "plain_settle_times": settle,
     }
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "emergence.safetensors"))
     return {
-        "images": len(refs), "steps": steps, "every": every, "prototypes": list(prototypes),
+        "images": len(refs),
+        "steps": steps,
+        "every": every,
+        "prototypes": list(prototypes),
         "timesteps": res.timesteps.tolist(),
         "emergence_time": dict(zip(map(str, prototypes), _times(res.times))),
         "effect_emergence_time": dict(zip(map(str, prototypes), _times(res.effect_times))),
@@ -319,9 +371,13 @@ TOOLS: dict[str, str] = {"prepare": "patronus.cli.prepare"}
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m patronus", description=(
-        "Patronus analyses: PNG figures + JSON numbers. Training: `python train.py` (patronus-train); "
-        "sampling and editing: `python sample.py` (patronus-sample)."))
+    parser = ArgumentParser(
+        prog="python -m patronus",
+        description=(
+            "Patronus analyses: PNG figures + JSON numbers. Training: `python train.py` (patronus-train); "
+            "sampling and editing: `python sample.py` (patronus-sample)."
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"patronus {__version__}")
     sub = parser.add_subcommands(dest="command")
     for name, (fn, _) in COMMANDS.items():

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from jsonargparse import ArgumentParser
@@ -20,7 +21,8 @@ from jsonargparse import ArgumentParser
 from patronus import runs
 from patronus.data.datasets import LabelledImageDataset, SubsetDataset, holdout_split
 from patronus.data.registry import build_dataset, dataset_options
-from patronus.interpret.stats import KEYS as STATISTICS_KEYS, activation_statistics
+from patronus.interpret.stats import KEYS as STATISTICS_KEYS
+from patronus.interpret.stats import activation_statistics
 from patronus.pipeline import Inversion, PatronusPipeline
 
 USER_ERRORS = (ValueError, FileNotFoundError, IndexError)
@@ -45,8 +47,9 @@ class DataSource:
     options: Optional[dict[str, Any]] = None
 
 
-def run_dataset(checkpoint: str, pipe: PatronusPipeline, source: DataSource, default_split: str = "validation",
-                group_balanced: bool = False) -> LabelledImageDataset:
+def run_dataset(
+    checkpoint: str, pipe: PatronusPipeline, source: DataSource, default_split: str = "validation", group_balanced: bool = False
+) -> LabelledImageDataset:
     """The dataset a command reads, with the run's options, shortcut and holdout applied.
 
     `group_balanced`: a run trained on a planted marker gets it re-planted independently of the
@@ -78,9 +81,15 @@ def run_dataset(checkpoint: str, pipe: PatronusPipeline, source: DataSource, def
     if holdout and split in ("validation", "training"):
         train, val = holdout_split(len(ds), holdout)
         ds = SubsetDataset(ds, val if split == "validation" else train)
-    ds.source = {"dataset": name, "root": str(root), "split": split, "published_split": published, **options,
-                 **({"holdout": holdout} if holdout and split in ("validation", "training") else {}),
-                 **({"shortcut": shortcut} if shortcut else {})}
+    ds.source = {
+        "dataset": name,
+        "root": str(root),
+        "split": split,
+        "published_split": published,
+        **options,
+        **({"holdout": holdout} if holdout and split in ("validation", "training") else {}),
+        **({"shortcut": shortcut} if shortcut else {}),
+    }
     return ds
 
 
@@ -118,9 +127,13 @@ class Context:
         """Per-prototype activation statistics of the first `num_images` images (cached by source)."""
         ds = self.dataset(split)
         n = min(num_images, len(ds))
-        return runs.cached_statistics(self.checkpoint, {**ds.source, "images": n},
-                                      lambda: activation_statistics(self.pipe.encode(first_images(ds, n)).s),
-                                      self.pipe.num_prototypes, STATISTICS_KEYS)
+        return runs.cached_statistics(
+            self.checkpoint,
+            {**ds.source, "images": n},
+            lambda: activation_statistics(self.pipe.encode(first_images(ds, n)).s),
+            self.pipe.num_prototypes,
+            STATISTICS_KEYS,
+        )
 
     def check_prototypes(self, prototypes: Optional[list[int]], name: str = "prototypes") -> Optional[list[int]]:
         """`prototypes` (None stays None), after checking each index exists."""
@@ -148,29 +161,48 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
     parser.add_argument("--out", type=Optional[str], default=default_out, help="output folder (default: RUN/analysis/<command>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (noise, splits)")
     parser.add_argument("--device", type=Optional[str], default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--guidance", type=float, default=1.0,
-                        help="classifier-free guidance on s for every sample, ε(∅) + w(ε(s) − ε(∅)) (models with a null condition)")
-    parser.add_argument("--edit_guidance", type=float, default=default_edit_guidance,
-                        help="edit guidance for every edit, ε(s) + w(ε(s_edit) − ε(s)) (any model)")
-    parser.add_argument("--inversion", type=Inversion, default="ddim",
-                        help="how every edit inverts its images: ddim (one x_T) or edit_friendly (DDPM noise maps)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance on s for every sample, ε(∅) + w(ε(s) − ε(∅)) (models with a null condition)",
+    )
+    parser.add_argument(
+        "--edit_guidance",
+        type=float,
+        default=default_edit_guidance,
+        help="edit guidance for every edit, ε(s) + w(ε(s_edit) − ε(s)) (any model)",
+    )
+    parser.add_argument(
+        "--inversion",
+        type=Inversion,
+        default="ddim",
+        help="how every edit inverts its images: ddim (one x_T) or edit_friendly (DDPM noise maps)",
+    )
     parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
-    parser.add_argument("--wandb", type=Optional[bool], default=None,
-                        help="also log pictures and numbers to an offline wandb run grouped with the training run "
-                             "(default: when the run was trained with wandb)")
+    parser.add_argument(
+        "--wandb",
+        type=Optional[bool],
+        default=None,
+        help="also log pictures and numbers to an offline wandb run grouped with the training run "
+        "(default: when the run was trained with wandb)",
+    )
 
 
 COMMON = ("checkpoint", "out", "seed", "device", "debug", "guidance", "edit_guidance", "inversion", "wandb")
 
 
-def load_pipeline(checkpoint: str, device: Optional[str], guidance: float = 1.0, edit_guidance: float = 1.0,
-                  inversion: Inversion = "ddim") -> PatronusPipeline:
+def load_pipeline(
+    checkpoint: str, device: Optional[str], guidance: float = 1.0, edit_guidance: float = 1.0, inversion: Inversion = "ddim"
+) -> PatronusPipeline:
     """The pipeline of a checkpoint on `device`, with the command's guidance scales as its defaults."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = PatronusPipeline.from_pretrained(checkpoint, device=device)
     if guidance != 1.0 and not pipe.model.config.null_condition:
-        raise ValueError(f"guidance={guidance}: classifier-free guidance needs a model trained with a null condition "
-                         "(model.net.null_condition=true, model.condition_dropout > 0); use edit_guidance for edits")
+        raise ValueError(
+            f"guidance={guidance}: classifier-free guidance needs a model trained with a null condition "
+            "(model.net.null_condition=true, model.condition_dropout > 0); use edit_guidance for edits"
+        )
     pipe.guidance, pipe.edit_guidance, pipe.inversion = guidance, edit_guidance, inversion
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False)
     return pipe

@@ -75,8 +75,16 @@ def cmd_information(
     res = prototype_information(pipe, refs, prototypes, s=s, **kw)
     plots.information_figure(refs, res, ctx.out / "information.png")
     plots.when_figure(res, ctx.out / "information_when.png", pipe.model)
-    tensors = {"pixel": res.pixel, "curve": res.curve, "timesteps": res.timesteps, "weights": res.weights,
-               "log_snr": log_snr(pipe.model, res.timesteps), "total": res.total, "prototypes": torch.tensor(prototypes), "s": s}
+    tensors = {
+        "pixel": res.pixel,
+        "curve": res.curve,
+        "timesteps": res.timesteps,
+        "weights": res.weights,
+        "log_snr": log_snr(pipe.model, res.timesteps),
+        "total": res.total,
+        "prototypes": torch.tensor(prototypes),
+        "s": s,
+    }
     summary = {
         "images": len(refs),
         "baseline": baseline,
@@ -159,15 +167,29 @@ def cmd_attribution(
     }
     x_t = noisy(pipe.model, refs, noise_draws(refs, 1, torch.Generator().manual_seed(seed))[0], t)
     title = f"prototype {j}, t={t}, s_J → {baseline} ({value:.3g})"
-    plots.attribution_figure(refs, x_t, maps["saliency"], maps["information"], title, ctx.out / "attribution.png",
-                             signed=maps["gradient_x_input"])
+    plots.attribution_figure(
+        refs, x_t, maps["saliency"], maps["information"], title, ctx.out / "attribution.png", signed=maps["gradient_x_input"]
+    )
     scores = {k: faithfulness(pipe, refs, j, t, value, m, fractions, seed, faithfulness_noise, s=s) for k, m in maps.items()}
-    plots.faithfulness_figure(scores, f"{title}: f(x_t with pixels deleted / inserted) / f(x_t), mean over images",
-                              ctx.out / "faithfulness.png")
-    save_file({**{f"map_{k}": _storable(v) for k, v in maps.items()},
-               **{f"{k}_{c}": _storable(v[c]) for k, v in scores.items() for c in ("deletion_curve", "insertion_curve")},
-               "fractions": _storable(scores["random"]["fractions"]), "x_t": _storable(x_t)},
-              str(ctx.out / "attribution.safetensors"))
-    return {"prototype": j, "timestep": t, "baseline": baseline, "baseline_value": value, "num_noise": num_noise,
-            "score_f_xt": scores["saliency"]["score"].tolist(), "floor_mean": float(scores["random"]["floor"].mean()),
-            **{k: _faithfulness_summary(v, None if k == "random" else scores["random"]) for k, v in scores.items()}}
+    plots.faithfulness_figure(
+        scores, f"{title}: f(x_t with pixels deleted / inserted) / f(x_t), mean over images", ctx.out / "faithfulness.png"
+    )
+    save_file(
+        {
+            **{f"map_{k}": _storable(v) for k, v in maps.items()},
+            **{f"{k}_{c}": _storable(v[c]) for k, v in scores.items() for c in ("deletion_curve", "insertion_curve")},
+            "fractions": _storable(scores["random"]["fractions"]),
+            "x_t": _storable(x_t),
+        },
+        str(ctx.out / "attribution.safetensors"),
+    )
+    return {
+        "prototype": j,
+        "timestep": t,
+        "baseline": baseline,
+        "baseline_value": value,
+        "num_noise": num_noise,
+        "score_f_xt": scores["saliency"]["score"].tolist(),
+        "floor_mean": float(scores["random"]["floor"].mean()),
+        **{k: _faithfulness_summary(v, None if k == "random" else scores["random"]) for k, v in scores.items()},
+    }

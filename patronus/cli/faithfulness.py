@@ -62,8 +62,9 @@ def _load(ds: LabelledImageDataset, rows: list[int], masks: bool = False) -> tup
     return torch.stack([it["image"] for it in items]), torch.stack([it["marker_mask"] for it in items]) if masks else None
 
 
-def judged_data(ctx: Context, num_images: int, judge_images: int, judge_epochs: int
-                ) -> tuple[Judge, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], dict[str, Any]]:
+def judged_data(
+    ctx: Context, num_images: int, judge_images: int, judge_epochs: int
+) -> tuple[Judge, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], dict[str, Any]]:
     """The judge trained on the run's real training split (seeded subset of `judge_images`), the
     held-out images it is scored on (the first max(num_images, JUDGE_EVAL_IMAGES) of the command's
     split), their labels and attributes where the judge knows them, and the judge's summary."""
@@ -74,8 +75,15 @@ def judged_data(ctx: Context, num_images: int, judge_images: int, judge_epochs: 
     x_train, _ = _load(train, rows)
     has_labels = bool((train.labels >= 0).any())
     num_classes = (len(train.classes) or int(train.labels.max()) + 1) if has_labels else 0
-    judge = train_judge(x_train, train.labels[rows] if has_labels else None, train.attributes[rows][:, cols] if cols else None,
-                        epochs=judge_epochs, seed=ctx.seed, num_classes=num_classes or None, device=ctx.pipe.device)
+    judge = train_judge(
+        x_train,
+        train.labels[rows] if has_labels else None,
+        train.attributes[rows][:, cols] if cols else None,
+        epochs=judge_epochs,
+        seed=ctx.seed,
+        num_classes=num_classes or None,
+        device=ctx.pipe.device,
+    )
     del x_train
     n_eval = min(len(ds), max(num_images, JUDGE_EVAL_IMAGES))
     held = ctx.images(n_eval)
@@ -84,8 +92,12 @@ def judged_data(ctx: Context, num_images: int, judge_images: int, judge_epochs: 
     attrs = ds.attributes[:n_eval][:, [ds.attribute_names.index(n) for n in names]] if same_columns else None
     acc = judge_accuracy(judge, held, labels, attrs)
     summary = {
-        "training_images": n_train, "epochs": judge_epochs, "training_loss": judge.losses, "held_out_images": n_eval,
-        "class_accuracy": _nan_none(acc.class_accuracy), "attributes": names,
+        "training_images": n_train,
+        "epochs": judge_epochs,
+        "training_loss": judge.losses,
+        "held_out_images": n_eval,
+        "class_accuracy": _nan_none(acc.class_accuracy),
+        "attributes": names,
         "attribute_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_accuracy)},
         "attribute_balanced_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_balanced_accuracy)},
     }
@@ -131,8 +143,16 @@ def cmd_faithfulness(
         edit_images: edit gain on the first N references only (default: all `num_images`); edits cost
             2 × num_edit_prototypes decodes per image, sampling one.
     """
-    check_positive(num_images=num_images, samples_per_ref=samples_per_ref, steps=steps, num_edit_prototypes=num_edit_prototypes,
-                   judge_epochs=judge_epochs, judge_images=judge_images, inverted_steps=inverted_steps, edit_images=edit_images)
+    check_positive(
+        num_images=num_images,
+        samples_per_ref=samples_per_ref,
+        steps=steps,
+        num_edit_prototypes=num_edit_prototypes,
+        judge_epochs=judge_epochs,
+        judge_images=judge_images,
+        inverted_steps=inverted_steps,
+        edit_images=edit_images,
+    )
     pipe = ctx.pipe
     guidance, edit_guidance = pipe.guidance, pipe.edit_guidance  # the common --guidance / --edit_guidance
     if inverted_steps is not None and inverted_steps > steps:
@@ -150,13 +170,23 @@ def cmd_faithfulness(
     # 2. sample agreement and the s cycle
     refs = held[:num_images]
     B = len(refs)
-    agree = sample_agreement(pipe, refs, judge, samples_per_ref, steps, guidance, ctx.seed,
-                             labels[:B] if labels is not None else None, attrs[:B] if attrs is not None else None)
+    agree = sample_agreement(
+        pipe,
+        refs,
+        judge,
+        samples_per_ref,
+        steps,
+        guidance,
+        ctx.seed,
+        labels[:B] if labels is not None else None,
+        attrs[:B] if attrs is not None else None,
+    )
     c = min(B, FIGURE_COLUMNS)
     plots.save_rows([refs[:c], *agree.samples[: min(samples_per_ref, 4), :c]], out / "agreement.png")
     attr_agree = agree.attribute_agreement.tolist()
     agreement_summary = {
-        "class_agreement": _nan_none(agree.class_agreement), "label_agreement": _nan_none(agree.label_agreement),
+        "class_agreement": _nan_none(agree.class_agreement),
+        "label_agreement": _nan_none(agree.label_agreement),
         "reference_accuracy": _nan_none(agree.reference_accuracy),
         "attribute_agreement": {n: _nan_none(v) for n, v in zip(names, attr_agree)},
         "attribute_agreement_mean": _nan_none(sum(attr_agree) / len(attr_agree)) if attr_agree else None,
@@ -178,26 +208,47 @@ def cmd_faithfulness(
         plots.save_rows([refs[:c], gain.reconstruction[:c], *d.images[:, :c]], out / f"edits_{name}.png")
 
     result: dict[str, Any] = {
-        "images": B, "samples_per_ref": samples_per_ref, "steps": steps, "guidance": guidance, "edit_guidance": edit_guidance,
+        "images": B,
+        "samples_per_ref": samples_per_ref,
+        "steps": steps,
+        "guidance": guidance,
+        "edit_guidance": edit_guidance,
         "inversion": pipe.inversion,
-        "inverted_steps": inverted_steps, "judge": judge_summary, "agreement": agreement_summary,
+        "inverted_steps": inverted_steps,
+        "judge": judge_summary,
+        "agreement": agreement_summary,
         "sample_quality": quality,
         "s_cycle": {"mean": _nan_none(agree.s_cycle), "per_prototype": [_nan_none(v) for v in agree.s_cycle_per_prototype.tolist()]},
-        "edits": {"prototypes": prototypes, "raise": gain.raised.summary(prototypes), "lower": gain.lowered.summary(prototypes),
-                  "images": len(edited), "reconstruction_psnr_db_mean": _mean(psnr(gain.reconstruction, edited))},
+        "edits": {
+            "prototypes": prototypes,
+            "raise": gain.raised.summary(prototypes),
+            "lower": gain.lowered.summary(prototypes),
+            "images": len(edited),
+            "reconstruction_psnr_db_mean": _mean(psnr(gain.reconstruction, edited)),
+        },
         "marker": None,
     }
 
     # 4. marker causality, on data with a planted marker and its masks
     if "marker" in ds.attribute_names:
-        result["marker"] = (_marker(ctx, ds, num_images, marker_prototypes, levels, steps, inverted_steps, edit_guidance)
-                            if "marker_mask" in ds[0]
-                            else {"skipped": "the data has a 'marker' attribute but its items carry no marker_mask"})
+        result["marker"] = (
+            _marker(ctx, ds, num_images, marker_prototypes, levels, steps, inverted_steps, edit_guidance)
+            if "marker_mask" in ds[0]
+            else {"skipped": "the data has a 'marker' attribute but its items carry no marker_mask"}
+        )
     return _json_safe(result)
 
 
-def _marker(ctx: Context, ds: LabelledImageDataset, num_images: int, prototypes: Optional[list[int]],
-            levels: dict[str, torch.Tensor], steps: int, inverted_steps: Optional[int], edit_guidance: float) -> dict[str, Any]:
+def _marker(
+    ctx: Context,
+    ds: LabelledImageDataset,
+    num_images: int,
+    prototypes: Optional[list[int]],
+    levels: dict[str, torch.Tensor],
+    steps: int,
+    inverted_steps: Optional[int],
+    edit_guidance: float,
+) -> dict[str, Any]:
     column = ds.attributes[:, ds.attribute_names.index("marker")]
     unmarked_rows = (column == 0).nonzero().flatten()[:num_images].tolist()
     marked_rows = (column == 1).nonzero().flatten()[:num_images].tolist()
@@ -213,26 +264,53 @@ def _marker(ctx: Context, ds: LabelledImageDataset, num_images: int, prototypes:
     unmarked, _ = _load(ds, unmarked_rows)
     marked, masks = _load(ds, marked_rows, masks=True)
     labelled = bool((ds.labels >= 0).all())
-    eff = marker_effect(ctx.pipe, unmarked, marked, masks, prototypes, levels, steps, inverted_steps, edit_guidance,
-                        unmarked_labels=ds.labels[unmarked_rows] if labelled else None,
-                        marked_labels=ds.labels[marked_rows] if labelled else None, seed=ctx.seed)
+    eff = marker_effect(
+        ctx.pipe,
+        unmarked,
+        marked,
+        masks,
+        prototypes,
+        levels,
+        steps,
+        inverted_steps,
+        edit_guidance,
+        unmarked_labels=ds.labels[unmarked_rows] if labelled else None,
+        marked_labels=ds.labels[marked_rows] if labelled else None,
+        seed=ctx.seed,
+    )
     c = min(len(unmarked), len(marked), FIGURE_COLUMNS)
-    plots.save_rows([eff.unmarked[:c], eff.unmarked_reconstruction[:c], eff.raised[:c],
-                     eff.marked[:c], eff.marked_reconstruction[:c], eff.lowered[:c]], ctx.out / "marker.png")
+    plots.save_rows(
+        [eff.unmarked[:c], eff.unmarked_reconstruction[:c], eff.raised[:c], eff.marked[:c], eff.marked_reconstruction[:c], eff.lowered[:c]],
+        ctx.out / "marker.png",
+    )
     det, r = eff.detector, eff.rates
     return {
-        "prototypes": prototypes, "chosen_by": chosen, "prototype_auroc": auroc,
-        "unmarked_images": len(unmarked), "marked_images": len(marked),
-        "drawn_rate": r.drawn, "removed_rate": r.removed,
-        "drawn_in_reconstruction": r.drawn_in_reconstruction, "kept_in_reconstruction": r.kept_in_reconstruction,
+        "prototypes": prototypes,
+        "chosen_by": chosen,
+        "prototype_auroc": auroc,
+        "unmarked_images": len(unmarked),
+        "marked_images": len(marked),
+        "drawn_rate": r.drawn,
+        "removed_rate": r.removed,
+        "drawn_in_reconstruction": r.drawn_in_reconstruction,
+        "kept_in_reconstruction": r.kept_in_reconstruction,
         # what bounds the edit: the swap ceiling of the latents, and the same edits from fresh noise
         "references": eff.references.as_dict() if eff.references is not None else None,
-        "detector": {"rule": det.rule, "window": list(det.window), "polarity": det.polarity, "threshold": det.threshold,
-                     "real_unmarked_score": det.unmarked_score, "real_marked_score": det.marked_score,
-                     "real_accuracy": det.real_accuracy},
+        "detector": {
+            "rule": det.rule,
+            "window": list(det.window),
+            "polarity": det.polarity,
+            "threshold": det.threshold,
+            "real_unmarked_score": det.unmarked_score,
+            "real_marked_score": det.marked_score,
+            "real_accuracy": det.real_accuracy,
+        },
         "s_marker_prototypes": {
-            "unmarked_reconstruction": eff.s_unmarked_reconstruction.mean(0).tolist(), "raised": eff.s_raised.mean(0).tolist(),
-            "marked_reconstruction": eff.s_marked_reconstruction.mean(0).tolist(), "lowered": eff.s_lowered.mean(0).tolist(),
-            "target_raise": levels["q99"][prototypes].tolist(), "target_lower": levels["q01"][prototypes].tolist(),
+            "unmarked_reconstruction": eff.s_unmarked_reconstruction.mean(0).tolist(),
+            "raised": eff.s_raised.mean(0).tolist(),
+            "marked_reconstruction": eff.s_marked_reconstruction.mean(0).tolist(),
+            "lowered": eff.s_lowered.mean(0).tolist(),
+            "target_raise": levels["q99"][prototypes].tolist(),
+            "target_lower": levels["q01"][prototypes].tolist(),
         },
     }

@@ -26,26 +26,43 @@ from patronus.data.streaming import is_uri, prepare
 
 # DataModule options that decide what the images and labels are; the rest (batch sizes, workers,
 # row selections) belong to training and are ignored in a --train_config.
-CONTENT = ("dataset", "root", "image_size", "channels", "options", "shortcut", "download", "train_split", "val_split",
-           "holdout")
+CONTENT = ("dataset", "root", "image_size", "channels", "options", "shortcut", "download", "train_split", "val_split", "holdout")
 SKIPPED = {"batch_size", "val_batch_size", "num_workers", "train_subset", "val_subset"}
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m patronus prepare",
-                       description="Write a dataset at the training resolution as litdata chunks, for data.dataset=streaming.")
-    p.add_argument("--train_config", type=Optional[str], default=None,
-                   help="a train.py config (e.g. configs/celeba_paper.yaml): its data section and model.net image_size / "
-                        "in_channels are the defaults of --data.*")
+    p = ArgumentParser(
+        prog="python -m patronus prepare",
+        description="Write a dataset at the training resolution as litdata chunks, for data.dataset=streaming.",
+    )
+    p.add_argument(
+        "--train_config",
+        type=Optional[str],
+        default=None,
+        help="a train.py config (e.g. configs/celeba_paper.yaml): its data section and model.net image_size / "
+        "in_channels are the defaults of --data.*",
+    )
     p.add_class_arguments(PatronusDataModule, "data", skip=SKIPPED)
-    p.add_argument("--out", type=str, required=True,
-                   help="folder (local or shared filesystem) or object-storage URI (s3://bucket/path, gs://...) to write to")
-    p.add_argument("--splits", type=Optional[list[str]], default=None,
-                   help="splits to write (default: data.train_split and data.val_split; only data.train_split with a "
-                        "data.holdout, which training takes from it)")
-    p.add_argument("--balanced_splits", type=list[str], default=[],
-                   help="with a planted_marker shortcut: also write these splits as SPLIT_balanced, the marker planted "
-                        "independently of the target (p = q = 0.5), for the shortcut report's --group_split")
+    p.add_argument(
+        "--out",
+        type=str,
+        required=True,
+        help="folder (local or shared filesystem) or object-storage URI (s3://bucket/path, gs://...) to write to",
+    )
+    p.add_argument(
+        "--splits",
+        type=Optional[list[str]],
+        default=None,
+        help="splits to write (default: data.train_split and data.val_split; only data.train_split with a "
+        "data.holdout, which training takes from it)",
+    )
+    p.add_argument(
+        "--balanced_splits",
+        type=list[str],
+        default=[],
+        help="with a planted_marker shortcut: also write these splits as SPLIT_balanced, the marker planted "
+        "independently of the target (p = q = 0.5), for the shortcut report's --group_split",
+    )
     p.add_argument("--limit", type=Optional[int], default=None, help="write only the first N rows of each split (quick tests)")
     p.add_argument("--chunk_bytes", type=str, default="64MB", help="size of a litdata chunk (the unit a rank downloads and shuffles)")
     p.add_argument("--num_workers", type=Optional[int], default=None, help="processes that encode rows (default: CPU count, at most 8)")
@@ -112,12 +129,23 @@ def run(a: Namespace) -> dict[str, Any]:
         datasets |= {f"{split}_balanced": balanced.build_split(split, a.limit) for split in a.balanced_splits}
     root = d["root"] if is_uri(str(d["root"])) else str(Path(d["root"]).resolve())
     source = {**d, "root": root, "limit": a.limit}
-    meta = prepare(datasets, a.out, source, chunk_bytes=a.chunk_bytes, num_workers=a.num_workers, overwrite=a.overwrite,
-                   storage_options=a.storage_options)
-    summary = {"out": a.out, "image_size": meta["image_size"], "channels": meta["channels"],
-               "splits": {name: info["rows"] for name, info in meta["splits"].items()},
-               "keys": sorted({k for info in meta["splits"].values() for k in info["keys"]}),
-               "train_with": f"--data.dataset streaming --data.root {a.out}" + (" --data.shortcut null" if d.get("shortcut") else "")}
+    meta = prepare(
+        datasets,
+        a.out,
+        source,
+        chunk_bytes=a.chunk_bytes,
+        num_workers=a.num_workers,
+        overwrite=a.overwrite,
+        storage_options=a.storage_options,
+    )
+    summary = {
+        "out": a.out,
+        "image_size": meta["image_size"],
+        "channels": meta["channels"],
+        "splits": {name: info["rows"] for name, info in meta["splits"].items()},
+        "keys": sorted({k for info in meta["splits"].values() for k in info["keys"]}),
+        "train_with": f"--data.dataset streaming --data.root {a.out}" + (" --data.shortcut null" if d.get("shortcut") else ""),
+    }
     print(json.dumps(summary, indent=1))
     return summary
 

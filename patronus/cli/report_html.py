@@ -22,9 +22,11 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:98
 table{border-collapse:collapse;margin:1em 0;font-size:.85em}th,td{border:1px solid #ccc;padding:.25em .5em}
 th{background:#f4f4f4}img{max-width:100%;image-rendering:pixelated}code{background:#f4f4f4;padding:0 .2em}
 """
-COUNT_IMAGES = ("window.addEventListener('load',function(){var i=document.images,n=0;"
-                "for(var k=0;k<i.length;k++){if(i[k].complete&&i[k].naturalWidth>0)n++;}"
-                "document.body.setAttribute('data-images-loaded',n);document.body.setAttribute('data-images',i.length);});")
+COUNT_IMAGES = (
+    "window.addEventListener('load',function(){var i=document.images,n=0;"
+    "for(var k=0;k<i.length;k++){if(i[k].complete&&i[k].naturalWidth>0)n++;}"
+    "document.body.setAttribute('data-images-loaded',n);document.body.setAttribute('data-images',i.length);});"
+)
 
 
 def _embed(page: str, folder: Path) -> str:
@@ -36,7 +38,7 @@ def _embed(page: str, folder: Path) -> str:
         if src.startswith("data:") or not f.is_file():
             return m.group(0)
         data = base64.b64encode(f.read_bytes()).decode("ascii")
-        return f'{m.group(1)}data:image/png;base64,{data}{m.group(3)}'
+        return f"{m.group(1)}data:image/png;base64,{data}{m.group(3)}"
 
     return re.sub(r'(<img[^>]*?src=")([^"]+)(")', repl, page)
 
@@ -45,11 +47,13 @@ def write_html(markdown_text: str, verdict: str, folder: Path, title: str, clear
     """folder/report.html from the report's Markdown (images it names are read from `folder`)."""
     lead = f"**{verdict}**"
     if markdown_text.startswith(lead):  # the verdict box below says it once, first
-        markdown_text = markdown_text[len(lead):]
+        markdown_text = markdown_text[len(lead) :]
     body = _embed(markdown.markdown(markdown_text, extensions=["tables"]), folder)
-    page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style><script>{COUNT_IMAGES}</script></head><body>"
-            f"<p class=\"verdict{' clear' if clear else ''}\" id=\"verdict\">{html.escape(verdict)}</p>{body}</body></html>")
+    page = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style><script>{COUNT_IMAGES}</script></head><body>"
+        f'<p class="verdict{" clear" if clear else ""}" id="verdict">{html.escape(verdict)}</p>{body}</body></html>'
+    )
     path = folder / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -27,7 +27,6 @@ from patronus.interpret.generation_metrics import psnr
 from patronus.interpret.stats import activation_statistics, edit_levels
 from patronus.runs import CONFIG_FILE, home_of, resolve_checkpoint, run_config
 
-
 EDIT_GUIDANCE = 4.0
 DEFAULT_OUT = "outputs/sample"
 DEFAULT_RUN = Path("runs/mnist_cpu")  # what `python train.py` alone trains
@@ -53,8 +52,12 @@ def references(ctx: Context, images: Optional[list[str]], resize: bool, indices:
     c = ctx.pipe.model.config
     if images:
         intensity = image_intensity(ctx)
-        refs = [read_image(p, c.in_channels, size=None if resize else c.image_size, resize_to=c.image_size if resize else None,
-                           intensity=intensity) for p in images]
+        refs = [
+            read_image(
+                p, c.in_channels, size=None if resize else c.image_size, resize_to=c.image_size if resize else None, intensity=intensity
+            )
+            for p in images
+        ]
         return torch.stack(refs), [str(p) for p in images]
     ds = ctx.dataset()
     idx = indices if indices is not None else list(range(min(8, len(ds))))
@@ -107,9 +110,18 @@ def sample(
     edits = [parse_edit(e, K) for e in specs]
     refs, names = references(ctx, images, resize, indices)
     refs = refs.to(pipe.device)
-    summary: dict = {"checkpoint": str(resolve_checkpoint(ctx.checkpoint)), "references": names, "sampler": sampler,
-                     "steps": steps, "edit_steps": edit_steps, "fixed_point": fixed_point, "guidance": pipe.guidance,
-                     "edit_guidance": pipe.edit_guidance, "seed": ctx.seed, "files": {}}
+    summary: dict = {
+        "checkpoint": str(resolve_checkpoint(ctx.checkpoint)),
+        "references": names,
+        "sampler": sampler,
+        "steps": steps,
+        "edit_steps": edit_steps,
+        "fixed_point": fixed_point,
+        "guidance": pipe.guidance,
+        "edit_guidance": pipe.edit_guidance,
+        "seed": ctx.seed,
+        "files": {},
+    }
 
     # 1. Conditional samples: same s as each reference, fresh x_T.
     s = pipe.encode(refs).s
@@ -143,22 +155,26 @@ def sample(
         report = []
         for e, img, req in zip(edits, res.images, res.requested):
             got = pipe.encode(img).s
-            report.append({
-                "edit": ",".join(map(str, e)),
-                "prototypes": {
-                    str(one.prototype): {
-                        "requested_mean": float(req[:, one.prototype].mean()),
-                        "reconstruction_mean": float(s_recon[:, one.prototype].mean()),
-                        "decoded_mean": float(got[:, one.prototype].mean()),
-                    }
-                    for one in e
-                },
-            })
+            report.append(
+                {
+                    "edit": ",".join(map(str, e)),
+                    "prototypes": {
+                        str(one.prototype): {
+                            "requested_mean": float(req[:, one.prototype].mean()),
+                            "reconstruction_mean": float(s_recon[:, one.prototype].mean()),
+                            "decoded_mean": float(got[:, one.prototype].mean()),
+                        }
+                        for one in e
+                    },
+                }
+            )
         summary["edits"] = report
         summary["files"]["edits"] = str(plots.save_rows([refs, recon, *res.images], out / "edits.png"))
     if unconditional:
         if pipe.prior is None:
-            raise FileNotFoundError(f"{ctx.checkpoint}: no trained activation prior; run `python -m patronus prior --checkpoint {ctx.checkpoint}` first")
+            raise FileNotFoundError(
+                f"{ctx.checkpoint}: no trained activation prior; run `python -m patronus prior --checkpoint {ctx.checkpoint}` first"
+            )
         generated, _ = pipe.generate(unconditional, steps, ctx.seed)
         summary["files"]["unconditional"] = str(plots.save_rows([generated], out / "unconditional.png"))
     summary["activation_range"] = {"q01": stats["q01"], "q99": stats["q99"]}
@@ -183,8 +199,11 @@ def with_default_run(argv: list[str]) -> list[str]:
     if any(a in ("-h", "--help") or a == "--checkpoint" or a.startswith("--checkpoint=") for a in argv):
         return argv
     if not DEFAULT_RUN.is_dir():
-        print(f"sample.py: no --checkpoint and no default run at {DEFAULT_RUN}; make it with `python train.py` "
-              f"(about 5 min on 2 CPU cores) or pass --checkpoint RUN", file=sys.stderr)
+        print(
+            f"sample.py: no --checkpoint and no default run at {DEFAULT_RUN}; make it with `python train.py` "
+            f"(about 5 min on 2 CPU cores) or pass --checkpoint RUN",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     out = [] if any(a == "--out" or a.startswith("--out=") for a in argv) else ["--out", f"outputs/{DEFAULT_RUN.name}"]
     return ["--checkpoint", str(DEFAULT_RUN), *out, *argv]

@@ -25,9 +25,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--params", type=dict, default={}, help='builder parameters, e.g. \'{"target": "1", "p": 0.9}\'')
     p.add_argument("--out_dir", type=Optional[str], default=None, help="write the built splits here (attribute_folder layout)")
     p.add_argument("--splits", type=list[str], default=["train", "test"], help="splits written with --out_dir")
-    p.add_argument("--balanced_splits", type=list[str], default=[],
-                   help="with --out_dir and a planted_marker: also write these splits as SPLIT_balanced, the marker planted "
-                        "independently of the target (p = q = 0.5): a group-balanced held-out set for worst-group accuracy")
+    p.add_argument(
+        "--balanced_splits",
+        type=list[str],
+        default=[],
+        help="with --out_dir and a planted_marker: also write these splits as SPLIT_balanced, the marker planted "
+        "independently of the target (p = q = 0.5): a group-balanced held-out set for worst-group accuracy",
+    )
     p.add_argument("--overwrite", type=bool, default=False, help="let --out_dir be a non-empty folder")
     p.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
     return p
@@ -43,7 +47,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             raise ValueError("data: pass --data.dataset and --data.root")
         spec = {"kind": a.kind, **dict(a.params)}
         build = lambda split, change={}: apply_shortcut(  # noqa: E731
-            build_dataset(d.dataset, d.root, split, a.image_size, **(d.options or {})), a.image_size, spec | change)
+            build_dataset(d.dataset, d.root, split, a.image_size, **(d.options or {})), a.image_size, spec | change
+        )
         if a.out_dir is None:
             _, report = build(d.split or "train")
         else:
@@ -54,9 +59,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             built = {split: build(split) for split in a.splits}
             built |= {f"{split}_balanced": build(split, {"p": 0.5, "q": 0.5}) for split in a.balanced_splits}
             counts = write_attribute_folder({s: b[0] for s, b in built.items()}, a.out_dir, a.overwrite)
-            report = {"splits": {s: b[1] for s, b in built.items()}, "written": counts, "out_dir": str(a.out_dir),
-                      "read_with": {"dataset": "attribute_folder", "root": str(a.out_dir),
-                                    "options": {"attributes_csv": CSV_NAME, "masks": MASKS}}}
+            report = {
+                "splits": {s: b[1] for s, b in built.items()},
+                "written": counts,
+                "out_dir": str(a.out_dir),
+                "read_with": {
+                    "dataset": "attribute_folder",
+                    "root": str(a.out_dir),
+                    "options": {"attributes_csv": CSV_NAME, "masks": MASKS},
+                },
+            }
         print(json.dumps(report, indent=2))
         return report
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -18,8 +18,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from patronus.cli.common import report_user_errors
 from patronus.data.datamodule import PatronusDataModule
 from patronus.models.patronus import PatronusModel
-from patronus.runs import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_DIR, ResumePoint, atomic_write, export_model, find_resume_point,
-                           load_model, retire_options)
+from patronus.runs import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    MODEL_DIR,
+    ResumePoint,
+    atomic_write,
+    export_model,
+    find_resume_point,
+    load_model,
+    retire_options,
+)
 from patronus.training.callbacks import EMA, InterpretMonitor, RunSummary, SampleGrid, StatusLine
 from patronus.training.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from patronus.training.logs import AppendingCSVLogger, drop_rows_after
@@ -86,8 +95,12 @@ class PatronusCLI(LightningCLI):
         parser.add_argument("--logger", type=LoggerKind, default="wandb", help="wandb (offline), csv, tensorboard, none")
         parser.add_argument("--wandb_project", type=str, default="patronus")
         parser.add_argument("--wandb_online", type=bool, default=False, help="stream to wandb (needs an account)")
-        parser.add_argument("--wandb_log_model", type=bool, default=False,
-                            help="also log the exported model (safetensors + config) as a wandb artifact of type 'model'")
+        parser.add_argument(
+            "--wandb_log_model",
+            type=bool,
+            default=False,
+            help="also log the exported model (safetensors + config) as a wandb artifact of type 'model'",
+        )
         parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -105,7 +118,9 @@ class PatronusCLI(LightningCLI):
         parser.link_arguments("model.net.init_args.image_size", "data.image_size")
         parser.link_arguments("model.net.init_args.in_channels", "data.channels")
         parser.add_lightning_class_args(EMA, "ema", required=False)
-        parser.add_lightning_class_args(PrototypeReseeding, "reseed", subclass_mode=True, required=False)  # off unless a config has a reseed: block
+        parser.add_lightning_class_args(
+            PrototypeReseeding, "reseed", subclass_mode=True, required=False
+        )  # off unless a config has a reseed: block
         parser.add_lightning_class_args(StatusLine, "status")
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(InterpretMonitor, "interpret_monitor")  # after EMA: probes its current copy
@@ -141,15 +156,19 @@ def check_same_model(resume: ResumePoint, net_config: dict[str, Any]) -> None:
     """A re-run must build the model its checkpoint was trained as; name the fields that differ."""
     ours = {k: (list(v) if isinstance(v, tuple) else v) for k, v in net_config.items() if not k.startswith("_")}
     # A field the checkpoint predates was trained at its default (e.g. prediction="epsilon").
-    defaults = {k: p.default for k, p in inspect.signature(PatronusModel.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        k: p.default for k, p in inspect.signature(PatronusModel.__init__).parameters.items() if p.default is not inspect.Parameter.empty
+    }
     saved = retire_options(resume.net_config, resume.path)  # a retired option at another value is named
     theirs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**defaults, **saved}.items()}
-    diff = [f"model.net.{k}: checkpoint {theirs[k]!r}, this command {ours[k]!r}"
-            for k in sorted(ours) if k in theirs and theirs[k] != ours[k]]
+    diff = [
+        f"model.net.{k}: checkpoint {theirs[k]!r}, this command {ours[k]!r}" for k in sorted(ours) if k in theirs and theirs[k] != ours[k]
+    ]
     if diff:
-        raise ValueError(f"{resume.path} was trained with a different model ({'; '.join(diff)}); re-run with the run's "
-                         "own config.yaml, or train the new model in a new --run_dir (nothing was changed)")
+        raise ValueError(
+            f"{resume.path} was trained with a different model ({'; '.join(diff)}); re-run with the run's "
+            "own config.yaml, or train the new model in a new --run_dir (nothing was changed)"
+        )
 
 
 OPTIMIZER_STATE_OPTIONS = ("model.lr", "model.weight_decay")  # AdamW param-group values a resume restores
@@ -166,15 +185,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """"option: old -> new" for every option `current` sets differently from a run's saved config."""
+    """ "option: old -> new" for every option `current` sets differently from a run's saved config."""
     old, new = _flatten(saved), _flatten(current)
 
     def show(flat: dict[str, Any], key: str, missing: str) -> str:
         return repr(flat[key]) if key in flat else missing
 
-    return [f"{k}: {show(old, k, '(not in config.yaml)')} -> {show(new, k, '(not set)')}"
-            for k in sorted(set(old) | set(new))
-            if k.split(".")[0] not in IDENTITY_OPTIONS and (k in old, old.get(k)) != (k in new, new.get(k))]
+    return [
+        f"{k}: {show(old, k, '(not in config.yaml)')} -> {show(new, k, '(not set)')}"
+        for k in sorted(set(old) | set(new))
+        if k.split(".")[0] not in IDENTITY_OPTIONS and (k in old, old.get(k)) != (k in new, new.get(k))
+    ]
 
 
 def finished_message(cli: PatronusCLI, run_dir: Path, step: int) -> str:
@@ -193,11 +214,19 @@ def finished_message(cli: PatronusCLI, run_dir: Path, step: int) -> str:
         return f"{head}: nothing to do; raise --trainer.max_steps above {step} to train on"
     # The optimizer's state is restored on resume, its param groups included: their values win.
     restored = [c.split(":")[0] for c in changes if c.split(":")[0] in OPTIMIZER_STATE_OPTIONS]
-    keeps = (f"; the optimizer resumes as saved, so {' and '.join(restored)} "
-             f"{'keeps its old value' if len(restored) == 1 else 'keep their old values'}") if restored else ""
-    return (f"{head}, so nothing was trained and nothing changed; this command differs from {saved_file} in "
-            f"{'; '.join(changes)}. To train this run further, raise --trainer.max_steps above {step} (it resumes from "
-            f"step {step}{keeps}); to train with the new values from scratch, pass a new --run_dir")
+    keeps = (
+        (
+            f"; the optimizer resumes as saved, so {' and '.join(restored)} "
+            f"{'keeps its old value' if len(restored) == 1 else 'keep their old values'}"
+        )
+        if restored
+        else ""
+    )
+    return (
+        f"{head}, so nothing was trained and nothing changed; this command differs from {saved_file} in "
+        f"{'; '.join(changes)}. To train this run further, raise --trainer.max_steps above {step} (it resumes from "
+        f"step {step}{keeps}); to train with the new values from scratch, pass a new --run_dir"
+    )
 
 
 def _train(cli: PatronusCLI) -> None:
@@ -221,7 +250,9 @@ def _train(cli: PatronusCLI) -> None:
                 metrics = Path(logger.log_dir) / ExperimentWriter.NAME_METRICS_FILE
                 dropped = drop_rows_after(metrics, resume.step)
                 if dropped:
-                    rank_zero_info(f"{metrics}: removed {dropped} rows logged after step {resume.step} (the resumed run logs those steps again)")
+                    rank_zero_info(
+                        f"{metrics}: removed {dropped} rows logged after step {resume.step} (the resumed run logs those steps again)"
+                    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(resume.path) if resume.path else None, weights_only=True)
     if cli.trainer.is_global_zero:
         out = export_model(cli.model.net, run_dir / MODEL_DIR)
@@ -239,8 +270,7 @@ def log_model_artifact(trainer: Trainer, model_dir: Path) -> None:
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model",
-                                      metadata={"step": trainer.global_step})
+            artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model", metadata={"step": trainer.global_step})
             artifact.add_dir(str(model_dir))
             logger.experiment.log_artifact(artifact, aliases=["latest", f"step{trainer.global_step}"])
 
@@ -273,8 +303,9 @@ def with_default_config(argv: list[str], default_config: Optional[Path]) -> list
     return ["--config", str(default_config), *argv]
 
 
-def train_main(args: Optional[list[str]] = None, model_class: type[PatronusModule] = PatronusModule,
-               default_config: Optional[Path] = None) -> PatronusCLI:
+def train_main(
+    args: Optional[list[str]] = None, model_class: type[PatronusModule] = PatronusModule, default_config: Optional[Path] = None
+) -> PatronusCLI:
     """`python train.py --config configs/X.yaml [overrides]`; re-running the same command resumes
     from the newest checkpoint that loads, and a finished run re-run unchanged does nothing.
     `model_class`: a PatronusModule subclass with the same options (a benchmark's variant).

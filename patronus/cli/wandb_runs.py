@@ -33,8 +33,15 @@ def linked_run(checkpoint: str | Path, job_type: str, config: dict[str, Any], pr
     audited = training_run_id(checkpoint)
     folder = runs.analysis_dir(checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=project, dir=str(folder), mode="offline", job_type=job_type, group=audited,
-                      config={"checkpoint": str(checkpoint), "audited_run_id": audited, **config}, reinit="create_new")
+    return wandb.init(
+        project=project,
+        dir=str(folder),
+        mode="offline",
+        job_type=job_type,
+        group=audited,
+        config={"checkpoint": str(checkpoint), "audited_run_id": audited, **config},
+        reinit="create_new",
+    )
 
 
 def scalars(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -56,8 +63,10 @@ def log_analysis(checkpoint: str | Path, job_type: str, result: dict[str, Any], 
     import wandb
 
     run = linked_run(checkpoint, job_type, {"out": str(out)})
-    pictures = {f"{job_type}/{p.stem}": wandb.Image(str(p), caption=f"{job_type}: {p.stem.replace('_', ' ')}")
-                for p in sorted(Path(out).glob("*.png"))}
+    pictures = {
+        f"{job_type}/{p.stem}": wandb.Image(str(p), caption=f"{job_type}: {p.stem.replace('_', ' ')}")
+        for p in sorted(Path(out).glob("*.png"))
+    }
     if pictures:
         run.log(pictures)
     run.summary.update({f"{job_type}/{k}": v for k, v in scalars(result).items()})

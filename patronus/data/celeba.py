@@ -9,16 +9,17 @@ Layout (as distributed by CUHK; torchvision's ROOT/celeba/ is found too):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 from torchvision.transforms.functional import resize
 
-from patronus.data.datasets import LabelledImageDataset
 from patronus.data.checks import OnError, Problem, Verify, check_on_error, image_problem, resolve_problems
+from patronus.data.datasets import LabelledImageDataset
 from patronus.data.images import read_image
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -102,7 +103,9 @@ def read_attributes(path: Path, problems: list[Problem]) -> AttributeTable:
     for lineno, line in numbered:
         parts = line.split()
         if len(parts) != len(names) + 1:
-            problems.append(Problem(ValueError, f"{path} line {lineno}: {len(parts) - 1} values, expected {len(names)} (one per attribute)"))
+            problems.append(
+                Problem(ValueError, f"{path} line {lineno}: {len(parts) - 1} values, expected {len(names)} (one per attribute)")
+            )
         elif not set(parts[1:]) <= {"1", "-1"}:
             k = next(k for k, v in enumerate(parts[1:]) if v not in ("1", "-1"))
             problems.append(Problem(ValueError, f"{path} line {lineno}, attribute {names[k]!r}: value {parts[k + 1]!r}; expected 1 or -1"))
@@ -208,14 +211,19 @@ def celeba(
         if split != "all":
             part = partition.get(name) if partition is not None else official_partition(name)
             if part is None:
-                why = (f"is not listed in {base / partition_file}" if partition is not None
-                       else "is not a numbered CelebA file, so its official split is unknown; pass partition_file")
+                why = (
+                    f"is not listed in {base / partition_file}"
+                    if partition is not None
+                    else "is not a numbered CelebA file, so its official split is unknown; pass partition_file"
+                )
                 problems.append(Problem(ValueError, f"{attr_path} line {line}: {name} {why}"))
                 continue
             if part != SPLITS[split]:
                 continue
         if name not in present:
-            problems.append(Problem(FileNotFoundError, f"{images / name}: listed on line {line} of {attr_path} but the image does not exist"))
+            problems.append(
+                Problem(FileNotFoundError, f"{images / name}: listed on line {line} of {attr_path} but the image does not exist")
+            )
             continue
         why = image_problem(images / name, 3, verify)
         if why:
@@ -225,9 +233,14 @@ def celeba(
     resolve_problems(problems, on_error, f"CelebA {attr_path}", table.rows)
     if not keep:
         if problems:
-            raise ValueError(f"CelebA split {split!r} has no usable rows ({len(problems)} bad rows dropped by on_error='skip', see the warning)")
-        source = f"{base / partition_file}" if partition is not None else (
-            f"the official boundaries by image number (partition_file=None: train <= {LAST_TRAIN}, valid <= {LAST_VALID})")
+            raise ValueError(
+                f"CelebA split {split!r} has no usable rows ({len(problems)} bad rows dropped by on_error='skip', see the warning)"
+            )
+        source = (
+            f"{base / partition_file}"
+            if partition is not None
+            else (f"the official boundaries by image number (partition_file=None: train <= {LAST_TRAIN}, valid <= {LAST_VALID})")
+        )
         raise ValueError(f"CelebA split {split!r} is empty: none of the {len(table.files)} rows of {attr_path} belong to it by {source}")
     attributes = torch.from_numpy(table.values[keep]).float()
     return CelebADataset([images / table.files[i] for i in keep], attributes, table.names, image_size, crop)

@@ -4,9 +4,10 @@ raises with its file and line named, or is dropped with one warning that counts 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional
 
 from PIL import Image, UnidentifiedImageError
 
@@ -16,8 +17,23 @@ OnError = Literal["raise", "skip"]
 Verify = Literal["header", "decode"]  # how far every image file is checked up front
 
 # Channels read_image produces for each PIL mode (it converts RGBA/P to RGB and LA/I/F/1 to L).
-MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "La": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "I;16N": 1, "F": 1,
-                 "P": 3, "RGB": 3, "RGBA": 3, "YCbCr": 3, "CMYK": 3}
+MODE_CHANNELS = {
+    "1": 1,
+    "L": 1,
+    "LA": 1,
+    "La": 1,
+    "I": 1,
+    "I;16": 1,
+    "I;16B": 1,
+    "I;16L": 1,
+    "I;16N": 1,
+    "F": 1,
+    "P": 3,
+    "RGB": 3,
+    "RGBA": 3,
+    "YCbCr": 3,
+    "CMYK": 3,
+}
 
 
 @dataclass

@@ -17,15 +17,26 @@ from typing import Literal, Optional
 
 import torch
 
-from patronus.data.datasets import LabelledImageDataset
 from patronus.data.checks import image_problem, warn_if_few_bits_used
+from patronus.data.datasets import LabelledImageDataset
 from patronus.data.images import AS_STORED, Intensity, read_image
 
 FOLDER = "CheXpert-v1.0-small"
 CSV_FILES = {"train": "train.csv", "valid": "valid.csv"}
 FINDINGS = [
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
     "Support Devices",
 ]
 VIEW_COLUMN = "Frontal/Lateral"
@@ -79,8 +90,7 @@ def read_pacemaker_csv(path: Path, problems: list[str]) -> dict[str, float]:
         path_col, pm_col = 0, 1
     else:
         raise ValueError(
-            f"{path}: line 1 is {rows[0][1]}; expected a header with a PM column (e.g. Path,PM) "
-            "or headerless rows `image path,0|1`"
+            f"{path}: line 1 is {rows[0][1]}; expected a header with a PM column (e.g. Path,PM) or headerless rows `image path,0|1`"
         )
     labels: dict[str, float] = {}
     for line, row in rows:
@@ -107,8 +117,16 @@ class CheXpertDataset(LabelledImageDataset):
     the confounders a shortcut analysis looks for. `csv_lines` maps each row to its CSV line.
     """
 
-    def __init__(self, csv_path: Path, files: list[str], csv_lines: list[int], attributes: torch.Tensor,
-                 attribute_names: list[str], image_size: int, intensity: Intensity = AS_STORED):
+    def __init__(
+        self,
+        csv_path: Path,
+        files: list[str],
+        csv_lines: list[int],
+        attributes: torch.Tensor,
+        attribute_names: list[str],
+        image_size: int,
+        intensity: Intensity = AS_STORED,
+    ):
         self.csv_path, self.files, self.csv_lines, self.image_size = csv_path, files, csv_lines, image_size
         self.intensity = intensity
         self.attributes, self.attribute_names, self.classes = attributes, attribute_names, []
@@ -154,8 +172,12 @@ def chexpert(
         )
     if split not in CSV_FILES:
         raise ValueError(f"split={split!r}; CheXpert-v1.0-small splits are {list(CSV_FILES)}")
-    choices = {"view": (view, ("frontal", "lateral", "all")), "uncertainty": (uncertainty, tuple(UNCERTAIN)),
-               "on_error": (on_error, ("raise", "skip")), "verify": (verify, ("header", "decode"))}
+    choices = {
+        "view": (view, ("frontal", "lateral", "all")),
+        "uncertainty": (uncertainty, tuple(UNCERTAIN)),
+        "on_error": (on_error, ("raise", "skip")),
+        "verify": (verify, ("header", "decode")),
+    }
     for option, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{option}={value!r}; expected one of {list(allowed)}")
@@ -241,9 +263,11 @@ def chexpert(
         attributes = torch.cat([attributes, pm[:, None].float()], dim=1)
         names.append("Pacemaker")
         if pacemaker and files and not any(k in pacemaker for k in keys):
-            warnings.warn(f"pacemaker_csv {pacemaker_csv}: none of its {len(pacemaker)} paths matches an image of "
-                          f"{csv_path}, so Pacemaker is unknown (NaN) for every row; are its paths like the Path column?",
-                          stacklevel=2)
+            warnings.warn(
+                f"pacemaker_csv {pacemaker_csv}: none of its {len(pacemaker)} paths matches an image of "
+                f"{csv_path}, so Pacemaker is unknown (NaN) for every row; are its paths like the Path column?",
+                stacklevel=2,
+            )
     if problems or pm_problems:
         offenders = problems + pm_problems
         shown = "; ".join(offenders[:SHOWN]) + ("; ..." if len(offenders) > SHOWN else "")

@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from patronus.data.datasets import LabelledImageDataset, to_model_range
 from patronus.data.checks import OnError, Problem, Verify, check_on_error, image_problem, resolve_problems
+from patronus.data.datasets import LabelledImageDataset, to_model_range
 from patronus.data.folders import AttributeFolderDataset
 from patronus.data.images import list_images
 
@@ -38,8 +38,7 @@ def _python_layout(root: Path, split: str, image_size: int, download: bool) -> U
     folder = root / BATCHES
     if not folder.is_dir() and not download:
         raise FileNotFoundError(
-            f"{folder} not found; expected torchvision's layout ROOT/{BATCHES}/data_batch_1..5, test_batch "
-            "(pass download=true to fetch it)"
+            f"{folder} not found; expected torchvision's layout ROOT/{BATCHES}/data_batch_1..5, test_batch (pass download=true to fetch it)"
         )
     import torchvision
 

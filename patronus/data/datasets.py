@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from patronus.data.checks import (OnError, Problem, Verify, check_on_error, image_problem, resolve_problems,
-                                  warn_if_few_bits_used)
+from patronus.data.checks import OnError, Problem, Verify, check_on_error, image_problem, resolve_problems, warn_if_few_bits_used
 from patronus.data.images import AS_STORED, Intensity, list_images, read_image
 from patronus.torch_utils import from_uint8
 
@@ -70,8 +70,14 @@ def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[torch.Tensor,
 class TensorImageDataset(LabelledImageDataset):
     """Images already decoded into memory (small sets: MNIST-like), resized once up front."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, attribute_names: Sequence[str], attributes: torch.Tensor,
-                 classes: Sequence[str] = ()):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        attribute_names: Sequence[str],
+        attributes: torch.Tensor,
+        classes: Sequence[str] = (),
+    ):
         self.images, self.labels = images, labels
         self.attribute_names, self.attributes, self.classes = list(attribute_names), attributes, list(classes)
 
@@ -110,9 +116,7 @@ def to_model_range(images_u8: torch.Tensor, image_size: int) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def idx_dataset(
-    name: str, classes: Sequence[str]
-) -> Callable[..., TensorImageDataset]:
+def idx_dataset(name: str, classes: Sequence[str]) -> Callable[..., TensorImageDataset]:
     """Builder for MNIST-format datasets in torchvision's raw layout (ROOT/<name>/raw/*.gz)."""
 
     def build(root: str, split: str, image_size: int, download: bool = False) -> TensorImageDataset:
@@ -141,8 +145,15 @@ def idx_dataset(
 class ImageFolderDataset(LabelledImageDataset):
     """ROOT/<split>/<class>/*.png (or ROOT/<split>/*.png without classes), decoded lazily."""
 
-    def __init__(self, root: str, split: str, image_size: int, channels: int, files: Optional[Sequence[Path]] = None,
-                 intensity: Intensity = AS_STORED):
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        image_size: int,
+        channels: int,
+        files: Optional[Sequence[Path]] = None,
+        intensity: Intensity = AS_STORED,
+    ):
         folder = Path(root) / split
         self.intensity = intensity
         self.files = list(files) if files is not None else list_images(folder)
@@ -158,9 +169,17 @@ class ImageFolderDataset(LabelledImageDataset):
         return read_image(self.files[i], self.channels, resize_to=self.image_size, intensity=self.intensity)
 
 
-def image_folder(root: str, split: str, image_size: int, download: bool = False, channels: int = 3,
-                 on_error: OnError = "raise", verify: Verify = "header", bit_depth: Optional[int] = None,
-                 invert: bool = False) -> ImageFolderDataset:
+def image_folder(
+    root: str,
+    split: str,
+    image_size: int,
+    download: bool = False,
+    channels: int = 3,
+    on_error: OnError = "raise",
+    verify: Verify = "header",
+    bit_depth: Optional[int] = None,
+    invert: bool = False,
+) -> ImageFolderDataset:
     """Every image file is checked up front (header, or a full decode with verify="decode"):
     on_error="raise" stops at the first bad file, naming it; "skip" drops bad files with one warning.
     bit_depth / invert: see `Intensity` (12-bit DICOM exports in 16-bit PNGs, MONOCHROME1)."""

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from patronus.data.checks import (OnError, Problem, Verify, check_on_error, image_problem, resolve_problems,
-                                  warn_if_few_bits_used)
+from patronus.data.checks import OnError, Problem, Verify, check_on_error, image_problem, resolve_problems, warn_if_few_bits_used
 from patronus.data.datasets import LabelledImageDataset
 from patronus.data.images import AS_STORED, Intensity, list_images, read_image
 
@@ -65,7 +65,9 @@ def _split_folder(root: Path, split: str) -> Path:
     if folder.is_dir():
         return folder
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist; expected ROOT/<split>/**/*.png|jpg or, for split 'train', images under ROOT")
+        raise FileNotFoundError(
+            f"data root {root} does not exist; expected ROOT/<split>/**/*.png|jpg or, for split 'train', images under ROOT"
+        )
     present = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in SPLIT_NAMES)
     if split == "train" and not present:
         return root  # list_images raises if there are none
@@ -139,8 +141,11 @@ def _read_attributes_csv(csv_path: Path, root: Path, split_folder: Path, path_co
                 problems.append(Problem(ValueError, f"{where}: empty {path_column!r}"))
                 continue
             if not (root / rel).is_file():
-                hint = f"; paths are relative to ROOT, did you mean {split_folder.relative_to(root).as_posix()}/{rel}?" if (
-                    split_folder != root and (split_folder / rel).is_file()) else ""
+                hint = (
+                    f"; paths are relative to ROOT, did you mean {split_folder.relative_to(root).as_posix()}/{rel}?"
+                    if (split_folder != root and (split_folder / rel).is_file())
+                    else ""
+                )
                 problems.append(Problem(FileNotFoundError, f"{where} ({path_column}={cells[pi]!r}): {root / rel} does not exist{hint}"))
                 continue
             if rel in seen:
@@ -286,7 +291,13 @@ def ffhq(
             "point data.root at the images1024x1024/ or thumbnails128x128/ folder"
         )
     return attribute_folder(
-        root, split, image_size, channels=channels, attributes_csv=attributes_csv, path_column=path_column, on_error=on_error,
+        root,
+        split,
+        image_size,
+        channels=channels,
+        attributes_csv=attributes_csv,
+        path_column=path_column,
+        on_error=on_error,
         verify=verify,
     )
 

@@ -65,8 +65,10 @@ class Intensity:
     def __post_init__(self) -> None:
         b = self.bit_depth
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 32):
-            raise ValueError(f"bit_depth={b!r}; expected the bits stored per pixel, an integer 1..32 (e.g. 12 for a "
-                             "12-bit DICOM export in a 16-bit PNG), or null to scale by the file's type")
+            raise ValueError(
+                f"bit_depth={b!r}; expected the bits stored per pixel, an integer 1..32 (e.g. 12 for a "
+                "12-bit DICOM export in a 16-bit PNG), or null to scale by the file's type"
+            )
         if not isinstance(self.invert, bool):
             raise ValueError(f"invert={self.invert!r}; expected true (MONOCHROME1: high values are dark) or false")
 
@@ -87,12 +89,16 @@ def stored_type(img: Image.Image) -> tuple[int, bool]:
 def _stated_top(path: Path, stored_bits: int, top_value: int, bit_depth: int) -> int:
     """2^bit_depth - 1, after checking that the file can hold and does hold `bit_depth`-bit values."""
     if bit_depth > stored_bits:
-        raise ValueError(f"{path}: holds {stored_bits}-bit pixels, fewer than bit_depth={bit_depth}; expected "
-                         f"files of at least {bit_depth} bits (or leave bit_depth unset for {stored_bits}-bit files)")
+        raise ValueError(
+            f"{path}: holds {stored_bits}-bit pixels, fewer than bit_depth={bit_depth}; expected "
+            f"files of at least {bit_depth} bits (or leave bit_depth unset for {stored_bits}-bit files)"
+        )
     top = 2**bit_depth - 1
     if top_value > top:
-        raise ValueError(f"{path}: pixel value {top_value} is above {top}, the largest {bit_depth}-bit value "
-                         f"(bit_depth={bit_depth}); expected {bit_depth}-bit data: is bit_depth right for this file?")
+        raise ValueError(
+            f"{path}: pixel value {top_value} is above {top}, the largest {bit_depth}-bit value "
+            f"(bit_depth={bit_depth}); expected {bit_depth}-bit data: is bit_depth right for this file?"
+        )
     return top
 
 
@@ -102,8 +108,10 @@ def _integer_range(img: Image.Image, path: Path, values: np.ndarray, bit_depth: 
     lowest = int(values.min(initial=0))
     if bit_depth is not None:
         if signed or lowest < 0:
-            raise ValueError(f"{path}: holds signed {bits}-bit pixels (down to {lowest}); bit_depth={bit_depth} "
-                             "describes unsigned data: leave bit_depth unset for this file")
+            raise ValueError(
+                f"{path}: holds signed {bits}-bit pixels (down to {lowest}); bit_depth={bit_depth} "
+                "describes unsigned data: leave bit_depth unset for this file"
+            )
         return 0.0, float(_stated_top(path, bits, int(values.max(initial=0)), bit_depth))
     if signed or lowest < 0:
         return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
@@ -135,23 +143,28 @@ def deep_to_unit(img: Image.Image, path: Path, bit_depth: Optional[int] = None) 
     values = np.asarray(img)
     if img.mode == "F":
         if bit_depth is not None:
-            raise ValueError(f"{path}: float pixels; bit_depth={bit_depth} describes integer data: expected "
-                             f"{bit_depth}-bit integer images (or leave bit_depth unset for float images in [0, 1])")
+            raise ValueError(
+                f"{path}: float pixels; bit_depth={bit_depth} describes integer data: expected "
+                f"{bit_depth}-bit integer images (or leave bit_depth unset for float images in [0, 1])"
+            )
         if not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).sum())
             raise ValueError(f"{path}: {bad} pixel(s) are NaN or infinite; expected finite intensities")
         lo, hi = float(values.min(initial=0)), float(values.max(initial=0))
         if lo < 0 or hi > 1:
-            raise ValueError(f"{path}: float pixels range over [{lo:.4g}, {hi:.4g}]; expected float images in [0, 1] "
-                             "(save integer images as 8/16-bit instead, or rescale to [0, 1])")
+            raise ValueError(
+                f"{path}: float pixels range over [{lo:.4g}, {hi:.4g}]; expected float images in [0, 1] "
+                "(save integer images as 8/16-bit instead, or rescale to [0, 1])"
+            )
         return torch.from_numpy(values.astype(np.float32))[None]
     lo, hi = _integer_range(img, path, values, bit_depth)
     x = (values.astype(np.float64) - lo) / (hi - lo)
     return torch.from_numpy(x.astype(np.float32))[None]
 
 
-def read_image(path: str | Path, channels: int, size: int | None = None, resize_to: int | None = None,
-               intensity: Intensity = AS_STORED) -> torch.Tensor:
+def read_image(
+    path: str | Path, channels: int, size: int | None = None, resize_to: int | None = None, intensity: Intensity = AS_STORED
+) -> torch.Tensor:
     """Image file -> float tensor (C, H, W) in [-1, 1].
 
     `size` demands an exact square size (error otherwise); `resize_to` resizes instead.
@@ -188,8 +201,7 @@ def read_image(path: str | Path, channels: int, size: int | None = None, resize_
         x = resize(x, [resize_to, resize_to], antialias=True)
     elif size is not None and tuple(x.shape[1:]) != (size, size):
         raise ValueError(
-            f"{path}: expected a {size}x{size} image, got {x.shape[2]}x{x.shape[1]} (width x height); "
-            "resize it or pass the resize option"
+            f"{path}: expected a {size}x{size} image, got {x.shape[2]}x{x.shape[1]} (width x height); resize it or pass the resize option"
         )
     y = from_uint8(x) if x.dtype == torch.uint8 else (x * 2 - 1).clamp(-1, 1)  # clamp: antialiasing overshoots
     return -y if intensity.invert else y  # MONOCHROME1: 1 - x in [0, 1] is -y in [-1, 1]

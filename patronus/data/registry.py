@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from patronus.data.celeba import celeba
 from patronus.data.chexpert import chexpert
@@ -32,8 +32,9 @@ def dataset_options(name: str) -> list[str]:
     if name not in DATASETS:
         raise ValueError(f"data.dataset={name!r} is unknown; expected one of {sorted(DATASETS)}")
     params = inspect.signature(DATASETS[name]).parameters.values()
-    return [p.name for p in params if p.name not in ("root", "split", "image_size", "download")
-            and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return [
+        p.name for p in params if p.name not in ("root", "split", "image_size", "download") and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
 
 
 def build_dataset(name: str, root: str, split: str, image_size: int, /, download: bool = False, **options) -> LabelledImageDataset:

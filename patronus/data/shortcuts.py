@@ -7,7 +7,8 @@ and from the command line (`python -m patronus.cli.shortcut_data --help`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Optional, Union
 
 import torch
 
@@ -65,8 +66,13 @@ def celeba_hair_smile(ds: LabelledImageDataset, seed: int = 0) -> tuple[SubsetDa
     keep = one_hair & ((blond & smile) | (black & ~smile) | (brown & smile))
     out = SubsetDataset(ds, keep.nonzero().flatten())
     report = correlation_report(out, [*HAIR, "Smiling"])
-    report["cells"] = {f"{h}&{'Smiling' if s else 'not_Smiling'}": int(((attribute_column(out, h) == 1) & ((attribute_column(out, "Smiling") == 1) == s)).sum())
-                       for h in HAIR for s in (True, False)}
+    report["cells"] = {
+        f"{h}&{'Smiling' if s else 'not_Smiling'}": int(
+            ((attribute_column(out, h) == 1) & ((attribute_column(out, "Smiling") == 1) == s)).sum()
+        )
+        for h in HAIR
+        for s in (True, False)
+    }
     return out, report
 
 
@@ -132,8 +138,9 @@ def shape_mask(shape: Shape, size: int, thickness: Optional[int] = None, text: s
     return _glyph(text, size)
 
 
-def marker_mask(size: int, image_size: int, top: int, left: int, shape: Shape, thickness: Optional[int] = None,
-                text: str = "R") -> torch.Tensor:
+def marker_mask(
+    size: int, image_size: int, top: int, left: int, shape: Shape, thickness: Optional[int] = None, text: str = "R"
+) -> torch.Tensor:
     """(1, H, W) mask of one marker with its top-left corner at (top, left)."""
     mask = torch.zeros(1, image_size, image_size)
     mask[0, top : top + size, left : left + size] = shape_mask(shape, size, thickness, text)
@@ -256,13 +263,19 @@ class PlantedMarker(LabelledImageDataset):
         return item
 
 
-def planted_marker(ds: LabelledImageDataset, image_size: int, target: Union[str, int], seed: int = 0, **kwargs) -> tuple[PlantedMarker, dict[str, Any]]:
+def planted_marker(
+    ds: LabelledImageDataset, image_size: int, target: Union[str, int], seed: int = 0, **kwargs
+) -> tuple[PlantedMarker, dict[str, Any]]:
     out = PlantedMarker(ds, image_size, target, seed=seed, **kwargs)
     group = PlantedMarker._target_group(ds, target).float()
-    report = {"rows": len(out), "target": str(target), "with_marker": int(out.has_marker.sum()),
-              "marker_rate_in_target": float(out.has_marker[group == 1].float().mean()) if group.any() else float("nan"),
-              "marker_rate_elsewhere": float(out.has_marker[group == 0].float().mean()) if (group == 0).any() else float("nan"),
-              "phi_target~marker": phi(group, out.has_marker.float())}
+    report = {
+        "rows": len(out),
+        "target": str(target),
+        "with_marker": int(out.has_marker.sum()),
+        "marker_rate_in_target": float(out.has_marker[group == 1].float().mean()) if group.any() else float("nan"),
+        "marker_rate_elsewhere": float(out.has_marker[group == 0].float().mean()) if (group == 0).any() else float("nan"),
+        "phi_target~marker": phi(group, out.has_marker.float()),
+    }
     return out, report
 
 

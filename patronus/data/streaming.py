@@ -31,14 +31,16 @@ import re
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from patronus.data.datasets import LabelledImageDataset, SubsetDataset
+from patronus.torch_utils import to_uint8
 
 FORMAT = "patronus-prepared/1"
 META_FILE = "patronus.json"
@@ -68,10 +70,6 @@ def join(root: str, name: str) -> str:
 
 # --- items: what is stored, and the batch dict it is read back as ---------------------------------
 
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8, the inverse of `datasets.to_model_range` up to rounding (≤ 1/255)."""
-    return ((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
 
 def is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
@@ -88,15 +86,20 @@ class EncodeRow:
             torch.set_num_threads(1)
             self._one_thread = True
         item = self.dataset[i]
-        out: dict[str, Any] = {"index": int(i), "image": to_uint8(item["image"]), "label": int(item["label"]),
-                               "attributes": torch.as_tensor(item["attributes"], dtype=torch.float32)}
+        out: dict[str, Any] = {
+            "index": int(i),
+            "image": to_uint8(item["image"]),
+            "label": int(item["label"]),
+            "attributes": torch.as_tensor(item["attributes"], dtype=torch.float32),
+        }
         for key, value in item.items():
             if key in BASE_KEYS:
                 continue
             if key in self.binary_keys:
                 if not is_binary(value):
-                    raise ValueError(f"{self.where} row {i}: {key!r} holds values other than 0/1, unlike row 0; "
-                                     "a mask must be 0/1 in every row")
+                    raise ValueError(
+                        f"{self.where} row {i}: {key!r} holds values other than 0/1, unlike row 0; a mask must be 0/1 in every row"
+                    )
                 value = value.to(torch.uint8)
             out[key] = value
         return out
@@ -119,6 +122,7 @@ class DecodeItem:
 
 
 # --- writing ----------------------------------------------------------------------------------------
+
 
 def _check_out(out: str, overwrite: bool) -> None:
     if is_uri(out):
@@ -201,9 +205,16 @@ def _isolated(run: Callable[[], Any], where: str) -> None:
         raise ValueError(f"{where}: preparing failed: {error}")
 
 
-def write_split(dataset: LabelledImageDataset, out: str, split: str, *, chunk_bytes: str = "64MB",
-                num_workers: Optional[int] = None, storage_options: Optional[dict[str, Any]] = None,
-                overwrite: bool = False) -> dict[str, Any]:
+def write_split(
+    dataset: LabelledImageDataset,
+    out: str,
+    split: str,
+    *,
+    chunk_bytes: str = "64MB",
+    num_workers: Optional[int] = None,
+    storage_options: Optional[dict[str, Any]] = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Write one split as a litdata optimized dataset OUT/<split> and its label tables; returns its metadata."""
     litdata = _litdata()
     where = f"{split!r} split"
@@ -219,11 +230,21 @@ def write_split(dataset: LabelledImageDataset, out: str, split: str, *, chunk_by
         raise ValueError(f"{where}: item 0's image is {tuple(image.shape)} {image.dtype}; expected float (C, H, W) in [-1, 1]")
     binary = [k for k, v in first.items() if k not in BASE_KEYS and torch.is_tensor(v) and v.is_floating_point() and is_binary(v)]
     # Forked workers share the dataset as it is (spawned ones re-import torch and unpickle it: ~10 s each).
-    _isolated(lambda: litdata.optimize(
-        fn=EncodeRow(dataset, binary, where), inputs=list(range(n)), output_dir=join(out, split), chunk_bytes=chunk_bytes,
-        num_workers=num_workers or min(os.cpu_count() or 1, 8), keep_data_ordered=True, verbose=False,
-        storage_options=storage_options or {}, start_method="fork" if hasattr(os, "fork") else None,
-        mode="overwrite" if overwrite and is_uri(out) else None), where)
+    _isolated(
+        lambda: litdata.optimize(
+            fn=EncodeRow(dataset, binary, where),
+            inputs=list(range(n)),
+            output_dir=join(out, split),
+            chunk_bytes=chunk_bytes,
+            num_workers=num_workers or min(os.cpu_count() or 1, 8),
+            keep_data_ordered=True,
+            verbose=False,
+            storage_options=storage_options or {},
+            start_method="fork" if hasattr(os, "fork") else None,
+            mode="overwrite" if overwrite and is_uri(out) else None,
+        ),
+        where,
+    )
     if not is_uri(out):  # litdata can end without error yet short of rows (a worker that died): count them
         index = Path(join(out, split)) / "index.json"
         written = sum(c["chunk_size"] for c in json.loads(index.read_text())["chunks"]) if index.is_file() else 0
@@ -231,26 +252,45 @@ def write_split(dataset: LabelledImageDataset, out: str, split: str, *, chunk_by
             raise ValueError(f"{index}: {written} rows written, expected {n}; prepare again with --overwrite")
     with tempfile.TemporaryDirectory() as tmp:
         tables = Path(tmp) / f"{split}{TABLES_SUFFIX}"
-        save_file({"labels": dataset.labels[:n].long().contiguous(), "attributes": dataset.attributes[:n].float().contiguous()},
-                  str(tables))
+        save_file(
+            {"labels": dataset.labels[:n].long().contiguous(), "attributes": dataset.attributes[:n].float().contiguous()}, str(tables)
+        )
         _put(tables, join(out, tables.name), storage_options)
-    return {"rows": n, "channels": int(image.shape[0]), "image_size": int(image.shape[-1]), "keys": sorted(first),
-            "binary_keys": binary, "attribute_names": list(dataset.attribute_names), "classes": list(dataset.classes)}
+    return {
+        "rows": n,
+        "channels": int(image.shape[0]),
+        "image_size": int(image.shape[-1]),
+        "keys": sorted(first),
+        "binary_keys": binary,
+        "attribute_names": list(dataset.attribute_names),
+        "classes": list(dataset.classes),
+    }
 
 
-def prepare(splits: dict[str, LabelledImageDataset], out: str, source: dict[str, Any], *, chunk_bytes: str = "64MB",
-            num_workers: Optional[int] = None, overwrite: bool = False,
-            storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def prepare(
+    splits: dict[str, LabelledImageDataset],
+    out: str,
+    source: dict[str, Any],
+    *,
+    chunk_bytes: str = "64MB",
+    num_workers: Optional[int] = None,
+    overwrite: bool = False,
+    storage_options: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
     """Write every split of `splits` under `out`, then OUT/patronus.json (last: a finished preparation)."""
     if not splits:
         raise ValueError("splits: expected at least one split to prepare")
     _check_out(out, overwrite)
-    written = {name: write_split(ds, out, name, chunk_bytes=chunk_bytes, num_workers=num_workers,
-                                 storage_options=storage_options, overwrite=overwrite) for name, ds in splits.items()}
+    written = {
+        name: write_split(
+            ds, out, name, chunk_bytes=chunk_bytes, num_workers=num_workers, storage_options=storage_options, overwrite=overwrite
+        )
+        for name, ds in splits.items()
+    }
     sizes = {(m["channels"], m["image_size"]) for m in written.values()}
     if len(sizes) != 1:
         raise ValueError(f"splits have different image shapes {sorted(sizes)}; expected one training resolution")
-    (channels, size), = sizes
+    ((channels, size),) = sizes
     meta = {"format": FORMAT, "image_size": size, "channels": channels, "source": source, "splits": written}
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / META_FILE
@@ -261,6 +301,7 @@ def prepare(splits: dict[str, LabelledImageDataset], out: str, source: dict[str,
 
 # --- reading ----------------------------------------------------------------------------------------
 
+
 def read_metadata(root: str, cache_dir: Optional[str] = None, storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """OUT/patronus.json, checked; errors name the file and what was expected."""
     uri = join(root, META_FILE)
@@ -269,21 +310,27 @@ def read_metadata(root: str, cache_dir: Optional[str] = None, storage_options: O
     try:
         text = _fetch(uri, cache_dir, storage_options).read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{uri}: missing; data.root must be a folder written by `python -m patronus prepare` "
-                                "(a preparation that was interrupted has none: run it again with --overwrite)") from None
+        raise FileNotFoundError(
+            f"{uri}: missing; data.root must be a folder written by `python -m patronus prepare` "
+            "(a preparation that was interrupted has none: run it again with --overwrite)"
+        ) from None
     except Exception as e:  # object storage: no such key or bucket, credentials, network (boto3 / google's errors)
         if not is_uri(root):
             raise
-        raise FileNotFoundError(f"{uri}: cannot read it ({type(e).__name__}: {e}); check the URI, the credentials "
-                                "litdata uses (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS) and "
-                                "data.options.storage_options") from None
+        raise FileNotFoundError(
+            f"{uri}: cannot read it ({type(e).__name__}: {e}); check the URI, the credentials "
+            "litdata uses (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS) and "
+            "data.options.storage_options"
+        ) from None
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{uri}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{uri}: format {meta.get('format') if isinstance(meta, dict) else None!r}; expected {FORMAT!r} "
-                         "(written by `python -m patronus prepare`)")
+        raise ValueError(
+            f"{uri}: format {meta.get('format') if isinstance(meta, dict) else None!r}; expected {FORMAT!r} "
+            "(written by `python -m patronus prepare`)"
+        )
     for key in ("image_size", "channels", "splits"):
         if key not in meta:
             raise ValueError(f"{uri}: no {key!r} field; prepare the data again")
@@ -299,8 +346,9 @@ class StreamingImageDataset(LabelledImageDataset):
     DataLoader workers open their own.
     """
 
-    def __init__(self, root: str, split: str, meta: dict[str, Any], cache_dir: Optional[str] = None,
-                 storage_options: Optional[dict[str, Any]] = None):
+    def __init__(
+        self, root: str, split: str, meta: dict[str, Any], cache_dir: Optional[str] = None, storage_options: Optional[dict[str, Any]] = None
+    ):
         self.root, self.split, self.meta = str(root), split, meta
         self.cache_dir, self.storage_options = cache_dir, storage_options
         info = meta["splits"][split]
@@ -328,8 +376,7 @@ class StreamingImageDataset(LabelledImageDataset):
 
     def _stream(self, **kwargs: Any) -> Any:
         litdata = _litdata()
-        return litdata.StreamingDataset(self.input_dir, cache_dir=self.cache_dir, storage_options=self.storage_options,
-                                        **kwargs)
+        return litdata.StreamingDataset(self.input_dir, cache_dir=self.cache_dir, storage_options=self.storage_options, **kwargs)
 
     def reader(self) -> Any:
         """The litdata dataset this process reads rows from (opened on first use, again after a fork)."""
@@ -337,8 +384,7 @@ class StreamingImageDataset(LabelledImageDataset):
             self._reader, self._reader_pid = self._stream(), os.getpid()
             items = sum(end - start for start, end in self._reader.region_of_interest)  # all ranks' (len() is one rank's)
             if items != len(self.labels):
-                raise ValueError(f"{self.input_dir}: {items} items, but {META_FILE} says {len(self.labels)} rows; "
-                                 "prepare the data again")
+                raise ValueError(f"{self.input_dir}: {items} items, but {META_FILE} says {len(self.labels)} rows; prepare the data again")
         return self._reader
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -360,9 +406,16 @@ class StreamingImageDataset(LabelledImageDataset):
         return stream
 
 
-def streaming(root: str, split: str, image_size: int, download: bool = False, channels: Optional[int] = None,
-              cache_dir: Optional[str] = None, storage_options: Optional[dict[str, Any]] = None,
-              **source_options: Any) -> StreamingImageDataset:
+def streaming(
+    root: str,
+    split: str,
+    image_size: int,
+    download: bool = False,
+    channels: Optional[int] = None,
+    cache_dir: Optional[str] = None,
+    storage_options: Optional[dict[str, Any]] = None,
+    **source_options: Any,
+) -> StreamingImageDataset:
     """Registry builder of `data.dataset: streaming`: split `split` of the data `python -m patronus
     prepare` wrote to `root` (a folder, or s3:// / gs:// read by litdata). cache_dir: where chunks of
     remote data are kept (default litdata's ~/.lightning/chunks; use node-local scratch on a cluster).
@@ -374,26 +427,35 @@ def streaming(root: str, split: str, image_size: int, download: bool = False, ch
     meta = read_metadata(root, cache_dir, storage_options)
     where = join(root, META_FILE)
     if split not in meta["splits"]:
-        raise ValueError(f"{where}: no split {split!r}; the prepared splits are {sorted(meta['splits'])} "
-                         "(set data.train_split / data.val_split, or prepare that split too)")
+        raise ValueError(
+            f"{where}: no split {split!r}; the prepared splits are {sorted(meta['splits'])} "
+            "(set data.train_split / data.val_split, or prepare that split too)"
+        )
     if meta["image_size"] != image_size:
-        raise ValueError(f"{where}: prepared at {meta['image_size']} px, but the model reads {image_size} px "
-                         f"(model.net.image_size); prepare again with --data.image_size {image_size}, or set "
-                         f"model.net.image_size={meta['image_size']}")
+        raise ValueError(
+            f"{where}: prepared at {meta['image_size']} px, but the model reads {image_size} px "
+            f"(model.net.image_size); prepare again with --data.image_size {image_size}, or set "
+            f"model.net.image_size={meta['image_size']}"
+        )
     if channels is not None and meta["channels"] != channels:
-        raise ValueError(f"{where}: prepared with {meta['channels']} channels, but the model reads {channels} "
-                         f"(model.net.in_channels); prepare again with --data.channels {channels}, or set "
-                         f"model.net.in_channels={meta['channels']}")
+        raise ValueError(
+            f"{where}: prepared with {meta['channels']} channels, but the model reads {channels} "
+            f"(model.net.in_channels); prepare again with --data.channels {channels}, or set "
+            f"model.net.in_channels={meta['channels']}"
+        )
     prepared = (meta.get("source") or {}).get("options") or {}
     differ = {k: v for k, v in source_options.items() if k not in prepared or not same_setting(prepared[k], v)}
     if differ:
-        raise ValueError(f"{where}: data.options {differ} differ from the options the data was prepared with "
-                         f"({prepared or 'none'}); prepared images cannot change: prepare again with them, or leave them out")
+        raise ValueError(
+            f"{where}: data.options {differ} differ from the options the data was prepared with "
+            f"({prepared or 'none'}); prepared images cannot change: prepare again with them, or leave them out"
+        )
     return StreamingImageDataset(root, split, meta, cache_dir, storage_options)
 
 
 def same_setting(a: Any, b: Any) -> bool:
     """Config values compared as the command line gives them (`target: "7"` may come back as 7)."""
+
     def canon(x: Any) -> Any:
         if isinstance(x, dict):
             return {str(k): canon(v) for k, v in x.items()}
@@ -409,10 +471,14 @@ def shortcut_error(ds: LabelledImageDataset, shortcut: dict[str, Any]) -> str:
     meta = getattr(ds, "meta", None) or getattr(getattr(ds, "base", None), "meta", None) or {}
     baked = (meta.get("source") or {}).get("shortcut")
     if same_setting(baked, shortcut):
-        return ("data.shortcut: the prepared data was made with this shortcut and its images carry it already; "
-                "drop it with --data.shortcut null (analyses then read the marker, its masks and attribute as stored)")
-    return (f"data.shortcut with data.dataset='streaming': prepared images are read as stored (prepared with "
-            f"{'shortcut ' + json.dumps(baked) if baked else 'no shortcut'}); prepare again with --data.shortcut to bake it in")
+        return (
+            "data.shortcut: the prepared data was made with this shortcut and its images carry it already; "
+            "drop it with --data.shortcut null (analyses then read the marker, its masks and attribute as stored)"
+        )
+    return (
+        f"data.shortcut with data.dataset='streaming': prepared images are read as stored (prepared with "
+        f"{'shortcut ' + json.dumps(baked) if baked else 'no shortcut'}); prepare again with --data.shortcut to bake it in"
+    )
 
 
 def streaming_rows(ds: LabelledImageDataset) -> Optional[tuple[StreamingImageDataset, Optional[torch.Tensor]]]:
@@ -434,5 +500,10 @@ def resumable_loader(ds: LabelledImageDataset, batch_size: int, num_workers: int
     if found is None:
         return None
     split, rows = found
-    return _litdata().StreamingDataLoader(split.training_stream(rows, seed), batch_size=batch_size, num_workers=num_workers,
-                                          drop_last=True, persistent_workers=num_workers > 0)
+    return _litdata().StreamingDataLoader(
+        split.training_stream(rows, seed),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+    )

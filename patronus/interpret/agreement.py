@@ -127,8 +127,17 @@ def sample_agreement(
     # 1. s_ref = g(x_ref), then R samples x̃ ~ p(x | s_ref) per reference, each from a fresh x_T.
     s_ref = pipe.encode(references).s.cpu() if conditions is None else conditions.float().cpu()
     gen = torch.Generator().manual_seed(seed)
-    samples = torch.stack([torch.cat([pipe.sample(s_ref[i : i + batch_size], generator=gen, steps=steps, guidance=guidance).cpu()
-                                      for i in range(0, len(s_ref), batch_size)]) for _ in range(samples_per_ref)])
+    samples = torch.stack(
+        [
+            torch.cat(
+                [
+                    pipe.sample(s_ref[i : i + batch_size], generator=gen, steps=steps, guidance=guidance).cpu()
+                    for i in range(0, len(s_ref), batch_size)
+                ]
+            )
+            for _ in range(samples_per_ref)
+        ]
+    )
     R, B = samples.shape[:2]
     # 2. s_gen = g(x̃): the samples re-encoded, for the s cycle.
     s_gen = pipe.encode(samples.flatten(0, 1)).s.cpu().view(R, B, -1)
@@ -153,5 +162,6 @@ def sample_agreement(
             attr_label = torch.tensor([agree(smp_a.reshape(-1, A)[:, k], truth[:, k]) for k in range(A)])
     # 4. s cycle: Pearson_i(s_ref[i, J], s_gen[i, J]), mean over J.
     cyc, per = s_cycle(s_ref, s_gen)
-    return SampleAgreement(samples, s_ref, s_gen, ref_cls, smp_cls, class_agreement, label_agreement, reference_accuracy,
-                           attr_agree, attr_label, cyc, per)
+    return SampleAgreement(
+        samples, s_ref, s_gen, ref_cls, smp_cls, class_agreement, label_agreement, reference_accuracy, attr_agree, attr_label, cyc, per
+    )

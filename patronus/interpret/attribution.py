@@ -67,8 +67,9 @@ def score(pipe: PatronusPipeline, x_t: torch.Tensor, t: int, s: torch.Tensor, s_
     return torch.cat(out)
 
 
-def _conditions(pipe: PatronusPipeline, x0: torch.Tensor, prototype: int, baseline_value: float,
-                s: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _conditions(
+    pipe: PatronusPipeline, x0: torch.Tensor, prototype: int, baseline_value: float, s: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, s with s_J := baseline_value), both detached, on x0's device."""
     s = pipe.encode(x0).s if s is None else s.detach().to(x0.device)
     return s, set_prototypes(s, [prototype], baseline_value)
@@ -94,8 +95,9 @@ def gradient_maps(
     _check(pipe, prototype, t, num_noise)
     x0 = x0.to(pipe.device)
     s, alt = _conditions(pipe, x0, prototype, baseline_value, s)
-    sums = {k: x0.new_zeros(x0.shape[0], *x0.shape[-2:], dtype=torch.float32)
-            for k in ("saliency", "abs_gradient_x_input", "gradient_x_input")}
+    sums = {
+        k: x0.new_zeros(x0.shape[0], *x0.shape[-2:], dtype=torch.float32) for k in ("saliency", "abs_gradient_x_input", "gradient_x_input")
+    }
     with pipe.inference():
         for eps in noise_draws(x0, num_noise, torch.Generator().manual_seed(seed)):
             x_t = noisy(pipe.model, x0, eps, t).detach().requires_grad_(True)
@@ -190,8 +192,7 @@ def faithfulness(
             inserted = torch.where(mask, x_t, ref)
             batch = rearrange(torch.cat([x_t[None], ref[None], deleted, inserted]), "f b c h w -> (f b) c h w")
             n = len(batch) // B
-            f = rearrange(score(pipe, batch, t, repeat(s, "b k -> (f b) k", f=n), repeat(alt, "b k -> (f b) k", f=n)),
-                          "(f b) -> b f", b=B)
+            f = rearrange(score(pipe, batch, t, repeat(s, "b k -> (f b) k", f=n), repeat(alt, "b k -> (f b) k", f=n)), "(f b) -> b f", b=B)
             f0, f_ref, f_del, f_ins = f[:, :1], f[:, 1:2], f[:, 2 : fractions + 1], f[:, fractions + 1 :]
             deletion = deletion + torch.cat([f0, f_del, f_ref], 1) / f0.clamp_min(1e-12)  # (B, F+1)
             insertion = insertion + torch.cat([f_ref, f_ins, f0], 1) / f0.clamp_min(1e-12)

@@ -66,5 +66,3 @@ def _consistency(pipe: PatronusPipeline, outcome: EditOutcome) -> list[Consisten
         spread, chance = centroid_spread(at_cell.double()), centroid_spread(any_pick.flatten(0, 1).double())
         scores.append(Consistency(j, n, centroid_spread(centres), spread, chance, 1 - spread / max(chance, 1e-12)))
     return scores
-
-

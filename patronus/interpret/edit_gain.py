@@ -1,6 +1,6 @@
 """Edit gain: when an edit sets s_J, how far does the decode's re-encoded s_J move towards it?
 
-Invert the images (fully, or `partial_steps` of the DDIM steps), then decode the same latent with
+Invert the images (fully, or `inverted_steps` of the DDIM steps), then decode the same latent with
 s_J set to its q99 (raise) or q01 (lower), one prototype at a time:
     gain_J(i) = (s_J(edited decode_i) − s_J(reconstruction_i)) / (target_J − s_J(reconstruction_i))
 1 = the decode reached the requested value, 0 = no change, < 0 = moved the wrong way (the sign
@@ -13,8 +13,9 @@ Also the mean absolute pixel change |edited − reconstruction| on the [-1, 1] s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -44,11 +45,18 @@ class DirectionGain:
             ok = ~t.isnan()
             return float(t[ok].mean()) if bool(ok.any()) else float("nan")
 
-        return {"gain_mean": mean(self.gain), "pooled_gain_mean": mean(self.pooled_gain),
-                "pixel_change_mean": mean(self.pixel_change), "off_target_mean": mean(self.off_target),
-                "gain": per(self.gain), "pooled_gain": per(self.pooled_gain),
-                "counted_images": {str(j): int(v) for j, v in zip(prototypes, self.counted)},
-                "target": per(self.target), "pixel_change": per(self.pixel_change), "off_target": per(self.off_target)}
+        return {
+            "gain_mean": mean(self.gain),
+            "pooled_gain_mean": mean(self.pooled_gain),
+            "pixel_change_mean": mean(self.pixel_change),
+            "off_target_mean": mean(self.off_target),
+            "gain": per(self.gain),
+            "pooled_gain": per(self.pooled_gain),
+            "counted_images": {str(j): int(v) for j, v in zip(prototypes, self.counted)},
+            "target": per(self.target),
+            "pixel_change": per(self.pixel_change),
+            "off_target": per(self.off_target),
+        }
 
 
 @dataclass
@@ -60,8 +68,16 @@ class EditGain:
     lowered: DirectionGain
 
 
-def _direction(prototypes: Sequence[int], target: torch.Tensor, images: torch.Tensor, s: torch.Tensor,
-               recon: torch.Tensor, s_rec: torch.Tensor, span: torch.Tensor, min_gap: float) -> DirectionGain:
+def _direction(
+    prototypes: Sequence[int],
+    target: torch.Tensor,
+    images: torch.Tensor,
+    s: torch.Tensor,
+    recon: torch.Tensor,
+    s_rec: torch.Tensor,
+    span: torch.Tensor,
+    min_gap: float,
+) -> DirectionGain:
     idx = torch.tensor(list(prototypes), dtype=torch.long)
     P = len(idx)
     arange = torch.arange(P)
@@ -73,8 +89,11 @@ def _direction(prototypes: Sequence[int], target: torch.Tensor, images: torch.Te
     n = counted.sum(1)
     gain = torch.where(n > 0, per_image.nan_to_num(0).sum(1) / n.clamp_min(1), torch.full((P,), float("nan"), dtype=torch.double))
     pooled_den = (gap * counted).sum(1)
-    pooled = torch.where(n > 0, (delta * counted).sum(1) / pooled_den.where(n > 0, torch.ones_like(pooled_den)),
-                         torch.full((P,), float("nan"), dtype=torch.double))
+    pooled = torch.where(
+        n > 0,
+        (delta * counted).sum(1) / pooled_den.where(n > 0, torch.ones_like(pooled_den)),
+        torch.full((P,), float("nan"), dtype=torch.double),
+    )
     pixel = (images - recon[None]).abs().flatten(1).mean(1)
     ds = (s - s_rec[None]).abs()  # (P, B, K)
     others = torch.ones(P, s.shape[-1], dtype=torch.bool)
@@ -89,12 +108,12 @@ def edit_gain(
     prototypes: Sequence[int],
     levels: Mapping[str, torch.Tensor],
     steps: int = 50,
-    partial_steps: Optional[int] = None,  # None = invert all the way to x_T
+    inverted_steps: Optional[int] = None,  # None = invert all the way to x_T
     edit_guidance: float = 1.0,  # 1 = no edit guidance: ε̂(x_t, t, s_edit) alone
     min_gap: float = 0.1,  # 0 = count every image, even one already at the target
     batch_size: int = 64,
 ) -> EditGain:
-    """Raise (s_J := levels['max'][J], q99) and lower (s_J := levels['min'][J], q01) each prototype
+    """Raise (s_J := levels['q99'][J], q99) and lower (s_J := levels['q01'][J], q01) each prototype
     in `prototypes` alone, decoding the same inverted latent (`pipe.edit`, edit guidance
     `edit_guidance`), and measure how far the re-encoded s_J moved towards the target (see the
     module docstring for the gain's definition)."""
@@ -105,18 +124,18 @@ def edit_gain(
     bad = [j for j in prototypes if not 0 <= j < K]
     if bad:
         raise ValueError(f"prototypes {bad}: the model has K={K} prototypes (0..{K - 1})")
-    for name in ("max", "min"):
+    for name in ("q99", "q01"):
         if name not in levels:
             raise ValueError(f"levels: missing {name!r} (q99/q01 per prototype, see patronus.interpret.stats.edit_levels)")
     if len(images) < 1:
         raise ValueError("images: expected at least one image")
-    hi, lo = levels["max"].float().cpu(), levels["min"].float().cpu()
+    hi, lo = levels["q99"].float().cpu(), levels["q01"].float().cpu()
     # 1. Invert x0 -> x_T under s = g(x0), decode x_T under s (the reconstruction) and under each edited s:
     #    P raises (s_J := q99_J) first, then P lowers (s_J := q01_J).
-    edits = [[Edit(j, "set", "max")] for j in prototypes] + [[Edit(j, "set", "min")] for j in prototypes]
+    edits = [[Edit(j, "set", "q99")] for j in prototypes] + [[Edit(j, "set", "q01")] for j in prototypes]
     recon, decoded = [], []
     for i in range(0, len(images), batch_size):
-        res = pipe.edit(images[i : i + batch_size], edits, steps, partial_steps, levels, guidance=edit_guidance)
+        res = pipe.edit(images[i : i + batch_size], edits, steps, inverted_steps, levels, guidance=edit_guidance)
         recon.append(res.reconstruction.cpu())
         decoded.append(res.images.cpu())
     recon, decoded = torch.cat(recon), torch.cat(decoded, dim=1)  # (B, ...), (2P, B, ...)

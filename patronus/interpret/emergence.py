@@ -12,8 +12,9 @@ says which kind prototype J's concept is, and so how much noise an edit of J nee
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from einops import rearrange, repeat
@@ -80,8 +81,7 @@ def trace_activations(
         if s_plain is None:
             images.append(pipe.denoise(x_T[rows], s[rows], steps, inverted_steps=inverted_steps, clip=False, callback=record))
         else:
-            images.append(pipe.decode_edited(x_T[rows], s[rows], s_plain[rows], steps, inverted_steps=inverted_steps,
-                                             callback=record))
+            images.append(pipe.decode_edited(x_T[rows], s[rows], s_plain[rows], steps, inverted_steps=inverted_steps, callback=record))
         acts.append(torch.stack(chunk))  # (S, B, K)
     return EmergenceTrace(torch.tensor(timesteps, dtype=torch.long), torch.cat(acts, dim=1), torch.cat(images))
 
@@ -171,8 +171,13 @@ def edit_emergence(
     conds = torch.cat([s[None], one_edit_each(s, list(prototypes), s_target.to(s))])  # (P + 1, B, K)
     # 3. Decode and trace everything at once.
     trace = trace_activations(
-        pipe, repeat(x_T, "b ... -> (n b) ...", n=n), rearrange(conds, "n b k -> (n b) k"), steps, every,
-        batch_size=batch_size, s_plain=repeat(s, "b k -> (n b) k", n=n),
+        pipe,
+        repeat(x_T, "b ... -> (n b) ...", n=n),
+        rearrange(conds, "n b k -> (n b) k"),
+        steps,
+        every,
+        batch_size=batch_size,
+        s_plain=repeat(s, "b k -> (n b) k", n=n),
     )
     acts = rearrange(trace.activations, "s (n b) k -> s n b k", n=n)
     plain = acts[:, 0]  # (S, B, K)
@@ -183,7 +188,16 @@ def edit_emergence(
     mean, std = emergence_curves(edited, ref)
     plain_mean, plain_std = emergence_curves(plain[..., idx], ref)
     return EditEmergence(
-        list(prototypes), trace.timesteps, s, target, plain, edited, mean, std, plain_mean, plain_std,
+        list(prototypes),
+        trace.timesteps,
+        s,
+        target,
+        plain,
+        edited,
+        mean,
+        std,
+        plain_mean,
+        plain_std,
         times=emergence_times(trace.timesteps, mean),
         effect_times=emergence_times(trace.timesteps, mean - plain_mean),
         images=rearrange(trace.images, "(n b) ... -> n b ...", n=n),

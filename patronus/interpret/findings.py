@@ -31,8 +31,9 @@ prototype of a redundant group moved alone is undone by the others.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -41,8 +42,7 @@ from patronus.interpret.quality import auroc_matrix, fast_auroc
 from patronus.interpret.shortcut_report import stratified_auroc
 
 
-def explained_scores(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor,
-                     min_effect: float = 0.0) -> torch.Tensor:
+def explained_scores(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor, min_effect: float = 0.0) -> torch.Tensor:
     """(T, C, K) explained-away AUROC u(J, t) − u_within-c(J, t) where u > 0.5, else 0 (rows with a
     NaN target or confounder left out of that pair; pairs whose confounder rates differ by less
     than `min_effect` between target and rest are 0): the statistic both tests share."""
@@ -103,8 +103,15 @@ class FlagTest:
         return max(q(self.null_conditional), q(self.null_association))
 
 
-def flag_test(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor, alpha: float = 0.05,
-              permutations: int = 200, seed: int = 0, min_effect: float = 0.1) -> FlagTest:
+def flag_test(
+    s: torch.Tensor,
+    targets: torch.Tensor,
+    confounders: torch.Tensor,
+    alpha: float = 0.05,
+    permutations: int = 200,
+    seed: int = 0,
+    min_effect: float = 0.1,
+) -> FlagTest:
     """Both permutation tests (module docstring) on activations s (N, K), targets (N, T), confounders (N, C)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha={alpha}; expected a false-alarm rate in (0, 1)")
@@ -129,8 +136,11 @@ def flag_test(s: torch.Tensor, targets: torch.Tensor, confounders: torch.Tensor,
             perm = torch.randperm(len(s), generator=gen)
             null_b[b] = float(explained_scores(s, targets[perm], confounders, min_effect).max())
     adjusted = lambda null: (1 + (null[None, :] >= score[:, None] - 1e-7).sum(1)).float() / (permutations + 1)  # noqa: E731
-    tested = sum(abs(rate_difference(targets[:, t], confounders[:, c])) >= min_effect
-                 for t in range(targets.shape[1]) for c in range(confounders.shape[1]))
+    tested = sum(
+        abs(rate_difference(targets[:, t], confounders[:, c])) >= min_effect
+        for t in range(targets.shape[1])
+        for c in range(confounders.shape[1])
+    )
     return FlagTest(alpha, permutations, min_effect, tested, score, adjusted(null_a), adjusted(null_b), null_a, null_b)
 
 
@@ -159,10 +169,19 @@ class Finding:
     same_position: list[int] = field(default_factory=list)  # members whose closest cell is within one cell of the best one's
 
 
-def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor, score: torch.Tensor,
-                   p_value: torch.Tensor, target_of: torch.Tensor, confounder_of: torch.Tensor,
-                   confounders: torch.Tensor, grid_width: int, min_same_position: float = 0.5,
-                   min_correlation: float = 0.5) -> list[Finding]:
+def group_findings(
+    flagged: Sequence[int],
+    s: torch.Tensor,
+    where: torch.Tensor,
+    score: torch.Tensor,
+    p_value: torch.Tensor,
+    target_of: torch.Tensor,
+    confounder_of: torch.Tensor,
+    confounders: torch.Tensor,
+    grid_width: int,
+    min_same_position: float = 0.5,
+    min_correlation: float = 0.5,
+) -> list[Finding]:
     """Flagged prototypes → findings (connected components): j and k are linked when they carry the
     same confounder (one finding per confounder), or when their activations correlate at
     ≥ `min_correlation` and they fire at the same position (≥ `min_same_position` of their top
@@ -208,21 +227,34 @@ def group_findings(flagged: Sequence[int], s: torch.Tensor, where: torch.Tensor,
     findings = []
     for members in groups.values():
         top = max(members, key=lambda j: float(score[j]))
-        detects = auroc_matrix(s[:, members], confounders[:, int(confounder_of[top])][:, None])[0].nan_to_num(0.0) \
-            if confounders.shape[1] else torch.zeros(len(members))  # no confounder: by score alone
+        detects = (
+            auroc_matrix(s[:, members], confounders[:, int(confounder_of[top])][:, None])[0].nan_to_num(0.0)
+            if confounders.shape[1]
+            else torch.zeros(len(members))
+        )  # no confounder: by score alone
         order = sorted(range(len(members)), key=lambda i: (-float(detects[i]), -float(score[members[i]])))
         members = [members[i] for i in order]
         best = members[0]
-        rows = (confounders[:, int(confounder_of[top])] == 1).nonzero().flatten() if confounders.shape[1] else \
-            s[:, best].topk(n_top).indices
+        rows = (
+            (confounders[:, int(confounder_of[top])] == 1).nonzero().flatten() if confounders.shape[1] else s[:, best].topk(n_top).indices
+        )
         at_position = [j for j in members if same_position(where, best, j, rows, grid_width) >= min_same_position]
-        findings.append(Finding(members, int(target_of[top]), int(confounder_of[top]), float(score[top]),
-                                float(min(float(p_value[j]) for j in members)), at_position))
+        findings.append(
+            Finding(
+                members,
+                int(target_of[top]),
+                int(confounder_of[top]),
+                float(score[top]),
+                float(min(float(p_value[j]) for j in members)),
+                at_position,
+            )
+        )
     return sorted(findings, key=lambda f: -f.score)
 
 
-def neutral_values(s: torch.Tensor, confounder: torch.Tensor, target: Optional[torch.Tensor] = None,
-                   min_images: int = 10) -> tuple[torch.Tensor, str]:
+def neutral_values(
+    s: torch.Tensor, confounder: torch.Tensor, target: Optional[torch.Tensor] = None, min_images: int = 10
+) -> tuple[torch.Tensor, str]:
     """(K,) what "the confounder is absent" looks like in s: the median over images WITHOUT it —
     of the target class when it has at least `min_images` such images, else of all classes (the
     dataset median is "present" once most images carry the confounder). Returns the source too."""

@@ -25,8 +25,10 @@ from torchvision.io import write_png
 from patronus.models.patronus import PatronusModel
 from patronus.pipeline import PatronusPipeline
 from patronus.safe_load import load_torch_file
-from patronus.torch_utils import from_uint8
-from patronus.torch_utils import to_uint8  # noqa: F401  (still imported from here by interpret/faithfulness.py)
+from patronus.torch_utils import (
+    from_uint8,
+    to_uint8,  # noqa: F401  (still imported from here by interpret/faithfulness.py)
+)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -75,8 +77,7 @@ class TimmFeatures(nn.Module):
 
         if not Path(weights).is_file():
             raise FileNotFoundError(f"feature_weights {weights}: no such file (timm:{name} needs local weights)")
-        self.net = timm.create_model(name, pretrained=True, num_classes=0,
-                                     pretrained_cfg_overlay=dict(file=str(weights))).eval()
+        self.net = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(weights))).eval()
         cfg = self.net.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)))[None, :, None, None])
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)))[None, :, None, None])
@@ -112,13 +113,14 @@ def checked_inception_weights(path: str) -> str:
     try:  # build the network now, so a file that does not fit fails before any sample is generated
         FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(p))
     except (ImportError, RuntimeError, KeyError, ValueError) as e:
-        raise ValueError(f"inception_weights {path}: cannot build the FID InceptionV3 from it "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from None
+        raise ValueError(
+            f"inception_weights {path}: cannot build the FID InceptionV3 from it "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
+        ) from None
     return str(p)
 
 
-def feature_network(kind: str, model: PatronusModel, inception_weights: Optional[str] = None,
-                    feature_weights: Optional[str] = None):
+def feature_network(kind: str, model: PatronusModel, inception_weights: Optional[str] = None, feature_weights: Optional[str] = None):
     """`feature` argument for torchmetrics' FID/KID: 2048 (Inception with a local file) or a module."""
     if kind == "inception":
         if inception_weights is None:
@@ -138,8 +140,9 @@ def _rgb(images: torch.Tensor, kind) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature, extra: Optional[dict] = None,
-            batch_size: int = 128, kid_subset: int = 1000) -> dict[str, float]:
+def fid_kid(
+    real: torch.Tensor, fake: torch.Tensor, feature, extra: Optional[dict] = None, batch_size: int = 128, kid_subset: int = 1000
+) -> dict[str, float]:
     """FID and KID (mean ± std over subsets) between two uint8 image sets (N, C, H, W)."""
     if real.dtype != torch.uint8 or fake.dtype != torch.uint8:
         raise TypeError("fid_kid expects uint8 images (what the PNG files hold); use to_uint8")
@@ -155,12 +158,19 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature, extra: Optional[dic
             fid.update(chunk, real=is_real)
             kid.update(chunk, real=is_real)
     kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std),
-            "real_images": len(real), "generated_images": len(fake), "kid_subset_size": subset}
+    return {
+        "fid": float(fid.compute()),
+        "kid_mean": float(kid_mean),
+        "kid_std": float(kid_std),
+        "real_images": len(real),
+        "generated_images": len(fake),
+        "kid_subset_size": subset,
+    }
 
 
-def generate_like(pipe: PatronusPipeline, real: torch.Tensor, steps: int = 50, seed: int = 0, batch_size: int = 100,
-                  unconditional: bool = False) -> torch.Tensor:
+def generate_like(
+    pipe: PatronusPipeline, real: torch.Tensor, steps: int = 50, seed: int = 0, batch_size: int = 100, unconditional: bool = False
+) -> torch.Tensor:
     """One generated image per real image (N, C, H, W), as uint8 the way a PNG stores it.
 
     Conditional (default): x̃ decoded from s = g(x0) of the real image and a fresh x_T, so the

@@ -26,8 +26,9 @@ MMI rule (redundancy = min); `pairwise_decomposition` does that per pixel for pr
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from einops import rearrange, reduce
@@ -263,8 +264,9 @@ def prototype_information(
     s = pipe.encode(x0).s if s is None else s.to(x0.device)
     base = resolve_baseline(baseline, s.shape[1], stats)
     alternatives = torch.stack([set_prototypes(s, [j], base) for j in prototypes], dim=1)  # (B, P, K)
-    return conditional_information(pipe, x0, s, alternatives, num_timesteps, num_noise, seed, timesteps, chunk_size,
-                                   labels=list(prototypes))
+    return conditional_information(
+        pipe, x0, s, alternatives, num_timesteps, num_noise, seed, timesteps, chunk_size, labels=list(prototypes)
+    )
 
 
 def information_map_at(
@@ -338,17 +340,20 @@ def pairwise_decomposition(
         members = sorted({j for p in pairs for j in p})
         edits = torch.stack([set_prototypes(s, [j], base) for j in members], dim=1)
         res = conditional_information(pipe, x0, s, torch.cat([edits, joint], 1), num_timesteps, num_noise, seed, timesteps, chunk_size)
-        single_pixel, i_jl = res.pixel[:, : len(members)], res.pixel[:, len(members):]
+        single_pixel, i_jl = res.pixel[:, : len(members)], res.pixel[:, len(members) :]
     else:
         if (singles.seed, singles.num_noise) != (seed, num_noise) and singles.seed is not None:
-            raise ValueError(f"singles were drawn with seed={singles.seed}, num_noise={singles.num_noise}; "
-                             f"got seed={seed}, num_noise={num_noise}: the ε would differ")
+            raise ValueError(
+                f"singles were drawn with seed={singles.seed}, num_noise={singles.num_noise}; "
+                f"got seed={seed}, num_noise={num_noise}: the ε would differ"
+            )
         members, single_pixel = list(singles.labels), singles.pixel
         missing = sorted({j for p in pairs for j in p} - set(members))
         if missing:
             raise ValueError(f"singles has no single edit of prototypes {missing}")
-        i_jl = conditional_information(pipe, x0, s, joint, num_noise=num_noise, seed=seed, timesteps=singles.timesteps,
-                                       chunk_size=chunk_size).pixel
+        i_jl = conditional_information(
+            pipe, x0, s, joint, num_noise=num_noise, seed=seed, timesteps=singles.timesteps, chunk_size=chunk_size
+        ).pixel
     col = {j: i for i, j in enumerate(members)}
     i_j = single_pixel[:, [col[j] for j, _ in pairs]]  # (B, npairs, H, W)
     i_l = single_pixel[:, [col[l] for _, l in pairs]]
@@ -362,4 +367,3 @@ def pairwise_decomposition(
         "unique_second": i_l - red,
         "synergy": i_jl - i_j - i_l + red,
     }
-

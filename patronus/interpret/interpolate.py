@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -35,7 +35,9 @@ def interpolate(pipe: PatronusPipeline, x_a: torch.Tensor, x_b: torch.Tensor, n:
     return torch.stack(out)
 
 
-def extrapolate(pipe: PatronusPipeline, x0: torch.Tensor, prototype: int, values: Sequence[float], steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+def extrapolate(
+    pipe: PatronusPipeline, x0: torch.Tensor, prototype: int, values: Sequence[float], steps: int = 50
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sweep s_J over `values` (0 .. beyond its max) from the same inverted x_T.
 
     Returns images (V, B, C, H, W) and the re-encoded s_J of each (V, B): does the concept follow?

@@ -28,8 +28,15 @@ class JudgeNet(nn.Module):
         def block(i: int, o: int) -> list[nn.Module]:
             return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
-        self.features = nn.Sequential(*block(in_channels, w), nn.MaxPool2d(2), *block(w, 2 * w), nn.MaxPool2d(2),
-                                      *block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.features = nn.Sequential(
+            *block(in_channels, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 2 * w),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(2 * w * 16, num_classes + num_attributes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +65,11 @@ class Judge:
         was = self.net.training
         self.net.eval()
         try:
-            logits = torch.cat([self.net(images[i : i + batch_size].to(dev).float()).float().cpu()
-                                for i in range(0, len(images), batch_size)]) if len(images) else \
-                torch.zeros(0, self.num_classes + self.num_attributes)
+            logits = (
+                torch.cat([self.net(images[i : i + batch_size].to(dev).float()).float().cpu() for i in range(0, len(images), batch_size)])
+                if len(images)
+                else torch.zeros(0, self.num_classes + self.num_attributes)
+            )
         finally:
             self.net.train(was)
         C = self.num_classes
@@ -159,8 +168,9 @@ def agree(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a[keep] == b[keep]).float().mean()) if bool(keep.any()) else float("nan")
 
 
-def judge_accuracy(judge: Judge, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                   attributes: Optional[torch.Tensor] = None) -> JudgeAccuracy:
+def judge_accuracy(
+    judge: Judge, images: torch.Tensor, labels: Optional[torch.Tensor] = None, attributes: Optional[torch.Tensor] = None
+) -> JudgeAccuracy:
     """Class accuracy and per-attribute (balanced) accuracy of the judge on real held-out images."""
     check_judge_data(images, labels, attributes)
     pred = judge.predict(images)

@@ -7,8 +7,9 @@ keep the image where s_J rose most; the box is the exact receptive field of its 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -61,7 +62,10 @@ def edit_each_prototype(
         cells.append(torch.stack([after.where[:, j] // w, after.where[:, j] % w], 1))
     p = len(prototypes)
     return EditOutcome(
-        list(prototypes), res.reconstruction, s_plain, res.images,
+        list(prototypes),
+        res.reconstruction,
+        s_plain,
+        res.images,
         torch.stack(rises) if p else s_plain[:0].T,
         torch.stack(cells) if p else torch.zeros(0, len(x0), 2, dtype=torch.long),
     )
@@ -88,5 +92,3 @@ def edit_and_localise(
         found.append(Localisation(j, n, float(out.rise[i, n]), cell, rf.box(*cell)))
         chosen.append(out.edited[i, n])
     return found, out.plain, torch.stack(chosen) if chosen else out.plain[:0]
-
-

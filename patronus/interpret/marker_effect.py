@@ -18,8 +18,9 @@ raising it must draw the marker) is ≥ `MARKER_AUROC`, else the single best one
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -61,8 +62,7 @@ class MarkerReferences:
         return dict(vars(self))
 
 
-def same_class_partners(labels: Optional[torch.Tensor], partner_labels: Optional[torch.Tensor], n: int,
-                        m: int) -> torch.Tensor:
+def same_class_partners(labels: Optional[torch.Tensor], partner_labels: Optional[torch.Tensor], n: int, m: int) -> torch.Tensor:
     """(n,) an index into the m partners for each of n images: partners of the image's own class, taken
     in turn, where labels are known and the class has one; otherwise every partner in turn."""
     everyone = torch.arange(m)
@@ -102,7 +102,7 @@ def marker_effect(
     prototypes: Sequence[int],
     levels: Mapping[str, torch.Tensor],
     steps: int = 50,
-    partial_steps: Optional[int] = None,  # None = invert all the way to x_T
+    inverted_steps: Optional[int] = None,  # None = invert all the way to x_T
     edit_guidance: float = 1.0,  # 1 = no edit guidance: ε̂(x_t, t, s_edit) alone
     references: bool = True,  # False = no swap or fresh-noise references (`references` is None)
     unmarked_labels: Optional[torch.Tensor] = None,  # None = swap partners taken in turn, whatever their class
@@ -125,13 +125,16 @@ def marker_effect(
         """(reconstructions, edited, the images' own s, their latents decoded under partner_s when given)."""
         rec, out, own_s, swapped = [], [], [], []
         for i in range(0, len(x), EDIT_BATCH):
-            res = pipe.edit(x[i : i + EDIT_BATCH], [edit_of(level)], steps, partial_steps, levels, guidance=edit_guidance)
+            res = pipe.edit(x[i : i + EDIT_BATCH], [edit_of(level)], steps, inverted_steps, levels, guidance=edit_guidance)
             rec.append(res.reconstruction.cpu())
             out.append(res.images[0].cpu())
             own_s.append(res.s)
             if partner_s is not None:
-                swapped.append(pipe.decode_edited(res.latent, partner_s[i : i + EDIT_BATCH], res.s, steps,
-                                                  start_step=res.start_step, guidance=edit_guidance).cpu())
+                swapped.append(
+                    pipe.decode_edited(
+                        res.latent, partner_s[i : i + EDIT_BATCH], res.s, steps, start_step=res.start_step, guidance=edit_guidance
+                    ).cpu()
+                )
         return torch.cat(rec), torch.cat(out), torch.cat(own_s), torch.cat(swapped) if partner_s is not None else torch.empty(0)
 
     def from_noise(own_s: torch.Tensor, level: str, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,26 +144,45 @@ def marker_effect(
             s = own_s[i : i + EDIT_BATCH]
             x_T = pipe.noise((len(s), *pipe.image_shape()), seed=seed + offset + i)
             plain.append(pipe.denoise(x_T, s, steps).cpu())
-            edited.append(pipe.decode_edited(x_T, apply_edits(s, edit_of(level), levels), s, steps, guidance=edit_guidance,
-                                             clip=True).cpu())
+            edited.append(
+                pipe.decode_edited(x_T, apply_edits(s, edit_of(level), levels), s, steps, guidance=edit_guidance, clip=True).cpu()
+            )
         return torch.cat(plain), torch.cat(edited)
 
     # 1. Raise the marker prototypes on the unmarked images (x0 -> x_T under s, decode under s_J := q99).
-    un_rec, raised, s_unmarked, _ = run(unmarked, "max")
+    un_rec, raised, s_unmarked, _ = run(unmarked, "q99")
     # 2. Lower them on the marked ones (s_J := q01); with references, also decode each marked latent
     #    under the whole s of its partner: a real unmarked image of its class.
     partners = s_unmarked[same_class_partners(marked_labels, unmarked_labels, len(marked), len(unmarked)).to(s_unmarked.device)]
-    mk_rec, lowered, s_marked, swapped = run(marked, "min", partners if references else None)
+    mk_rec, lowered, s_marked, swapped = run(marked, "q01", partners if references else None)
     # 3. Judge every decode with the pixel rule.
     rates = marker_rates(detector, raised, lowered, un_rec, mk_rec)
     refs = None
     if references:
         # 4. The same edits from fresh x_T, beside the same x_T under the unedited s.
-        un_plain, un_raised = from_noise(s_unmarked, "max", 0)
-        mk_plain, mk_lowered = from_noise(s_marked, "min", len(unmarked))
-        refs = MarkerReferences(share(~detector.present(swapped)), share(detector.present(un_raised)),
-                                share(detector.present(un_plain)), share(~detector.present(mk_lowered)),
-                                share(~detector.present(mk_plain)))
+        un_plain, un_raised = from_noise(s_unmarked, "q99", 0)
+        mk_plain, mk_lowered = from_noise(s_marked, "q01", len(unmarked))
+        refs = MarkerReferences(
+            share(~detector.present(swapped)),
+            share(detector.present(un_raised)),
+            share(detector.present(un_plain)),
+            share(~detector.present(mk_lowered)),
+            share(~detector.present(mk_plain)),
+        )
     enc = lambda x: pipe.encode(x).s.cpu()[:, prototypes]  # noqa: E731
-    return MarkerEffect(prototypes, detector, rates, unmarked.cpu(), un_rec, raised, marked.cpu(), mk_rec, lowered,
-                        enc(raised), enc(lowered), enc(un_rec), enc(mk_rec), refs)
+    return MarkerEffect(
+        prototypes,
+        detector,
+        rates,
+        unmarked.cpu(),
+        un_rec,
+        raised,
+        marked.cpu(),
+        mk_rec,
+        lowered,
+        enc(raised),
+        enc(lowered),
+        enc(un_rec),
+        enc(mk_rec),
+        refs,
+    )

@@ -94,8 +94,17 @@ def share(flags: torch.Tensor) -> float:
     return float(flags.float().mean()) if len(flags) else float("nan")
 
 
-def marker_rates(detector: MarkerDetector, raised: torch.Tensor, lowered: torch.Tensor,
-                 unmarked_reconstruction: torch.Tensor, marked_reconstruction: torch.Tensor) -> MarkerRates:
+def marker_rates(
+    detector: MarkerDetector,
+    raised: torch.Tensor,
+    lowered: torch.Tensor,
+    unmarked_reconstruction: torch.Tensor,
+    marked_reconstruction: torch.Tensor,
+) -> MarkerRates:
     """Score decoded images with a calibrated detector (the judgement half of `marker_effect`)."""
-    return MarkerRates(share(detector.present(raised)), share(~detector.present(lowered)),
-                       share(detector.present(unmarked_reconstruction)), share(detector.present(marked_reconstruction)))
+    return MarkerRates(
+        share(detector.present(raised)),
+        share(~detector.present(lowered)),
+        share(detector.present(unmarked_reconstruction)),
+        share(detector.present(marked_reconstruction)),
+    )

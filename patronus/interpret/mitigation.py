@@ -16,8 +16,9 @@ activations:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -84,9 +85,17 @@ class WorstGroup:
         return asdict(self)
 
 
-def worst_group_scores(s_fit: torch.Tensor, y_fit: torch.Tensor, c_fit: torch.Tensor, s_test: torch.Tensor,
-                       y_test: torch.Tensor, c_test: torch.Tensor, prototypes: Sequence[int], neutral: torch.Tensor,
-                       seed: int = 0) -> WorstGroup:
+def worst_group_scores(
+    s_fit: torch.Tensor,
+    y_fit: torch.Tensor,
+    c_fit: torch.Tensor,
+    s_test: torch.Tensor,
+    y_test: torch.Tensor,
+    c_test: torch.Tensor,
+    prototypes: Sequence[int],
+    neutral: torch.Tensor,
+    seed: int = 0,
+) -> WorstGroup:
     """The three classifiers of the module docstring, fit on (s_fit, y_fit), scored per group on
     (s_test, y_test, c_test). y, c: binary 0/1 (N,).
 
@@ -116,9 +125,18 @@ def worst_group_scores(s_fit: torch.Tensor, y_fit: torch.Tensor, c_fit: torch.Te
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     test_groups = group_ids(yt, ct)
     smallest = min(int((test_groups == v).sum()) for v in test_groups.unique())
-    return WorstGroup(list(groups), smallest, min(groups.values()), min(groups_after.values()),
-                      worst_group_accuracy(balanced, yt, ct), groups, groups_after, group_accuracies(balanced, yt, ct),
-                      mean(groups), mean(groups_after))
+    return WorstGroup(
+        list(groups),
+        smallest,
+        min(groups.values()),
+        min(groups_after.values()),
+        worst_group_accuracy(balanced, yt, ct),
+        groups,
+        groups_after,
+        group_accuracies(balanced, yt, ct),
+        mean(groups),
+        mean(groups_after),
+    )
 
 
 def confounder_sensitivity(probe: LinearProbe, s_with: torch.Tensor, s_without: torch.Tensor, target_class: int = 1) -> float:

@@ -59,8 +59,15 @@ def run_probe(
     # 3. ProtoPNet projection onto the pool: where on real images each prototype fires.
     hits = top_patches(pipe, pool_acts.distances, pool_acts.where, k=min(top_k, len(pool)))
     return ProbeResult(
-        trace.timesteps, mean.T.float().cpu(), trace.activations.float().cpu(), s_ref.float().cpu(),
-        trace.images.float().cpu(), pool_s, activation_statistics(pool_s), hits, histograms(pool_s, bins),
+        trace.timesteps,
+        mean.T.float().cpu(),
+        trace.activations.float().cpu(),
+        s_ref.float().cpu(),
+        trace.images.float().cpu(),
+        pool_s,
+        activation_statistics(pool_s),
+        hits,
+        histograms(pool_s, bins),
     )
 
 

@@ -6,19 +6,20 @@ figures need). Pure: nothing is drawn or written here; `python -m patronus short
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from patronus.data.datasets import LabelledImageDataset
-from patronus.interpret.emergence import EditEmergence, edit_emergence
-from patronus.interpret.information import prototype_information
-from patronus.interpret.projection import PatchHit, top_patches
 from patronus.edits import set_prototypes
-from patronus.interpret.marker_rule import marker_detector
+from patronus.interpret.emergence import EditEmergence, edit_emergence
 from patronus.interpret.findings import Finding, FlagTest, flag_test, group_findings, neutral_values
+from patronus.interpret.information import prototype_information
+from patronus.interpret.marker_rule import marker_detector
 from patronus.interpret.mitigation import worst_group_scores
+from patronus.interpret.projection import PatchHit, top_patches
 from patronus.interpret.quality import auroc_matrix
 from patronus.interpret.shortcut_report import (
     Association,
@@ -37,9 +38,8 @@ from patronus.interpret.shortcut_report import (
     sample_edited,
     split_targets,
 )
-from patronus.interpret.unexplained import (CARRIED_AUROC, Unexplained, WeakLink, best_detector, unexplained_signals,
-                                            weak_links)
 from patronus.interpret.stats import edit_levels
+from patronus.interpret.unexplained import CARRIED_AUROC, Unexplained, WeakLink, best_detector, unexplained_signals, weak_links
 from patronus.pipeline import PatronusPipeline
 
 
@@ -68,7 +68,7 @@ class ReportData:
             raise ValueError(f"masks: {len(self.masks)} masks for {n} images")
 
     @classmethod
-    def from_dataset(cls, ds: LabelledImageDataset, num_images: int) -> "ReportData":
+    def from_dataset(cls, ds: LabelledImageDataset, num_images: int) -> ReportData:
         """The first `num_images` items of `ds` (fewer if it is smaller), with their `marker_mask`s if they carry them."""
         _check_positive(num_images=num_images)
         n = min(num_images, len(ds))
@@ -76,8 +76,9 @@ class ReportData:
             raise ValueError("dataset: it has no images")
         items = [ds[i] for i in range(n)]
         masks = torch.stack([it["marker_mask"] for it in items]) if "marker_mask" in items[0] else None
-        return cls(torch.stack([it["image"] for it in items]), ds.labels[:n], ds.attributes[:n],
-                   list(ds.attribute_names), list(ds.classes), masks)
+        return cls(
+            torch.stack([it["image"] for it in items]), ds.labels[:n], ds.attributes[:n], list(ds.attribute_names), list(ds.classes), masks
+        )
 
 
 @dataclass
@@ -121,8 +122,14 @@ def _levels(stats: dict[str, Any], num_prototypes: int) -> dict[str, torch.Tenso
     return levels
 
 
-def _marker_judge(pool: torch.Tensor, masks: Optional[torch.Tensor], conf: torch.Tensor, rows: torch.Tensor,
-                  probe: Optional[LinearProbe], pipe: PatronusPipeline) -> tuple[str, Any]:
+def _marker_judge(
+    pool: torch.Tensor,
+    masks: Optional[torch.Tensor],
+    conf: torch.Tensor,
+    rows: torch.Tensor,
+    probe: Optional[LinearProbe],
+    pipe: PatronusPipeline,
+) -> tuple[str, Any]:
     """How "is the confounder in this decoded image" is judged: a pixel rule calibrated on the
     ground-truth masks when the data has them, else the confounder's probe on re-encoded activations."""
     if masks is not None:
@@ -149,9 +156,16 @@ def detects_confounder(finding: dict[str, Any], carried_auroc: float = CARRIED_A
     return confounder_detection(finding) >= carried_auroc
 
 
-def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounder_names: list[str], alpha: float,
-             boxes_on_confounder: Optional[float] = None, weak: Sequence[WeakLink] = (), min_effect: float = 0.1,
-             detectors: Optional[dict[str, tuple[int, float]]] = None) -> str:
+def _verdict(
+    findings_out: list[dict],
+    unexplained: list[Unexplained],
+    confounder_names: list[str],
+    alpha: float,
+    boxes_on_confounder: Optional[float] = None,
+    weak: Sequence[WeakLink] = (),
+    min_effect: float = 0.1,
+    detectors: Optional[dict[str, tuple[int, float]]] = None,
+) -> str:
     """The report's first sentence (and, when the top finding's prototypes do not see the confounder
     itself, the second: a flag without a detector is not an explanation). `detectors`: per confounder,
     the prototype that detects it best and its sign-free AUROC, named when it is not the flagged one."""
@@ -159,31 +173,40 @@ def _verdict(findings_out: list[dict], unexplained: list[Unexplained], confounde
         f = findings_out[0]
         protos = ", ".join(f"p{j}" for j in f["prototypes"])
         more = f" ({len(findings_out)} findings; the strongest)" if len(findings_out) > 1 else ""
-        first = (f"Shortcut found{more}: {f['target']} is predicted through {f['confounder']}, carried by {protos} "
-                 f"(p = {f['p_value']:.3g}; false-alarm rate of this report ≤ {alpha:.0%}).")
+        first = (
+            f"Shortcut found{more}: {f['target']} is predicted through {f['confounder']}, carried by {protos} "
+            f"(p = {f['p_value']:.3g}; false-alarm rate of this report ≤ {alpha:.0%})."
+        )
         uncarried = [u for u in unexplained if u.confounder == f["confounder"]]
         if uncarried:
             u = uncarried[0]
-            boxes = (f"; their boxes sit on it in {boxes_on_confounder:.0%} of their top patches"
-                     if boxes_on_confounder is not None else "")
-            first += (f" But these prototypes do not detect {f['confounder']} itself (best AUROC {u.best_auroc:.2f}{boxes}): "
-                      f"no prototype explains it; it differs most around pixel (row {u.peak[0]}, col {u.peak[1]}), "
-                      "see 'Unexplained signal'.")
+            boxes = f"; their boxes sit on it in {boxes_on_confounder:.0%} of their top patches" if boxes_on_confounder is not None else ""
+            first += (
+                f" But these prototypes do not detect {f['confounder']} itself (best AUROC {u.best_auroc:.2f}{boxes}): "
+                f"no prototype explains it; it differs most around pixel (row {u.peak[0]}, col {u.peak[1]}), "
+                "see 'Unexplained signal'."
+            )
         elif not detects_confounder(f) and f["confounder"] in (detectors or {}):
             # Another prototype sees the confounder, so it is not unexplained, but the flag is not that detector.
             j, auc = detectors[f["confounder"]]
-            first += (f" But these prototypes do not detect {f['confounder']} itself (AUROC {confounder_detection(f):.2f}); "
-                      f"p{j} does (AUROC {auc:.2f}) and is not flagged: read this flag as {f['confounder']} going with "
-                      f"{f['target']} in these images, and see the ranking.")
+            first += (
+                f" But these prototypes do not detect {f['confounder']} itself (AUROC {confounder_detection(f):.2f}); "
+                f"p{j} does (AUROC {auc:.2f}) and is not flagged: read this flag as {f['confounder']} going with "
+                f"{f['target']} in these images, and see the ranking."
+            )
         return first
     if unexplained:
         u = unexplained[0]
-        return (f"No prototype carries a shortcut, but {u.confounder} separates {u.target} without any prototype explaining it "
-                f"(φ = {u.phi:.2f}, best prototype AUROC {u.best_auroc:.2f}): see 'Unexplained signal'.")
+        return (
+            f"No prototype carries a shortcut, but {u.confounder} separates {u.target} without any prototype explaining it "
+            f"(φ = {u.phi:.2f}, best prototype AUROC {u.best_auroc:.2f}): see 'Unexplained signal'."
+        )
     if not confounder_names:
         return "Nothing to check: the data has no candidate confounder attributes besides the targets."
-    none = (f"No shortcut found: no prototype's link to the targets is explained away by {', '.join(confounder_names)} "
-            f"beyond chance (false-alarm rate {alpha:.0%}).")
+    none = (
+        f"No shortcut found: no prototype's link to the targets is explained away by {', '.join(confounder_names)} "
+        f"beyond chance (false-alarm rate {alpha:.0%})."
+    )
     return none + (f" Left out as too weak: {weak[0].sentence(min_effect)}." if weak else "")
 
 
@@ -231,8 +254,15 @@ def build_report(
         group_data_is_report_split: `group_data` are the same images as `data` (its confounder
             re-planted): the rows the classifiers are fit on are left out of the scoring.
     """
-    _check_positive(top=top, num_refs=num_refs, info_timesteps=info_timesteps, info_noise=info_noise, steps=steps,
-                    num_images=num_images, permutations=permutations)
+    _check_positive(
+        top=top,
+        num_refs=num_refs,
+        info_timesteps=info_timesteps,
+        info_noise=info_noise,
+        steps=steps,
+        num_images=num_images,
+        permutations=permutations,
+    )
     if not isinstance(data, ReportData):
         data = ReportData.from_dataset(data, num_images)
     n = min(num_images, len(data.images))
@@ -254,8 +284,7 @@ def build_report(
     ranking = assoc.ranking()
     test = flag_test(s, t_cols, c_cols, alpha, permutations, seed, min_effect)
     flagged = test.flagged
-    findings = group_findings(flagged, s, acts.where, test.score, test.p_value, assoc.target_of, assoc.confounder_of,
-                              c_cols, grid_w)
+    findings = group_findings(flagged, s, acts.where, test.score, test.p_value, assoc.target_of, assoc.confounder_of, c_cols, grid_w)
 
     # 2. Probes on a fitting split; mistakes and causal checks on the held-out rest.
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -274,8 +303,9 @@ def build_report(
         if group_data_is_report_split:
             keep[fit[fit < len(keep)]] = False
         group_s = pipe.encode(group_data.images[keep]).s.cpu()
-        gt, gt_names, gc, gc_names = split_targets(group_data.attributes[keep], group_data.attribute_names,
-                                                   group_data.labels[keep], group_data.classes, targets)
+        gt, gt_names, gc, gc_names = split_targets(
+            group_data.attributes[keep], group_data.attribute_names, group_data.labels[keep], group_data.classes, targets
+        )
         missing = [c for c in [*t_names, *c_names] if c not in [*gt_names, *gc_names]]
         if missing:
             raise ValueError(f"group_data: has no column for {missing}; expected the report's targets and confounders")
@@ -284,8 +314,7 @@ def build_report(
     # Each prototype's AUROC for each confounder where the confounder is independent of the target:
     # on the report's own images a marker on every positive makes a pure class detector score as a
     # marker detector too (measured in the README, "balanced" AUROC, on the planted-marker X-ray sweep).
-    balanced_auroc = (auroc_matrix(group_s, torch.stack([group_c[name] for name in c_names], 1))
-                      if group_s is not None and c_names else None)
+    balanced_auroc = auroc_matrix(group_s, torch.stack([group_c[name] for name in c_names], 1)) if group_s is not None and c_names else None
 
     # 3. Causal units: each finding as a whole (low = its neutral value), then single prototypes.
     neutral = [neutral_values(s, c_cols[:, f.confounder], t_cols[:, f.target]) for f in findings]
@@ -307,8 +336,9 @@ def build_report(
     where_maps, per_proto = [], {}
     for j in candidates:
         idx = [h.image_index for h in hits[j]]
-        info = prototype_information(pipe, pool[idx].to(dev), [j], baseline="median", stats=stats,
-                                     num_timesteps=info_timesteps, num_noise=info_noise, seed=seed)
+        info = prototype_information(
+            pipe, pool[idx].to(dev), [j], baseline="median", stats=stats, num_timesteps=info_timesteps, num_noise=info_noise, seed=seed
+        )
         maps = info.pixel[:, 0].cpu()
         where_maps.append((j, pool[idx], maps))
         entry: dict[str, Any] = {"top_images": idx, "information_nats": info.total[:, 0].tolist()}
@@ -328,17 +358,24 @@ def build_report(
         conf, tgt = c_cols[:, f.confounder], t_cols[:, f.target]
         group_score = ((s[:, f.prototypes] - s[:, f.prototypes].mean(0)) / s[:, f.prototypes].std(0).clamp_min(1e-8)).mean(1)
         out: dict[str, Any] = {
-            "prototypes": f.prototypes, "target": t_names[f.target], "confounder": c_names[f.confounder],
-            "same_position": f.same_position, "score": f.score, "p_value": f.p_value, "alpha": alpha, "permutations": permutations,
+            "prototypes": f.prototypes,
+            "target": t_names[f.target],
+            "confounder": c_names[f.confounder],
+            "same_position": f.same_position,
+            "score": f.score,
+            "p_value": f.p_value,
+            "alpha": alpha,
+            "permutations": permutations,
             "sure": f"p = {f.p_value:.3g} from {permutations} permutations (family-wise over all prototypes, targets and "
-                    f"confounders): on data without a shortcut a finding this strong turns up with probability ≤ {f.p_value:.3g}",
+            f"confounders): on data without a shortcut a finding this strong turns up with probability ≤ {f.p_value:.3g}",
             "auroc_confounder_best": float(assoc.confounder_auroc[f.confounder, f.prototypes[0]]),
             "auroc_confounder_max": float(assoc.confounder_auroc[f.confounder, f.prototypes].max()),
             "auroc_confounder_group": float(auroc_matrix(group_score[:, None], conf[:, None])[0, 0]),
-            "auroc_confounder_balanced": (float(balanced_auroc[f.confounder, f.prototypes].max())
-                                          if balanced_auroc is not None else None),
-            "neutral_from": source, "neutral": {str(j): float(nv[j]) for j in f.prototypes},
-            "dataset_median": {str(j): float(median[j]) for j in f.prototypes}}
+            "auroc_confounder_balanced": (float(balanced_auroc[f.confounder, f.prototypes].max()) if balanced_auroc is not None else None),
+            "neutral_from": source,
+            "neutral": {str(j): float(nv[j]) for j in f.prototypes},
+            "dataset_median": {str(j): float(median[j]) for j in f.prototypes},
+        }
         known = ~(conf.isnan() | tgt.isnan())
         fit_k, held_k = fit[known[fit]], held[known[held]]
         scored_s, scored_t, scored_c = s[held_k], tgt[held_k], conf[held_k]
@@ -366,23 +403,36 @@ def build_report(
                 moved = sample_edited(pipe, xT0, set_prototypes(s0, f.prototypes, edit.to(s0)), s0, steps)
                 present_plain, present_moved = judge(plain).float(), judge(moved).float()
                 if name == "drawn":
-                    rates |= {"drawn": float(present_moved.mean()), "drawn_without_edit": float(present_plain.mean()),
-                              "images_without": len(rows)}
+                    rates |= {
+                        "drawn": float(present_moved.mean()),
+                        "drawn_without_edit": float(present_plain.mean()),
+                        "images_without": len(rows),
+                    }
                 else:
-                    rates |= {"removed": float(1 - present_moved.mean()), "removed_without_edit": float(1 - present_plain.mean()),
-                              "images_with": len(rows)}
+                    rates |= {
+                        "removed": float(1 - present_moved.mean()),
+                        "removed_without_edit": float(1 - present_plain.mean()),
+                        "images_with": len(rows),
+                    }
                     if f is findings[0]:
                         t_idx = f.target
                         before = probe_predictions(probes, pipe.encode(plain).s.cpu())[:, t_idx]
                         after = probe_predictions(probes, pipe.encode(moved).s.cpu())[:, t_idx]
-                        mitigation |= {"images": len(rows), "target": t_names[t_idx], "p_target_before": float(before.mean()),
-                                       "p_target_after": float(after.mean()), "neutral_from": source}
+                        mitigation |= {
+                            "images": len(rows),
+                            "target": t_names[t_idx],
+                            "p_target_before": float(before.mean()),
+                            "p_target_after": float(after.mean()),
+                            "neutral_from": source,
+                        }
                         if masks is not None:
                             m = masks[rows].to(dev).bool()
                             if m.any():
-                                mitigation |= {"confounder_intensity_before": float(plain[m].mean()),
-                                               "confounder_intensity_after": float(moved[m].mean()),
-                                               "confounder_intensity_original": float(x0[m].mean())}
+                                mitigation |= {
+                                    "confounder_intensity_before": float(plain[m].mean()),
+                                    "confounder_intensity_after": float(moved[m].mean()),
+                                    "confounder_intensity_original": float(x0[m].mean()),
+                                }
                         mitigation_rows = [x0.cpu(), plain.cpu(), moved.cpu()]
         out["marker_rates"] = rates
         findings_out.append(out)
@@ -390,8 +440,21 @@ def build_report(
     # 6. Signal no prototype explains.
     boxes = [rf.box(*divmod(c, grid_w)) for c in range(grid_h * grid_w)]
     carried = {c_names[f.confounder] for f, out in zip(findings, findings_out) if detects_confounder(out)}
-    unexplained = unexplained_signals(pool, s, acts.where, t_cols, t_names, c_cols, c_names, assoc.confounder_auroc,
-                                      assoc.auroc, carried, boxes, masks, min_effect=min_effect)
+    unexplained = unexplained_signals(
+        pool,
+        s,
+        acts.where,
+        t_cols,
+        t_names,
+        c_cols,
+        c_names,
+        assoc.confounder_auroc,
+        assoc.auroc,
+        carried,
+        boxes,
+        masks,
+        min_effect=min_effect,
+    )
     reported = {f["confounder"] for f in findings_out} | {u.confounder for u in unexplained}
     weak = [w for w in weak_links(t_cols, t_names, c_cols, c_names, min_effect) if w.confounder not in reported]
 
@@ -399,41 +462,93 @@ def build_report(
     rows = []
     for rank, j in enumerate(ranking):
         t, c = int(assoc.target_of[j]), int(assoc.confounder_of[j])
-        row = {"rank": rank + 1, "prototype": j, "score": float(assoc.score[j]), "flagged": j in flagged,
-               "p_value": float(test.p_value[j]),
-               "finding": next((i + 1 for i, f in enumerate(findings) if j in f.prototypes), None),
-               "target": t_names[t] if t_names else None, "confounder": c_names[c] if c_names else None,
-               "auroc_target": float(assoc.auroc[t, j]) if t_names else None,
-               "auroc_confounder": float(assoc.confounder_auroc[c, j]) if c_names else None,
-               "auroc_confounder_balanced": float(balanced_auroc[c, j]) if balanced_auroc is not None else None,
-               "phi_target_confounder": float(assoc.phi[t, c]) if t_names and c_names else None,
-               "location_concentration": float(concentration[j]),
-               "counterfactual_fix_rate": counter.fixed_by[j], "counterfactual_edit": counter.best_value[j]}
+        row = {
+            "rank": rank + 1,
+            "prototype": j,
+            "score": float(assoc.score[j]),
+            "flagged": j in flagged,
+            "p_value": float(test.p_value[j]),
+            "finding": next((i + 1 for i, f in enumerate(findings) if j in f.prototypes), None),
+            "target": t_names[t] if t_names else None,
+            "confounder": c_names[c] if c_names else None,
+            "auroc_target": float(assoc.auroc[t, j]) if t_names else None,
+            "auroc_confounder": float(assoc.confounder_auroc[c, j]) if c_names else None,
+            "auroc_confounder_balanced": float(balanced_auroc[c, j]) if balanced_auroc is not None else None,
+            "phi_target_confounder": float(assoc.phi[t, c]) if t_names and c_names else None,
+            "location_concentration": float(concentration[j]),
+            "counterfactual_fix_rate": counter.fixed_by[j],
+            "counterfactual_edit": counter.best_value[j],
+        }
         if j in candidates:
             p = candidates.index(j)
             effect = causal[p]
-            row |= {"causal_delta": dict(zip(all_names, effect.delta)), "causal_unit": effect.prototypes,
-                    "edit_locality": effect.locality, "measured_low": effect.measured_low, "measured_high": effect.measured_high,
-                    "emergence_time": float(emergence.times[p]),
-                    "effect_emergence_time": float(emergence.effect_times[p]), **per_proto[j]}
+            row |= {
+                "causal_delta": dict(zip(all_names, effect.delta)),
+                "causal_unit": effect.prototypes,
+                "edit_locality": effect.locality,
+                "measured_low": effect.measured_low,
+                "measured_high": effect.measured_high,
+                "emergence_time": float(emergence.times[p]),
+                "effect_emergence_time": float(emergence.effect_times[p]),
+                **per_proto[j],
+            }
         rows.append(row)
     top_boxes = per_proto.get(findings[0].prototypes[0], {}).get("boxes_on_confounder") if findings else None
     detectors = {name: best_detector(assoc.confounder_auroc, c) for c, name in enumerate(c_names)}
     detectors = {name: d for name, d in detectors.items() if d[1] >= CARRIED_AUROC}
-    summary = {"verdict": _verdict(findings_out, unexplained, c_names, alpha, top_boxes, weak, min_effect, detectors),
-               "images": n,
-               "targets": t_names,
-               "candidate_confounders": c_names, "flagged": flagged, "findings": findings_out,
-               "flag_test": {"alpha": alpha, "permutations": permutations, "min_effect": min_effect,
-                             "pairs_tested": test.tested_pairs, "score_needed": test.threshold(),
-                             "method": "max-T permutation tests (c shuffled within the target; target shuffled), both must reject"},
-               "unexplained": [{"target": u.target, "confounder": u.confounder, "phi": u.phi, "z": u.z,
-                                "best_prototype": u.best_prototype, "best_auroc": u.best_auroc, "peak": list(u.peak),
-                                "peak_effect": u.peak_effect, "mask_peak": list(u.mask_peak) if u.mask_peak else None,
-                                "sentence": u.sentence()} for u in unexplained],
-               "weak_links": [asdict(w) | {"sentence": w.sentence(min_effect)} for w in weak],
-               "classifier_held_out_accuracy": accuracy, "counterfactuals": asdict(counter) | {"fixed_by": None},
-               "mitigation": mitigation, "ranking": rows, "has_confounder_masks": masks is not None}
-    return ShortcutReport(summary, assoc, flagged, findings, test, candidates, levels, [nv for nv, _ in neutral], pool,
-                          causal, causal_rows, [hits[j] for j in candidates], where_maps, emergence, counter,
-                          mitigation_rows, unexplained)
+    summary = {
+        "verdict": _verdict(findings_out, unexplained, c_names, alpha, top_boxes, weak, min_effect, detectors),
+        "images": n,
+        "targets": t_names,
+        "candidate_confounders": c_names,
+        "flagged": flagged,
+        "findings": findings_out,
+        "flag_test": {
+            "alpha": alpha,
+            "permutations": permutations,
+            "min_effect": min_effect,
+            "pairs_tested": test.tested_pairs,
+            "score_needed": test.threshold(),
+            "method": "max-T permutation tests (c shuffled within the target; target shuffled), both must reject",
+        },
+        "unexplained": [
+            {
+                "target": u.target,
+                "confounder": u.confounder,
+                "phi": u.phi,
+                "z": u.z,
+                "best_prototype": u.best_prototype,
+                "best_auroc": u.best_auroc,
+                "peak": list(u.peak),
+                "peak_effect": u.peak_effect,
+                "mask_peak": list(u.mask_peak) if u.mask_peak else None,
+                "sentence": u.sentence(),
+            }
+            for u in unexplained
+        ],
+        "weak_links": [asdict(w) | {"sentence": w.sentence(min_effect)} for w in weak],
+        "classifier_held_out_accuracy": accuracy,
+        "counterfactuals": asdict(counter) | {"fixed_by": None},
+        "mitigation": mitigation,
+        "ranking": rows,
+        "has_confounder_masks": masks is not None,
+    }
+    return ShortcutReport(
+        summary,
+        assoc,
+        flagged,
+        findings,
+        test,
+        candidates,
+        levels,
+        [nv for nv, _ in neutral],
+        pool,
+        causal,
+        causal_rows,
+        [hits[j] for j in candidates],
+        where_maps,
+        emergence,
+        counter,
+        mitigation_rows,
+        unexplained,
+    )

@@ -37,9 +37,10 @@ the maps cover it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
@@ -52,7 +53,10 @@ from patronus.pipeline import PatronusPipeline
 
 
 def split_targets(
-    attributes: torch.Tensor, names: Sequence[str], labels: torch.Tensor, classes: Sequence[str],
+    attributes: torch.Tensor,
+    names: Sequence[str],
+    labels: torch.Tensor,
+    classes: Sequence[str],
     targets: Optional[Sequence[str]] = None,
 ) -> tuple[torch.Tensor, list[str], torch.Tensor, list[str]]:
     """(target columns, names, candidate-confounder columns, names).
@@ -120,8 +124,9 @@ class Association:
         return self.score.argsort(descending=True, stable=True).tolist()
 
 
-def association(s: torch.Tensor, targets: torch.Tensor, target_names: Sequence[str], confounders: torch.Tensor,
-                confounder_names: Sequence[str]) -> Association:
+def association(
+    s: torch.Tensor, targets: torch.Tensor, target_names: Sequence[str], confounders: torch.Tensor, confounder_names: Sequence[str]
+) -> Association:
     """Explained-away scores of activations s (N, K) for every target × confounder pair."""
     K = s.shape[1]
     raw = auroc_matrix(s, targets, sign_free=False)  # (T, K)
@@ -164,7 +169,7 @@ class LinearProbe:
     weight: torch.Tensor  # (K+1, classes)
 
     @classmethod
-    def fit(cls, s: torch.Tensor, y: torch.Tensor, num_classes: int = 2) -> "LinearProbe":
+    def fit(cls, s: torch.Tensor, y: torch.Tensor, num_classes: int = 2) -> LinearProbe:
         mean, std = s.double().mean(0), s.double().std(0).clamp_min(1e-8)
         return cls(mean, std, fit_logistic((s.double() - mean) / std, y.long(), num_classes))
 
@@ -211,9 +216,16 @@ def sample_edited(pipe: PatronusPipeline, x_T: torch.Tensor, s_edit: torch.Tenso
     return pipe.decode_edited(x_T, s_edit, s, steps, clip=True).clamp(-1, 1)
 
 
-def causal_effect(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, prototypes: Union[int, Sequence[int]],
-                  low: torch.Tensor, high: torch.Tensor, probes: Sequence[Optional[LinearProbe]],
-                  steps: int) -> tuple[CausalEffect, torch.Tensor, torch.Tensor]:
+def causal_effect(
+    pipe: PatronusPipeline,
+    x_T: torch.Tensor,
+    s: torch.Tensor,
+    prototypes: Union[int, Sequence[int]],
+    low: torch.Tensor,
+    high: torch.Tensor,
+    probes: Sequence[Optional[LinearProbe]],
+    steps: int,
+) -> tuple[CausalEffect, torch.Tensor, torch.Tensor]:
     """Sample the same x_T with every prototype of the unit at its low and at its high value
     (low/high: (K,) per-prototype values); probe both. Returns the effect and the two samples."""
     unit = [prototypes] if isinstance(prototypes, int) else list(prototypes)
@@ -230,8 +242,16 @@ def causal_effect(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, pr
     for b in range(len(x_T)):
         top, left, bottom, right = rf.box(*divmod(int(where[b, j]), w))
         inside.append(float(change[b, top:bottom, left:right].sum() / change[b].sum().clamp_min(1e-12)))
-    effect = CausalEffect(j, float(low[j]), float(high[j]), delta.tolist(), float(s_low[:, j].mean()), float(s_high[:, j].mean()),
-                          sum(inside) / len(inside), unit)
+    effect = CausalEffect(
+        j,
+        float(low[j]),
+        float(high[j]),
+        delta.tolist(),
+        float(s_low[:, j].mean()),
+        float(s_high[:, j].mean()),
+        sum(inside) / len(inside),
+        unit,
+    )
     return effect, x_low, x_high
 
 
@@ -246,8 +266,9 @@ class Counterfactuals:
     examples: list[dict]  # a few (image index, prototype, value, from, to)
 
 
-def counterfactual_flips(probe: LinearProbe, s: torch.Tensor, y: torch.Tensor, values: dict[str, torch.Tensor],
-                         max_examples: int = 8) -> Counterfactuals:
+def counterfactual_flips(
+    probe: LinearProbe, s: torch.Tensor, y: torch.Tensor, values: dict[str, torch.Tensor], max_examples: int = 8
+) -> Counterfactuals:
     """For each mistake of `probe` on (s, y), which single-prototype edit makes it right."""
     pred = probe.proba(s).argmax(1)
     wrong = (pred != y).nonzero().flatten()
@@ -292,8 +313,9 @@ def mask_coverage(maps: torch.Tensor, masks: torch.Tensor) -> tuple[float, float
 # --- 5. mitigation --------------------------------------------------------------------------
 
 
-def neutralised_decode(pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, prototypes: Sequence[int],
-                       neutral: torch.Tensor, steps: int) -> torch.Tensor:
+def neutralised_decode(
+    pipe: PatronusPipeline, x_T: torch.Tensor, s: torch.Tensor, prototypes: Sequence[int], neutral: torch.Tensor, steps: int
+) -> torch.Tensor:
     """Sample x_T with the finding's prototypes held at their neutral value (from images without the
     confounder): the image without the shortcut."""
     return sample_edited(pipe, x_T, set_prototypes(s, prototypes, neutral.to(s)), s, steps)

@@ -6,7 +6,8 @@ random batch (the paper's notebooks): one outlier image would set every edit's s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -37,7 +38,11 @@ def edit_levels(stats: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Named per-prototype values (K,) that edits and baselines refer to: every stored quantile as
     qNN (q05, q95, ...; q01 and q99 from `activation_range`), median, mean and the unit sd."""
     levels = {f"q{round(float(q) * 100):02d}": torch.tensor(v) for q, v in stats["quantiles"].items()}
-    levels |= {"q01": torch.tensor(stats["q01"]), "q99": torch.tensor(stats["q99"]),
-               "median": torch.tensor(stats["quantiles"]["0.5"]), "mean": torch.tensor(stats["mean"]),
-               "sd": torch.tensor(stats["std"])}
+    levels |= {
+        "q01": torch.tensor(stats["q01"]),
+        "q99": torch.tensor(stats["q99"]),
+        "median": torch.tensor(stats["quantiles"]["0.5"]),
+        "mean": torch.tensor(stats["mean"]),
+        "sd": torch.tensor(stats["std"]),
+    }
     return levels

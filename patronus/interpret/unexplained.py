@@ -18,8 +18,9 @@ and the denoiser may still draw it. The check needs no model output beyond the a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -36,8 +37,9 @@ def effect_map(images: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     return (xa.mean(0) - xb.mean(0)) / pooled.clamp_min(1e-3)
 
 
-def box_coverage(where: torch.Tensor, prototypes: Sequence[int], rows: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]],
-                 shape: tuple[int, int]) -> torch.Tensor:
+def box_coverage(
+    where: torch.Tensor, prototypes: Sequence[int], rows: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], shape: tuple[int, int]
+) -> torch.Tensor:
     """(H, W) share of images `rows` where at least one of `prototypes` has the pixel in the box of
     its closest cell (`boxes[cell]` = (top, left, bottom, right))."""
     cover = torch.zeros(*shape)
@@ -70,9 +72,11 @@ class Unexplained:
 
     def sentence(self) -> str:
         where = f"around pixel (row {self.peak[0]}, col {self.peak[1]})"
-        return (f"Something no prototype explains separates {self.target}: {self.confounder} goes with it in the data "
-                f"(φ = {self.phi:.2f}), no prototype carries it (best: p{self.best_prototype}, AUROC {self.best_auroc:.2f}), "
-                f"and the images differ most {where} (effect size {self.peak_effect:.2f}) where no target prototype looks.")
+        return (
+            f"Something no prototype explains separates {self.target}: {self.confounder} goes with it in the data "
+            f"(φ = {self.phi:.2f}), no prototype carries it (best: p{self.best_prototype}, AUROC {self.best_auroc:.2f}), "
+            f"and the images differ most {where} (effect size {self.peak_effect:.2f}) where no target prototype looks."
+        )
 
 
 CARRIED_AUROC = 0.9  # a prototype at or above this (sign-free) AUROC for a confounder is taken to detect it
@@ -87,11 +91,23 @@ def best_detector(confounder_auroc: torch.Tensor, c: int) -> tuple[int, float]:
     return best, float(confounder_auroc[c, best])
 
 
-def unexplained_signals(images: torch.Tensor, s: torch.Tensor, where: torch.Tensor, targets: torch.Tensor,
-                        target_names: Sequence[str], confounders: torch.Tensor, confounder_names: Sequence[str],
-                        confounder_auroc: torch.Tensor, target_auroc: torch.Tensor, carried: set[str],
-                        boxes: Sequence[tuple[int, int, int, int]], masks: Optional[torch.Tensor] = None,
-                        z: float = 3.0, carried_auroc: float = CARRIED_AUROC, min_effect: float = 0.1) -> list[Unexplained]:
+def unexplained_signals(
+    images: torch.Tensor,
+    s: torch.Tensor,
+    where: torch.Tensor,
+    targets: torch.Tensor,
+    target_names: Sequence[str],
+    confounders: torch.Tensor,
+    confounder_names: Sequence[str],
+    confounder_auroc: torch.Tensor,
+    target_auroc: torch.Tensor,
+    carried: set[str],
+    boxes: Sequence[tuple[int, int, int, int]],
+    masks: Optional[torch.Tensor] = None,
+    z: float = 3.0,
+    carried_auroc: float = CARRIED_AUROC,
+    min_effect: float = 0.1,
+) -> list[Unexplained]:
     """Every (target, confounder) pair linked in the data (φ·√N ≥ z, rate difference ≥ min_effect)
     whose confounder is neither in `carried` (the report's findings) nor detected by any prototype
     at AUROC ≥ `carried_auroc`.
@@ -137,13 +153,21 @@ class WeakLink:
     rate_rest: float  # share of the other images with it
 
     def sentence(self, min_effect: float) -> str:
-        return (f"{self.confounder} goes with {self.target} in these images, but weakly: it is on {self.rate_target:.0%} "
-                f"of them and {self.rate_rest:.0%} of the rest, less than the {100 * min_effect:.0f} percentage points the "
-                "report counts as a possible shortcut (min_effect)")
+        return (
+            f"{self.confounder} goes with {self.target} in these images, but weakly: it is on {self.rate_target:.0%} "
+            f"of them and {self.rate_rest:.0%} of the rest, less than the {100 * min_effect:.0f} percentage points the "
+            "report counts as a possible shortcut (min_effect)"
+        )
 
 
-def weak_links(targets: torch.Tensor, target_names: Sequence[str], confounders: torch.Tensor,
-               confounder_names: Sequence[str], min_effect: float, z: float = 3.0) -> list[WeakLink]:
+def weak_links(
+    targets: torch.Tensor,
+    target_names: Sequence[str],
+    confounders: torch.Tensor,
+    confounder_names: Sequence[str],
+    min_effect: float,
+    z: float = 3.0,
+) -> list[WeakLink]:
     """(target, confounder) pairs where the confounder goes with the target beyond chance (φ·√N ≥ z)
     but its rates differ by less than `min_effect`: what the report leaves out on purpose, so that
     it can say so."""
@@ -152,8 +176,7 @@ def weak_links(targets: torch.Tensor, target_names: Sequence[str], confounders: 
         for t, tname in enumerate(target_names):
             known = ~(targets[:, t].isnan() | confounders[:, c].isnan())
             r = phi(targets[:, t], confounders[:, c])
-            if not (r == r and r * float(known.sum()) ** 0.5 >= z
-                    and rate_difference(targets[:, t], confounders[:, c]) < min_effect):
+            if not (r == r and r * float(known.sum()) ** 0.5 >= z and rate_difference(targets[:, t], confounders[:, c]) < min_effect):
                 continue
             pos = known & (targets[:, t] == 1)
             rest = known & (targets[:, t] == 0)

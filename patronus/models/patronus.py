@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal, Optional
 
 import torch
 from diffusers import ConfigMixin, DDPMScheduler, ModelMixin
@@ -49,8 +50,13 @@ class PatronusModel(ModelMixin, ConfigMixin):
         beta_end: float = 0.02,  # β_T
     ):
         super().__init__()
-        for name, value in (("image_size", image_size), ("in_channels", in_channels), ("num_prototypes", num_prototypes),
-                            ("prototype_dim", prototype_dim), ("num_train_timesteps", num_train_timesteps)):
+        for name, value in (
+            ("image_size", image_size),
+            ("in_channels", in_channels),
+            ("num_prototypes", num_prototypes),
+            ("prototype_dim", prototype_dim),
+            ("num_train_timesteps", num_train_timesteps),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.net.{name}={value!r}; expected an integer >= 1")
         if image_size % 2 ** (len(block_out_channels) - 1):

@@ -33,8 +33,9 @@ class ActivationPrior(ModelMixin, ConfigMixin):
 
     def scheduler(self) -> DDPMScheduler:
         # x̂0 clipped at ±6σ: z is standardised, and without it the first steps (ᾱ ≈ 0) amplify errors.
-        return DDPMScheduler(num_train_timesteps=self.config.num_train_timesteps, beta_schedule="linear", clip_sample=True,
-                             clip_sample_range=6.0)
+        return DDPMScheduler(
+            num_train_timesteps=self.config.num_train_timesteps, beta_schedule="linear", clip_sample=True, clip_sample_range=6.0
+        )
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.time_emb(self.time_proj(t.expand(len(z_t))).to(z_t.dtype))

@@ -84,9 +84,7 @@ class TimmFeatures(nn.Module):
         super().__init__()
         import timm  # imported lazily: only backbone users pay for it
 
-        self.body = timm.create_model(
-            name, pretrained=False, features_only=True, in_chans=in_channels, out_indices=(out_index,)
-        )
+        self.body = timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels, out_indices=(out_index,))
         if weights is not None:  # a local file only: nothing is downloaded, nothing unpickled
             state = load_state_dict_file(weights, "backbone_weights file")
             missing, _ = self.body.load_state_dict(state, strict=False)
@@ -123,9 +121,7 @@ class PrototypeEncoder(nn.Module):
             raise ValueError(f"model.net.position_weight={position_weight!r}; expected a number >= 0")
         self.image_size, self.epsilon, self.position_weight = image_size, epsilon, float(position_weight)
         if backbone is not None:
-            self.features: nn.Module = TimmFeatures(
-                backbone, in_channels, prototype_dim, backbone_weights, backbone_out_index
-            )
+            self.features: nn.Module = TimmFeatures(backbone, in_channels, prototype_dim, backbone_weights, backbone_out_index)
             self._layout = None
         else:
             if layout not in ENCODER_LAYOUTS:
@@ -181,8 +177,7 @@ class PrototypeEncoder(nn.Module):
     def patch_pair_distances(self, features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Distance between patches (features (N, D) at positions (N, 2)) as `distance_maps` counts it
         between a patch and a prototype: (N, N). Patches that would match the same prototype are near."""
-        return (torch.cdist(features.float(), features.float()).pow(2)
-                + self.pairwise_position_cost(positions.float(), positions.float()))
+        return torch.cdist(features.float(), features.float()).pow(2) + self.pairwise_position_cost(positions.float(), positions.float())
 
     @staticmethod
     def cell_positions(height: int, width: int) -> torch.Tensor:
@@ -239,8 +234,14 @@ class PrototypeEncoder(nn.Module):
         a timm backbone's features are upsampled to the image and refined by two convs."""
         c, d = self._in_channels(), self.prototypes.shape[1]
         if self._layout is None:
-            return nn.Sequential(nn.Conv2d(d, 64, 1), nn.ReLU(), nn.Upsample(size=self.image_size, mode="bilinear"),
-                                 nn.Conv2d(64, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, c, 3, padding=1))
+            return nn.Sequential(
+                nn.Conv2d(d, 64, 1),
+                nn.ReLU(),
+                nn.Upsample(size=self.image_size, mode="bilinear"),
+                nn.Conv2d(64, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(32, c, 3, padding=1),
+            )
         lay = self._layout
         chans, sizes = (c, *lay.channels[1:-1], d), [self.image_size]
         for k, st, p in zip(lay.kernels, lay.strides, lay.paddings):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from diffusers import UNet2DModel
@@ -88,7 +89,9 @@ class ConditionedUNet(nn.Module):
         emb = self.cond_mlp(s)
         if null is not None:
             if self.null_embedding is None:
-                raise ValueError("this model has no null condition (null_condition=False): it was not trained with "
-                                 "condition dropout, so classifier-free guidance on s is not available; edit guidance is")
+                raise ValueError(
+                    "this model has no null condition (null_condition=False): it was not trained with "
+                    "condition dropout, so classifier-free guidance on s is not available; edit guidance is"
+                )
             emb = torch.where(null.to(emb.device)[:, None], self.null_embedding.to(emb.dtype), emb)
         return self.unet(x_t, t, class_labels=emb).sample

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from matplotlib import colormaps
@@ -59,8 +60,13 @@ def histogram_figure(hists: list[tuple[torch.Tensor, torch.Tensor]], title: str,
     cols = min(k, 6)
     rows = math.ceil(k / cols)
     height = 1.0 * rows + 0.4  # inches: 0.4 on top for the title
-    fig, axes = subplots(rows, cols, figsize=(1.6 * cols, height), squeeze=False,
-                             gridspec_kw={"hspace": 0.6, "wspace": 0.15, "top": 1 - 0.45 / height, "bottom": 0.1 / height})
+    fig, axes = subplots(
+        rows,
+        cols,
+        figsize=(1.6 * cols, height),
+        squeeze=False,
+        gridspec_kw={"hspace": 0.6, "wspace": 0.15, "top": 1 - 0.45 / height, "bottom": 0.1 / height},
+    )
     for j, ax in enumerate(axes.flat):
         if j >= k:
             ax.set_visible(False)
@@ -86,8 +92,15 @@ def emergence_heatmap(
     diverging colours centred at 0; uint8 (3, H, W), saved as PNG if `path` is given."""
     ylabels = list(ylabels) if ylabels is not None else [str(j) for j in range(len(values))]
     return heatmap(
-        values, xlabels=[str(int(t)) for t in timesteps], ylabels=ylabels, title=title, xlabel="timestep t (decoding →)",
-        ylabel="prototype", diverging=True, colorbar_label=colorbar_label, path=path,
+        values,
+        xlabels=[str(int(t)) for t in timesteps],
+        ylabels=ylabels,
+        title=title,
+        xlabel="timestep t (decoding →)",
+        ylabel="prototype",
+        diverging=True,
+        colorbar_label=colorbar_label,
+        path=path,
     )
 
 
@@ -120,7 +133,7 @@ def emergence_curve_plot(
     return render(fig, path)
 
 
-def when_figure(result: InformationResult, path: Optional[Path] = None, model: Optional["PatronusModel"] = None) -> torch.Tensor:
+def when_figure(result: InformationResult, path: Optional[Path] = None, model: Optional[PatronusModel] = None) -> torch.Tensor:
     """The α-density ½E‖Δε̂‖² per node, mean over images, one line per prototype.
 
     With `model`, the x axis is log-SNR (the integration variable: a line's integral over it
@@ -154,12 +167,20 @@ def faithfulness_figure(scores: dict[str, dict[str, torch.Tensor]], title: str =
         x = res["fractions"].tolist()
         style = dict(color="grey", linestyle="--") if name == "random" else {}
         for ax, kind in zip(axes, ("deletion", "insertion")):
-            ax.plot(x, res[f"{kind}_curve"].mean(0).cpu().tolist(), marker=".", **style,
-                    label=f"{name} (AUC {float(res[f'{kind}_auc'].mean()):.3f})")
+            ax.plot(
+                x,
+                res[f"{kind}_curve"].mean(0).cpu().tolist(),
+                marker=".",
+                **style,
+                label=f"{name} (AUC {float(res[f'{kind}_auc'].mean()):.3f})",
+            )
     for ax, kind, better in zip(axes, ("deletion", "insertion"), ("lower", "higher")):
         ax.axhline(1.0, color="black", linewidth=0.5)
-        ax.set(xlabel=f"fraction of pixels {'deleted' if kind == 'deletion' else 'inserted'} (most important first)",
-               ylabel="f / f(x_t)", title=f"{kind} ({better} AUC = more faithful)")
+        ax.set(
+            xlabel=f"fraction of pixels {'deleted' if kind == 'deletion' else 'inserted'} (most important first)",
+            ylabel="f / f(x_t)",
+            title=f"{kind} ({better} AUC = more faithful)",
+        )
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=8)
     return render(fig, path)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from patronus.models.prototypes import ReceptiveField
 
 
-def patch_gallery(images: torch.Tensor, hits: list[list["PatchHit"]], scale: int = 2) -> torch.Tensor:
+def patch_gallery(images: torch.Tensor, hits: list[list[PatchHit]], scale: int = 2) -> torch.Tensor:
     """One row per prototype: each hit's full image with its receptive-field box drawn (uint8 grid)."""
     tiles = []
     for row in hits:
@@ -27,7 +27,7 @@ def patch_gallery(images: torch.Tensor, hits: list[list["PatchHit"]], scale: int
     return make_grid(torch.stack(tiles), nrow=len(hits[0]), padding=2, pad_value=255).to(torch.uint8)
 
 
-def localisation_gallery(plain: torch.Tensor, edited: torch.Tensor, found: list["Localisation"], scale: int = 3) -> torch.Tensor:
+def localisation_gallery(plain: torch.Tensor, edited: torch.Tensor, found: list[Localisation], scale: int = 3) -> torch.Tensor:
     """Pairs per prototype: the plain decode and the edited one with J's receptive-field box (uint8 grid)."""
     tiles = []
     for loc, img in zip(found, edited):
@@ -39,7 +39,7 @@ def localisation_gallery(plain: torch.Tensor, edited: torch.Tensor, found: list[
     return make_grid(big, nrow=8, padding=2, pad_value=255).to(torch.uint8)
 
 
-def consistency_grid(outcome: "EditOutcome", rf: "ReceptiveField", scale: int = 2) -> torch.Tensor:
+def consistency_grid(outcome: EditOutcome, rf: ReceptiveField, scale: int = 2) -> torch.Tensor:
     """One row per prototype: J raised in each image, its receptive-field box drawn (red: s_J rose; grey: it did not)."""
     tiles = []
     for i in range(len(outcome.prototypes)):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from einops import rearrange
 from torchvision.io import write_png
 from torchvision.utils import make_grid, save_image
+
+from patronus.torch_utils import to_uint8
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -20,13 +22,6 @@ def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] float -> uint8 exactly as torchvision's `save_image` rounds it, so a picture logged
     from the tensor and the PNG written from it hold the same pixels."""
     return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-
-
-# Copied from patronus.interpret.generation_metrics.to_uint8: importing that module here would load
-# torchmetrics (and matplotlib.pyplot with it) into every caller of patronus.plots.
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8, exactly what a PNG stores."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:

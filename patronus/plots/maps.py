@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from matplotlib import colormaps
@@ -13,8 +14,9 @@ from patronus.plots.images import display_image
 from patronus.plots.render import render, subplots
 
 
-def overlay_rgb(image: torch.Tensor, heat: torch.Tensor, vmin: float, vmax: float, cmap: str = "inferno",
-                alpha: float = 0.65) -> torch.Tensor:
+def overlay_rgb(
+    image: torch.Tensor, heat: torch.Tensor, vmin: float, vmax: float, cmap: str = "inferno", alpha: float = 0.65
+) -> torch.Tensor:
     """(H, W, 3) in [0, 1]: the image in grey (or colour) under `heat` coloured by `cmap` at `alpha`."""
     base = display_image(image)
     base = base[..., None].expand(*base.shape, 3) if base.ndim == 2 else base
@@ -23,8 +25,15 @@ def overlay_rgb(image: torch.Tensor, heat: torch.Tensor, vmin: float, vmax: floa
     return (1 - alpha) * base + alpha * colour
 
 
-def mosaic_figure(cells: list[list[torch.Tensor]], cell_text: list[list[str]], col_labels: Sequence[str],
-                  row_labels: Sequence[str], title: str, path: Optional[Path] = None, inches: float = 0.9) -> torch.Tensor:
+def mosaic_figure(
+    cells: list[list[torch.Tensor]],
+    cell_text: list[list[str]],
+    col_labels: Sequence[str],
+    row_labels: Sequence[str],
+    title: str,
+    path: Optional[Path] = None,
+    inches: float = 0.9,
+) -> torch.Tensor:
     """A grid of (H, W, 3) cells drawn as ONE image with a text band above each cell.
 
     One imshow of the tiled mosaic and a text label per cell, not a subplot per map: hundreds of
@@ -65,15 +74,24 @@ def information_figure(images: torch.Tensor, result: InformationResult, path: Op
     cells, text = [], []
     for b in range(B):
         vmax = float(torch.quantile(result.pixel[b].float().flatten().cpu(), 0.995)) or 1.0
-        cells.append([overlay_rgb(images[b], torch.zeros(images.shape[-2:]), 0, 1, alpha=0.0)]
-                     + [overlay_rgb(images[b], result.pixel[b, p], 0.0, vmax) for p in range(P)])
+        cells.append(
+            [overlay_rgb(images[b], torch.zeros(images.shape[-2:]), 0, 1, alpha=0.0)]
+            + [overlay_rgb(images[b], result.pixel[b, p], 0.0, vmax) for p in range(P)]
+        )
         text.append([""] + [f"{float(result.total[b, p]):.2g}" for p in range(P)])
-    return mosaic_figure(cells, text, ["image"] + [f"p{j}" for j in result.labels], [str(b) for b in range(B)],
-                         "where: ½∫E‖Δε̂‖² dα per pixel, one colour scale per row (nats per image above each map)", path)
+    return mosaic_figure(
+        cells,
+        text,
+        ["image"] + [f"p{j}" for j in result.labels],
+        [str(b) for b in range(B)],
+        "where: ½∫E‖Δε̂‖² dα per pixel, one colour scale per row (nats per image above each map)",
+        path,
+    )
 
 
-def pid_figure(images: torch.Tensor, pid: dict[str, torch.Tensor], pairs: Sequence[tuple[int, int]],
-               path: Optional[Path] = None, max_images: int = 4) -> torch.Tensor:
+def pid_figure(
+    images: torch.Tensor, pid: dict[str, torch.Tensor], pairs: Sequence[tuple[int, int]], path: Optional[Path] = None, max_images: int = 4
+) -> torch.Tensor:
     """Rows (pair, image): the image then i_J, i_L, i_JL, redundancy, unique J, unique L, synergy.
 
     One colour scale per row (the 99.5th percentile of i_J, i_L, i_JL); synergy, which can be
@@ -96,9 +114,16 @@ def pid_figure(images: torch.Tensor, pid: dict[str, torch.Tensor], pairs: Sequen
     return mosaic_figure(cells, text, names, row_labels, "MMI decomposition per pixel (nats per image above each map)", path)
 
 
-def attribution_figure(images: torch.Tensor, x_t: torch.Tensor, saliency: torch.Tensor, information: torch.Tensor,
-                       title: str = "", path: Optional[Path] = None, max_images: int = 8,
-                       signed: Optional[torch.Tensor] = None) -> torch.Tensor:
+def attribution_figure(
+    images: torch.Tensor,
+    x_t: torch.Tensor,
+    saliency: torch.Tensor,
+    information: torch.Tensor,
+    title: str = "",
+    path: Optional[Path] = None,
+    max_images: int = 8,
+    signed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Per image a row: the image, x_t, the saliency map, the information map at t and, if given,
     the signed gradient × input (red: deleting the pixel lowers f, blue: raises it) (uint8 (3, H, W)).
     Each map on its own scale (0 or −max to its max)."""

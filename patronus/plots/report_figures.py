@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -46,13 +47,16 @@ def maps_figure(rows: list[tuple[int, torch.Tensor, torch.Tensor]], path: Path) 
     return render(fig, path)
 
 
-def unexplained_figure(image: torch.Tensor, effect: torch.Tensor, unexplained: torch.Tensor, peak: tuple[int, int],
-                       title: str, path: Optional[Path] = None) -> torch.Tensor:
+def unexplained_figure(
+    image: torch.Tensor, effect: torch.Tensor, unexplained: torch.Tensor, peak: tuple[int, int], title: str, path: Optional[Path] = None
+) -> torch.Tensor:
     """An example image, the pixel effect map and the part of it no prototype covers, peak marked."""
     fig, axes = subplots(1, 3, figsize=(6.6, 2.4))
-    panels = [(display_image(image), "gray", "example image", None),
-              (effect.float().cpu(), "coolwarm", "effect size (confounder − none)", float(effect.abs().max()) or 1.0),
-              (unexplained.float().cpu(), "inferno", "no prototype looks here", None)]
+    panels = [
+        (display_image(image), "gray", "example image", None),
+        (effect.float().cpu(), "coolwarm", "effect size (confounder − none)", float(effect.abs().max()) or 1.0),
+        (unexplained.float().cpu(), "inferno", "no prototype looks here", None),
+    ]
     for ax, (img, cmap, name, v) in zip(axes, panels):
         ax.imshow(img, cmap=cmap, vmin=-v if v else None, vmax=v, interpolation="nearest")
         ax.plot(peak[1], peak[0], marker="o", markerfacecolor="none", markeredgecolor="lime", markersize=12)
@@ -63,14 +67,16 @@ def unexplained_figure(image: torch.Tensor, effect: torch.Tensor, unexplained: t
     return render(fig, path)
 
 
-def worst_group_figure(labels: Sequence[str], before: Sequence[float], after: Sequence[float], balanced: Sequence[float],
-                       path: Optional[Path] = None) -> torch.Tensor:
+def worst_group_figure(
+    labels: Sequence[str], before: Sequence[float], after: Sequence[float], balanced: Sequence[float], path: Optional[Path] = None
+) -> torch.Tensor:
     """Worst-group accuracy per finding: the classifier as trained, with the finding neutralised, and the
     group-balanced-training baseline."""
     fig, ax = subplots(figsize=(1.8 + 1.4 * len(labels), 2.8))
     x = torch.arange(len(labels)).float()
-    for k, (vals, name, colour) in enumerate(((before, "as trained", "tab:gray"), (after, "finding neutralised", "tab:green"),
-                                              (balanced, "group-balanced training", "tab:blue"))):
+    for k, (vals, name, colour) in enumerate(
+        ((before, "as trained", "tab:gray"), (after, "finding neutralised", "tab:green"), (balanced, "group-balanced training", "tab:blue"))
+    ):
         ax.bar((x + (k - 1) * 0.27).tolist(), list(vals), width=0.27, label=name, color=colour)
     ax.set_xticks(x.tolist(), list(labels), fontsize=7)
     ax.set(ylim=(0, 1), ylabel="worst-group accuracy", title="mitigation: worst group of target × confounder (held-out)")
@@ -78,8 +84,12 @@ def worst_group_figure(labels: Sequence[str], before: Sequence[float], after: Se
     return render(fig, path)
 
 
-def sweep_figure(levels: Sequence[float], series: dict[str, Sequence[float]], path: Optional[Path] = None,
-                 limits: Optional[dict[str, tuple[float, float]]] = None) -> torch.Tensor:
+def sweep_figure(
+    levels: Sequence[float],
+    series: dict[str, Sequence[float]],
+    path: Optional[Path] = None,
+    limits: Optional[dict[str, tuple[float, float]]] = None,
+) -> torch.Tensor:
     """One panel per metric of the contamination sweep, against the share of the target carrying the marker.
     `limits` fixes a panel's y range (e.g. AUROC 0.5–1), so 0.9995 against 1.0 does not fill the panel."""
     fig, axes = subplots(1, len(series), figsize=(2.4 * len(series), 2.4), squeeze=False)

@@ -126,8 +126,7 @@ def log_images(trainer: pl.Trainer, images: dict[str, torch.Tensor], captions: O
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 hwc = img.permute(1, 2, 0).cpu().numpy()
-                logger.log_image(key, [hwc], step=trainer.global_step,
-                                 **({"caption": [captions[key]]} if key in captions else {}))
+                logger.log_image(key, [hwc], step=trainer.global_step, **({"caption": [captions[key]]} if key in captions else {}))
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(key, img.cpu(), trainer.global_step, dataformats="CHW")
 
@@ -181,10 +180,15 @@ class RunSummary(pl.Callback):
         pipe = PatronusPipeline(model=averaged_net(trainer, pl_module))
         _, recon = pipe.reconstruct(refs.to(pipe.device), self.steps)
         scores = psnr(recon.cpu(), refs)
-        self.summary = {"summary/reconstruction_psnr_db": sum(scores) / len(scores), "summary/img_per_s": rate,
-                        "summary/steps": float(trainer.global_step)}
-        rank_zero_info(f"run summary: reconstruction {self.summary['summary/reconstruction_psnr_db']:.2f} dB PSNR "
-                       f"({len(refs)} validation images, {self.steps} DDIM steps), {rate:.1f} img/s")
+        self.summary = {
+            "summary/reconstruction_psnr_db": sum(scores) / len(scores),
+            "summary/img_per_s": rate,
+            "summary/steps": float(trainer.global_step),
+        }
+        rank_zero_info(
+            f"run summary: reconstruction {self.summary['summary/reconstruction_psnr_db']:.2f} dB PSNR "
+            f"({len(refs)} validation images, {self.steps} DDIM steps), {rate:.1f} img/s"
+        )
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update(self.summary)
@@ -278,9 +282,9 @@ class InterpretMonitor(pl.Callback):
     @rank_zero_only
     def _log_cost(self, trainer: pl.Trainer) -> None:
         for logger in trainer.loggers:
-            logger.log_metrics({"interpret/cost_fraction": self.cost_fraction(), "interpret/seconds": self.seconds},
-                               step=trainer.global_step)
-
+            logger.log_metrics(
+                {"interpret/cost_fraction": self.cost_fraction(), "interpret/seconds": self.seconds}, step=trainer.global_step
+            )
 
     @rank_zero_only
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -297,16 +301,28 @@ class InterpretMonitor(pl.Callback):
         result = run_probe(pipe, probe, x_T, pool, self.steps, self.top_k, self.bins)
         rf = pipe.model.encoder.receptive_field()
         out = Path(trainer.default_root_dir) / MONITOR_DIR / f"step_{step:07d}"
-        figures = write_probe(result, pool, probe.cpu(), x_T.cpu(), out, step,
-                              {"size": rf.size, "jump": rf.jump, "start": rf.start, "image_size": rf.image_size})
+        figures = write_probe(
+            result,
+            pool,
+            probe.cpu(),
+            x_T.cpu(),
+            out,
+            step,
+            {"size": rf.size, "jump": rf.jump, "start": rf.start, "image_size": rf.image_size},
+        )
         grid = plots.reference_grid(probe, result.decoded)
         plots.save_png(grid, out / "samples.png")
-        log_images(trainer, {**{f"interpret/{k}": v for k, v in figures.items()}, "interpret/samples": grid},
-                   {"interpret/samples": f"step {step}: row 1 probe images, row 2 {self.steps}-step DDIM decodes of their s",
-                    "interpret/heatmap": f"step {step}: s_J(x̂0(t)) − s_J(x0) per prototype (rows) and timestep (columns)",
-                    "interpret/histograms": f"step {step}: each prototype's activations over {len(pool)} real images",
-                    "interpret/gallery": f"step {step}: one row per prototype (p0 at the top), its {self.top_k} nearest "
-                                         "real patches with receptive-field boxes"})
+        log_images(
+            trainer,
+            {**{f"interpret/{k}": v for k, v in figures.items()}, "interpret/samples": grid},
+            {
+                "interpret/samples": f"step {step}: row 1 probe images, row 2 {self.steps}-step DDIM decodes of their s",
+                "interpret/heatmap": f"step {step}: s_J(x̂0(t)) − s_J(x0) per prototype (rows) and timestep (columns)",
+                "interpret/histograms": f"step {step}: each prototype's activations over {len(pool)} real images",
+                "interpret/gallery": f"step {step}: one row per prototype (p0 at the top), its {self.top_k} nearest "
+                "real patches with receptive-field boxes",
+            },
+        )
         columns, rows = stats_table(result.stats)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -315,34 +331,56 @@ class InterpretMonitor(pl.Callback):
                 # One row per prototype, sortable in wandb: its statistics, when it emerges while
                 # decoding, and its gallery row (nearest real patches with receptive-field boxes).
                 emerges = emergence_times(result.timesteps, result.heatmap.T)
-                tiles = [wandb.Image(plots.patch_gallery(pool, [hits]).permute(1, 2, 0).numpy(),
-                                     caption=f"p{j}: mean activation {result.stats['mean'][j]:.3g}")
-                         for j, hits in enumerate(result.hits)]
+                tiles = [
+                    wandb.Image(
+                        plots.patch_gallery(pool, [hits]).permute(1, 2, 0).numpy(),
+                        caption=f"p{j}: mean activation {result.stats['mean'][j]:.3g}",
+                    )
+                    for j, hits in enumerate(result.hits)
+                ]
                 data = [[*row, None if t != t else float(t), tile] for row, t, tile in zip(rows, emerges.tolist(), tiles)]
                 logger.log_table("interpret/prototypes", columns=[*columns, "emerges_at_t", "gallery"], data=data, step=step)
-                logger.log_metrics({f"interpret/hist/p{j}": wandb.Histogram(np_histogram=(c.numpy(), e.numpy()))
-                                    for j, (c, e) in enumerate(result.hists)}, step=step)
+                logger.log_metrics(
+                    {f"interpret/hist/p{j}": wandb.Histogram(np_histogram=(c.numpy(), e.numpy())) for j, (c, e) in enumerate(result.hists)},
+                    step=step,
+                )
             elif isinstance(logger, TensorBoardLogger):
                 for j, col in enumerate(result.pool_activations.T):
                     logger.experiment.add_histogram(f"interpret/hist/p{j}", col, step, bins=self.bins)
 
 
-def write_probe(result: "ProbeResult", pool: torch.Tensor, x0: torch.Tensor, x_T: torch.Tensor, out: Path,
-                step: Optional[int] = None, receptive_field: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
+def write_probe(
+    result: ProbeResult,
+    pool: torch.Tensor,
+    x0: torch.Tensor,
+    x_T: torch.Tensor,
+    out: Path,
+    step: Optional[int] = None,
+    receptive_field: Optional[dict[str, Any]] = None,
+) -> dict[str, torch.Tensor]:
     """Figures (PNG) and numbers (JSON, safetensors) of one probe under `out`; returns the figures
     as uint8 (3, H, W) tensors keyed by name, ready for the loggers."""
     out.mkdir(parents=True, exist_ok=True)
     at = f" (step {step})" if step is not None else ""
     K = result.heatmap.shape[0]
     figures = {
-        "heatmap": plots.emergence_heatmap(result.heatmap, result.timesteps, f"s(x̂0(t)) − s(x0), DDIM from s{at}",
-                                     out / "heatmap.png", [f"p{j}" for j in range(K)]),
+        "heatmap": plots.emergence_heatmap(
+            result.heatmap, result.timesteps, f"s(x̂0(t)) − s(x0), DDIM from s{at}", out / "heatmap.png", [f"p{j}" for j in range(K)]
+        ),
         "histograms": plots.histogram_figure(result.hists, f"activations over {len(pool)} real images{at}", out / "histograms.png"),
         "gallery": plots.patch_gallery(pool, result.hits),
     }
     plots.save_png(figures["gallery"], out / "gallery.png")
-    tensors = {"heatmap": result.heatmap, "timesteps": result.timesteps, "activations": result.activations,
-               "s_ref": result.s_ref, "x0": x0, "x_T": x_T, "decoded": result.decoded, "pool_activations": result.pool_activations}
+    tensors = {
+        "heatmap": result.heatmap,
+        "timesteps": result.timesteps,
+        "activations": result.activations,
+        "s_ref": result.s_ref,
+        "x0": x0,
+        "x_T": x_T,
+        "decoded": result.decoded,
+        "pool_activations": result.pool_activations,
+    }
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "probe.safetensors"))
     (out / "stats.json").write_text(json.dumps({"step": step, **result.stats}, indent=1))
     gallery = {"step": step, "receptive_field": receptive_field, "hits": [[asdict(h) for h in row] for row in result.hits]}

@@ -22,11 +22,16 @@ def _init_weights(init_from: str, net: PatronusModel) -> dict[str, torch.Tensor]
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"model.init_from={init_from}: {str(e.args[0]) if e.args else e}") from None
     ours, theirs = dict(net.config), dict(source.config)
-    diff = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in sorted(ours)
-            if not k.startswith("_") and k in theirs and list(np_tuple(theirs[k])) != list(np_tuple(ours[k]))]
+    diff = [
+        f"{k}: {theirs[k]!r} there, {ours[k]!r} here"
+        for k in sorted(ours)
+        if not k.startswith("_") and k in theirs and list(np_tuple(theirs[k])) != list(np_tuple(ours[k]))
+    ]
     if diff:
-        raise ValueError(f"model.init_from={init_from}: a different architecture than model.net ({'; '.join(diff)}); "
-                         "fine-tuning needs the same model.net settings")
+        raise ValueError(
+            f"model.init_from={init_from}: a different architecture than model.net ({'; '.join(diff)}); "
+            "fine-tuning needs the same model.net settings"
+        )
     return source.state_dict()
 
 
@@ -110,9 +115,11 @@ class PatronusModule(pl.LightningModule):
         want = (c.in_channels, c.image_size, c.image_size)
         if got != want:
             name = getattr(data, "hparams", {}).get("dataset", "?")
-            raise ValueError(f"data.dataset={name!r} gives {got[0]}-channel {got[2]}x{got[1]} images, but the model expects "
-                             f"model.net.in_channels={c.in_channels} and model.net.image_size={c.image_size}; set "
-                             f"model.net.in_channels={got[0]} (data.channels and data.image_size follow the model)")
+            raise ValueError(
+                f"data.dataset={name!r} gives {got[0]}-channel {got[2]}x{got[1]} images, but the model expects "
+                f"model.net.in_channels={c.in_channels} and model.net.image_size={c.image_size}; set "
+                f"model.net.in_channels={got[0]} (data.channels and data.image_size follow the model)"
+            )
 
     def on_fit_start(self) -> None:
         # After setup (EMA has deep-copied the eager module) and after the move to the device / DDP wrap.

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 
 
 @torch.enable_grad()  # callable from no_grad analysis code
-def fit_prior(prior: ActivationPrior, activations: torch.Tensor, steps: int = 3000, batch_size: int = 256,
-              lr: float = 2e-3, seed: int = 0) -> list[float]:
+def fit_prior(
+    prior: ActivationPrior, activations: torch.Tensor, steps: int = 3000, batch_size: int = 256, lr: float = 2e-3, seed: int = 0
+) -> list[float]:
     """Train `prior` as a DDPM on activations (N, K) of real images; returns the loss every 100 steps."""
     if steps < 1 or len(activations) < 2:
         raise ValueError(f"fit_prior: need steps ≥ 1 and at least 2 activation vectors (got steps={steps}, N={len(activations)})")
@@ -44,8 +45,9 @@ def fit_prior(prior: ActivationPrior, activations: torch.Tensor, steps: int = 30
     return losses
 
 
-def train_activation_prior(pipe: "PatronusPipeline", images: torch.Tensor, steps: int = 3000,
-                           seed: int = 0) -> tuple[ActivationPrior, list[float]]:
+def train_activation_prior(
+    pipe: PatronusPipeline, images: torch.Tensor, steps: int = 3000, seed: int = 0
+) -> tuple[ActivationPrior, list[float]]:
     """A fresh `ActivationPrior` fitted (`fit_prior`) on s = g(x0) of real `images`, and registered on
     `pipe`, whose `generate` then draws from it; returns it and the loss every 100 steps."""
     activations = pipe.encode(images).s

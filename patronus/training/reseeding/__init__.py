@@ -45,9 +45,18 @@ from patronus.training.reseeding.plan import (
     plan_reseed,
     prototype_use,
 )
-from patronus.training.reseeding.surgery import evaluating, move_prototype, reset_moments
+from patronus.training.reseeding.surgery import move_prototype, reset_moments
 
 __all__ = [
-    "PrototypeReseeding", "Reseed", "away_from", "clean_estimate_error", "densest_cluster", "evaluating",
-    "live_and_averaged", "move_prototype", "pixel_owner", "plan_reseed", "prototype_use", "reset_moments",
+    "PrototypeReseeding",
+    "Reseed",
+    "away_from",
+    "clean_estimate_error",
+    "densest_cluster",
+    "live_and_averaged",
+    "move_prototype",
+    "pixel_owner",
+    "plan_reseed",
+    "prototype_use",
+    "reset_moments",
 ]

@@ -14,9 +14,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from patronus.models.patronus import PatronusModel
+from patronus.torch_utils import eval_mode
 from patronus.training.callbacks import averaged_net
 from patronus.training.reseeding.plan import Reseed, plan_reseed
-from patronus.training.reseeding.surgery import evaluating, move_prototype, reset_moments
+from patronus.training.reseeding.surgery import move_prototype, reset_moments
 
 
 def live_and_averaged(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[PatronusModel]:
@@ -57,8 +58,10 @@ class PrototypeReseeding(pl.Callback):
         if every_n_steps < 1 or start_step < 0 or pool_batches < 1 or candidates < 2 or min_support < 2:
             raise ValueError("reseed: every_n_steps, pool_batches ≥ 1, start_step ≥ 0, candidates, min_support ≥ 2")
         if not 0.0 < timestep_fraction < 1.0 or not 0.0 < stop_fraction <= 1.0 or not 0.0 < radius_share < 1.0:
-            raise ValueError(f"reseed: timestep_fraction={timestep_fraction}, radius_share={radius_share} must lie in (0, 1) "
-                             f"and stop_fraction={stop_fraction} in (0, 1]")
+            raise ValueError(
+                f"reseed: timestep_fraction={timestep_fraction}, radius_share={radius_share} must lie in (0, 1) "
+                f"and stop_fraction={stop_fraction} in (0, 1]"
+            )
         self.every, self.start, self.stop = every_n_steps, start_step, stop_fraction
         self.pool_batches, self.t_fraction = pool_batches, timestep_fraction
         self.candidates, self.radius_share, self.min_support, self.seed = candidates, radius_share, min_support, seed
@@ -78,12 +81,13 @@ class PrototypeReseeding(pl.Callback):
         pl_module.distinct_exempt = sorted(self.reseeded)  # a resumed run keeps them out of L_distinct too
         total = trainer.estimated_stepping_batches  # max_steps, or what the epochs allow (as the lr schedule counts)
         if self.start > self.stop * total:  # e.g. a preset's start_step kept while --trainer.max_steps was shortened
-            rank_zero_warn(f"reseed: start_step={self.start} is past stop_fraction={self.stop} × {total} "
-                           f"training steps = {self.stop * total:.0f}: no prototype will be reseeded in this run")
+            rank_zero_warn(
+                f"reseed: start_step={self.start} is past stop_fraction={self.stop} × {total} "
+                f"training steps = {self.stop * total:.0f}: no prototype will be reseeded in this run"
+            )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.pool = (self.pool + [batch["image"].detach()])[-self.pool_batches:]
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.pool = (self.pool + [batch["image"].detach()])[-self.pool_batches :]
         step = trainer.global_step
         if step < self.start or (step - self.start) % self.every or step > self.stop * trainer.estimated_stepping_batches:
             return
@@ -94,11 +98,22 @@ class PrototypeReseeding(pl.Callback):
         pool = torch.cat(self.pool)
         generator = torch.Generator().manual_seed(self.seed + step)
         # 1. Rank 0's plan (steps 1–3 of `patronus.training.reseeding`) goes to every rank.
-        with evaluating(net):
+        with eval_mode(net):  # BatchNorm must not update on the pool
             t = int(self.t_fraction * net.config.num_train_timesteps)
-            plan, why = plan_reseed(net, pl_module.scheduler, pool, t, self.candidates, self.radius_share,
-                                    self.min_support, set(self.reseeded), len(self.pool[-1]), generator,
-                                    torch.tensor(self.places).reshape(-1, 2), self.contrast)
+            plan, why = plan_reseed(
+                net,
+                pl_module.scheduler,
+                pool,
+                t,
+                self.candidates,
+                self.radius_share,
+                self.min_support,
+                set(self.reseeded),
+                len(self.pool[-1]),
+                generator,
+                torch.tensor(self.places).reshape(-1, 2),
+                self.contrast,
+            )
         plan = trainer.strategy.broadcast(plan, src=0)
         if plan is None:
             rank_zero_info(f"step {step}: reseeding skipped: {why}")
@@ -107,8 +122,10 @@ class PrototypeReseeding(pl.Callback):
         self._apply(trainer, pl_module, plan, pool)
         self.reseeded[plan.index] = step
         self.places.extend(torch.cat([plan.place[None], plan.member_places]).tolist())  # (row, col) floats
-        rank_zero_info(f"step {step}: prototype {plan.index} reseeded on a pattern the denoiser misses in {plan.support} of the "
-                       f"{self.candidates} worst cells (pool image {plan.image}, cell {plan.cell})")
+        rank_zero_info(
+            f"step {step}: prototype {plan.index} reseeded on a pattern the denoiser misses in {plan.support} of the "
+            f"{self.candidates} worst cells (pool image {plan.image}, cell {plan.cell})"
+        )
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: Reseed, pool: torch.Tensor) -> None:
         """Move the prototype in the live net and its EMA copy, keep it out of L_distinct, and clear its AdamW moments."""

@@ -29,8 +29,9 @@ def pixel_owner(rf: ReceptiveField, grid: tuple[int, int]) -> torch.Tensor:
     return (rows[:, None] * w + cols[None, :]).flatten()
 
 
-def _noised(scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
-            generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _noised(
+    scheduler: DDPMScheduler, x0: torch.Tensor, t: int, generator: Optional[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, ε, timesteps) for every image of x0 at the one timestep t; ε drawn on the CPU so a seed means the same anywhere."""
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
     tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
@@ -38,8 +39,9 @@ def _noised(scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
 
 
 @torch.no_grad()
-def clean_estimate_error(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
-                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def clean_estimate_error(
+    net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """(B, S, S) squared error of x̂0 = (x_t − √(1−ᾱ_t) ε̂(x_t, t, s)) / √ᾱ_t against x0, summed over channels:
     what the denoiser, told s = g(x0), still gets wrong once the noise hides the image."""
     x_t, _, tt = _noised(scheduler, x0, t, generator)
@@ -47,8 +49,9 @@ def clean_estimate_error(net: PatronusModel, scheduler: DDPMScheduler, x0: torch
     return (x0_hat - x0.float()).pow(2).sum(1)
 
 
-def densest_cluster(distances: torch.Tensor, radius_share: float,
-                    available: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int, float]:
+def densest_cluster(
+    distances: torch.Tensor, radius_share: float, available: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, int, float]:
     """(members of the densest point's neighbourhood (N,) bool, the densest point, squared radius) among
     points with pairwise squared distances (N, N): the radius is `radius_share` × their median.
     Only `available` points (N,) bool (default: all) count, as centres and as members."""
@@ -68,8 +71,9 @@ def away_from(places: torch.Tensor, seeded: torch.Tensor, grid: tuple[int, int])
     return torch.cdist(places.float(), seeded.to(places).float()).min(1).values > step * (1 + 1e-4)
 
 
-def prototype_use(net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def prototype_use(
+    net: PatronusModel, scheduler: DDPMScheduler, x0: torch.Tensor, t: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """(K,) first-order estimate of how much the denoising loss would rise if each prototype were held
     at its batch mean: mean_b |∂L/∂s_bk · (s_bk − s̄_k)|. Small = the denoiser barely reads it."""
     with torch.no_grad():
@@ -139,8 +143,10 @@ def plan_reseed(
         members, i, radius = densest_cluster(pairs, radius_share, available)
         support = int(members.sum())
         if support < min_support:
-            return None, (f"no recurring pattern among the {len(worst)} worst cells without a prototype (largest cluster "
-                          f"{support} < {min_support}; {served} recurring pattern(s) already have one)")
+            return None, (
+                f"no recurring pattern among the {len(worst)} worst cells without a prototype (largest cluster "
+                f"{support} < {min_support}; {served} recurring pattern(s) already have one)"
+            )
         # The centroid, not one image's cell: ProtoPNet projects onto one patch for interpretability, but a
         # single marked cell also carries its image's strokes; the cluster's mean keeps what recurs.
         feature, place = feats[members].mean(0), places[members].mean(0)

@@ -12,30 +12,20 @@ its EMA copy, the last to every optimiser.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from patronus.models.patronus import PatronusModel
-
-
-@contextmanager
-def evaluating(net: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for a round's own passes (BatchNorm must not update on the pool); the train flag is restored."""
-    was_training = net.training
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train(was_training)
+from patronus.torch_utils import eval_mode
 
 
 @torch.no_grad()
 def move_prototype(net: PatronusModel, k: int, feature: torch.Tensor, place: torch.Tensor, pool: torch.Tensor) -> None:
     """Move prototype k of `net` to `feature` at `place` and reset what read the old p_k, measuring
     the new s_k on the images `pool` (B, C, H, W)."""
-    with evaluating(net):
+    with eval_mode(net):  # BatchNorm must not update on the pool
         # 1. p_k := feature (and its place, for position-aware prototypes).
         net.encoder.place_prototype(k, feature, place)
         # 2. The condition's running statistics of s_k: those of the new s_k on the pool, not the old one's.
