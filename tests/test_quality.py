@@ -6,10 +6,11 @@ from torchvision.io import decode_png, read_file
 
 from patronus.cli.analyses import main
 from patronus.interpret.consistency import prototype_consistency
-from patronus.interpret.generation_metrics import feature_network, fid_kid, to_uint8, write_pngs
+from patronus.interpret.generation_metrics import feature_network, fid_kid, write_pngs
 from patronus.interpret.localise import edit_each_prototype
 from patronus.interpret.quality import auroc_matrix, binary_entropy_and_mi, kfold_indices, prototype_quality, tad
 from patronus.runs import export_model
+from patronus.torch_utils import to_uint8
 from tests.conftest import REPO
 
 
