@@ -185,7 +185,7 @@ def export_model(net: PatronusModel, out_dir: str | Path) -> Path:
 # Model options that were removed, with the value the model now always has: a saved model that used
 # that value still loads; any other value is named as retired.
 RETIRED_OPTIONS = {
-    "condition_mode": "add",  # scale-shift (AdaGN) conditioning: measured worse (README, "Tried and dropped")
+    "condition_mode": "add",  # scale-shift (AdaGN) conditioning: measured worse (docs/benchmarks.md, "Tried and dropped")
     "dropout": 0.0,  # UNet dropout: no preset and no measurement ever set it
 }
 

@@ -132,7 +132,7 @@ def marker_effect(
             if partner_s is not None:
                 swapped.append(
                     pipe.decode_edited(
-                        res.latent, partner_s[i : i + EDIT_BATCH], res.s, steps, start_step=res.start_step, guidance=edit_guidance
+                        res.latent, partner_s[i : i + EDIT_BATCH], res.s, steps, inverted_steps=res.inverted_steps, guidance=edit_guidance
                     ).cpu()
                 )
         return torch.cat(rec), torch.cat(out), torch.cat(own_s), torch.cat(swapped) if partner_s is not None else torch.empty(0)
