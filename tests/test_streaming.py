@@ -171,7 +171,13 @@ def test_bad_input_names_the_file_and_the_fix(prepared, tmp_path, capsys):
     (other / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit):
         prepare_cli(other, "--overwrite", "true")
-    assert "not a prepared dataset" in capsys.readouterr().err and (other / "keep.txt").is_file()
+    assert "holds files `prepare` does not write" in capsys.readouterr().err and (other / "keep.txt").is_file()
+    half = tmp_path / "killed"  # a preparation killed while writing its first split: --overwrite replaces it
+    (half / "train").mkdir(parents=True)
+    (half / "train" / "chunk-0-0.bin").write_bytes(b"\x00")
+    with pytest.raises(FileNotFoundError, match="interrupted has none: run it again with --overwrite"):
+        streaming(str(half), "train", 32)
+    assert prepare_cli(half, "--overwrite", "true", "--limit", "8")["splits"] == {"train": 8, "test": 8}
     with pytest.raises(ValueError, match=rf"{META_FILE}: prepared at 32 px, but the model reads 64 px.*--data.image_size 64"):
         streaming(str(prepared), "train", 64)
     with pytest.raises(ValueError, match=r"prepared with 1 channels, but the model reads 3"):

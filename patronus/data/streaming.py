@@ -133,9 +133,19 @@ def _check_out(out: str, overwrite: bool) -> None:
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise ValueError(f"--out {out}: the folder is not empty; pass --overwrite to replace it, or choose a new folder")
-        if not (path / META_FILE).is_file() and not any(path.glob(f"*{TABLES_SUFFIX}")):
-            raise ValueError(f"--out {out}: not a prepared dataset (no {META_FILE}); refusing to delete it even with --overwrite")
+        if not _only_prepared_files(path):
+            raise ValueError(f"--out {out}: holds files `prepare` does not write; refusing to delete it even with --overwrite")
         shutil.rmtree(path)
+
+
+def _only_prepared_files(path: Path) -> bool:
+    """Whether `path` holds nothing but what `prepare` writes (also when it was killed half-way)."""
+    for entry in path.iterdir():
+        if entry.is_file() and not (entry.name == META_FILE or entry.name.endswith(TABLES_SUFFIX) or entry.name.startswith(".tmp-")):
+            return False
+        if entry.is_dir() and not all(f.is_file() and f.suffix in (".json", ".bin") for f in entry.iterdir()):
+            return False  # a litdata split folder holds index.json and chunk-*.bin only
+    return True
 
 
 def _put(local: Path, uri: str, storage_options: Optional[dict[str, Any]]) -> None:
