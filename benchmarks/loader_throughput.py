@@ -3,7 +3,8 @@ each preset needs to keep its GPU fed.
 
     python benchmarks/loader_throughput.py                                  # every configs/*_paper.yaml
     python benchmarks/loader_throughput.py --presets celeba_paper --workers 0 4 8
-    python benchmarks/loader_throughput.py --prepared celeba_paper=/data/celeba_litdata   # + a litdata copy
+    python benchmarks/loader_throughput.py --prepare-into /tmp/prepared                    # + each preset prepared
+    python benchmarks/loader_throughput.py --prepared celeba_paper=/data/celeba_prepared     # + a folder prepared earlier
 
 For each preset: its `data:` block (dataset, batch size, options) read through the package's own
 PatronusDataModule at the model's resolution, pointed at the real files in --shared (stand-ins
@@ -16,15 +17,19 @@ size, synthetic images: the GPU alone); without one, GFLOP per training image (f
 torch's FlopCounterMode on the meta device) at an assumed MFU of a stated peak (--mfu, --peak-tflops).
 Workers needed = ceil(step img/s / per-worker img/s × --headroom).
 
-`--prepared [PRESET=]DIR` also times a folder written by `litdata.optimize`, read with
-`litdata.StreamingDataset` (items as litdata's serializers decode them; skipped with a note when
-litdata is not installed). Run it alone on the machine: other jobs on the cores lower every number.
+`--prepare-into DIR` also writes each preset's train split there with the package's own `prepare`
+(at the preset's resolution, as `python -m patronus prepare --train_config configs/PRESET.yaml`
+does; a finished folder is reused) and times it read back as training reads it: the DataModule
+with `data.dataset: streaming` (litdata's StreamingDataLoader, decoded to the same batch dict).
+`--prepared PRESET=DIR` times a folder prepared earlier. Run it alone on the machine: other jobs on
+the cores lower every number.
 Writes benchmarks/loader_throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -35,10 +40,10 @@ from typing import Any, Optional
 
 import torch
 import yaml
-from torch.utils.data import DataLoader, default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from patronus.data.datamodule import PatronusDataModule
+from patronus.data.streaming import META_FILE, prepare
 from patronus.diffusion import diffusion_loss
 from patronus.models.patronus import PatronusModel
 
@@ -116,6 +121,7 @@ def time_loader(loader: Iterable, warmup: int, batches: int) -> dict[str, float]
         return _time_loader(loader, warmup, batches)
     finally:
         torch.set_num_threads(threads)
+        gc.collect()  # shut this loader's workers down here, not in a worker forked for the next one
 
 
 def _time_loader(loader: Iterable, warmup: int, batches: int) -> dict[str, float]:
@@ -180,31 +186,35 @@ def measured_step_rate(net_cfg: dict[str, Any], batch: int, steps: int = 10) -> 
     return rate
 
 
-def prepared_loader(folder: str, batch_size: int, num_workers: int) -> DataLoader:
-    """A litdata-optimized folder read as `litdata.StreamingDataset` yields it, batched like the raw loader."""
-    import litdata
+def prepared_data_module(cfg: dict[str, Any], folder: str, num_workers: int) -> PatronusDataModule:
+    """The preset's training data read from a `prepare` folder, exactly as `--data.dataset streaming` trains on it."""
+    data = cfg.get("data") or {}
+    net = cfg["model"]["net"]
+    dm = PatronusDataModule(
+        dataset="streaming",
+        root=folder,
+        image_size=net["image_size"],
+        channels=net["in_channels"],
+        batch_size=data.get("batch_size", 64),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        train_split="train",
+        val_split="train",  # only the train split is prepared and timed
+        val_subset=1,
+    )
+    dm.setup("fit")
+    return dm
 
-    ds = litdata.StreamingDataset(input_dir=str(Path(folder).resolve()), shuffle=True, seed=0)
-    return litdata.StreamingDataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items, drop_last=True)
 
-
-def _pil_to_tensor(v: Any) -> Any:
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    if isinstance(v, Image.Image):
-        return pil_to_tensor(v)
-    return {k: _pil_to_tensor(u) for k, u in v.items()} if isinstance(v, dict) else v
-
-
-def collate_items(items: list[Any]) -> Any:
-    """Items of a prepared dataset batched: PIL images (litdata's PIL serializer) as tensors; items
-    that do not stack stay a list (still read and decoded: what the timing is about)."""
-    items = [_pil_to_tensor(i) for i in items]
-    try:
-        return default_collate(items)
-    except (TypeError, RuntimeError):
-        return items
+def prepare_train_split(dm: PatronusDataModule, folder: Path) -> None:
+    """Write the preset's train split (as its DataModule reads it) to `folder`, unless a finished one is there."""
+    if (folder / META_FILE).is_file():
+        return
+    h = dm.hparams
+    split = dm.build_split(h.train_split)
+    t0 = time.perf_counter()
+    prepare({"train": split}, str(folder), {"dataset": h.dataset, "root": str(h.root), "options": h.options}, overwrite=True)
+    print(f"  prepared {len(split)} images into {folder} in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def workers_needed(step_rate: float, per_worker: float, headroom: float) -> Optional[int]:
@@ -244,7 +254,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--peak-tflops", type=float, default=H100_DENSE_BF16_TFLOPS, help="the GPU's dense bf16 peak (assumed)")
     p.add_argument("--headroom", type=float, default=1.25, help="loader capacity / step rate wanted (jitter, augmentation)")
     p.add_argument(
-        "--prepared", action="append", default=[], metavar="[PRESET=]DIR", help="a litdata.optimize output folder to time too (repeatable)"
+        "--prepare-into", metavar="DIR", help="write each preset's train split here with `prepare` (reused when finished) and time it too"
+    )
+    p.add_argument(
+        "--prepared", action="append", default=[], metavar="PRESET=DIR", help="a folder `python -m patronus prepare` wrote, to time too"
     )
     p.add_argument(
         "--measure-gpu",
@@ -319,32 +332,33 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         res["presets"][name] = entry
 
     res["prepared"] = {}
-    for spec in a.prepared:
-        preset, _, folder = spec.rpartition("=")
-        item: dict[str, Any] = {"folder": folder, "preset": preset or None}
+    specs = [spec.partition("=")[::2] for spec in a.prepared]
+    if a.prepare_into:
+        for name, entry in res["presets"].items():
+            if "skipped" not in entry:
+                folder = Path(a.prepare_into) / name
+                prepare_train_split(data_module(preset_config(name), STAND_INS.get(name, ({}, ""))[0], a.shared, 0), folder)
+                specs.append((name, str(folder)))
+    for preset, folder in specs:
+        if not folder:
+            p.error(f"--prepared {preset}: expected PRESET=DIR")
+        item: dict[str, Any] = {"folder": folder, "by_workers": {}}
         try:
-            import litdata  # noqa: F401
-        except ImportError:
-            item["skipped"] = "litdata is not installed (pip install litdata)"
-        else:
-            batch = (preset_config(preset).get("data") or {}).get("batch_size", 64) if preset else 128
-            item["batch_size"], item["by_workers"] = batch, {}
-            try:
-                if not a.cold:  # read the chunks once untimed, as for the raw files
-                    time_loader(prepared_loader(folder, batch, max(a.workers)), a.warmup, a.batches)
-                for w in a.workers:
-                    item["by_workers"][str(w)] = time_loader(prepared_loader(folder, batch, w), a.warmup, a.batches)
-            except (FileNotFoundError, ValueError, OSError) as e:
-                item["skipped"] = f"{folder}: not a readable litdata.optimize folder ({str(e)[:200]})"
-            if item["by_workers"] and "skipped" not in item:
-                item["img_per_s_per_worker"], item["per_worker_measured_at"] = per_worker_rate(item["by_workers"])
-                if preset in res["presets"]:
-                    item["workers_needed"] = workers_needed(
-                        res["presets"][preset]["step_img_per_s"], item["img_per_s_per_worker"], a.headroom
-                    )
-        if "skipped" in item:
-            print(f"prepared {spec}: skipped: {item['skipped']}", flush=True)
-        res["prepared"][spec] = item
+            cfg = preset_config(preset)
+            item["batch_size"] = (cfg.get("data") or {}).get("batch_size", 64)
+            if not a.cold:  # read the chunks once untimed, as for the raw files
+                time_loader(prepared_data_module(cfg, folder, max(a.workers)).train_dataloader(), a.warmup, a.batches)
+            for w in a.workers:
+                item["by_workers"][str(w)] = time_loader(prepared_data_module(cfg, folder, w).train_dataloader(), a.warmup, a.batches)
+                print(f"{preset} prepared: {w} workers: {item['by_workers'][str(w)]['img_per_s']:.0f} img/s", flush=True)
+        except (FileNotFoundError, ValueError, OSError, ImportError) as e:
+            item["skipped"] = f"{folder}: {str(e)[:300]}"
+            print(f"prepared {preset}: skipped: {item['skipped']}", flush=True)
+        if item["by_workers"] and "skipped" not in item:
+            item["img_per_s_per_worker"], item["per_worker_measured_at"] = per_worker_rate(item["by_workers"])
+            if preset in res["presets"]:
+                item["workers_needed"] = workers_needed(res["presets"][preset]["step_img_per_s"], item["img_per_s_per_worker"], a.headroom)
+        res["prepared"][preset] = item
 
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

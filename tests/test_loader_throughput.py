@@ -1,12 +1,10 @@
-"""benchmarks/loader_throughput.py runs on real files and a real litdata folder (numbers, not their size)."""
+"""benchmarks/loader_throughput.py runs on real files and on their prepared copies (numbers, not their size)."""
 
 import json
 import math
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 from tests.conftest import REPO
 
@@ -14,20 +12,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import loader_throughput  # noqa: E402
 
 
-def make_prepared(folder, n: int = 300) -> None:
-    """A litdata.optimize folder of PneumoniaMNIST-sized items, as `python -m patronus prepare` might write."""
-    litdata = pytest.importorskip("litdata")
-    litdata.optimize(fn=item, inputs=list(range(n)), output_dir=str(folder), chunk_bytes="64KB", num_workers=1, verbose=False)
-
-
-def item(i: int) -> dict:
-    rng = np.random.default_rng(i)
-    return {"image": torch.from_numpy(rng.integers(0, 255, (1, 32, 32), dtype=np.uint8)), "label": i % 2}
-
-
-@pytest.mark.slow  # ~100 s on 2 busy cores: two presets' data, a litdata folder, worker start-ups
+@pytest.mark.slow  # two presets' data, prepared and read back, worker start-ups
 def test_every_preset_and_a_prepared_folder_get_finite_numbers(shared_datasets, tmp_path, monkeypatch):
-    make_prepared(tmp_path / "prepared")
+    pytest.importorskip("litdata")
     out = tmp_path / "loader.json"
     res = loader_throughput.main(
         [
@@ -45,8 +32,8 @@ def test_every_preset_and_a_prepared_folder_get_finite_numbers(shared_datasets, 
             "1",
             "--out",
             str(out),
-            "--prepared",
-            f"pneumoniamnist_paper={tmp_path / 'prepared'}",
+            "--prepare-into",
+            str(tmp_path / "prepared"),
             "--no-measure-gpu",
         ]
     )
@@ -59,9 +46,10 @@ def test_every_preset_and_a_prepared_folder_get_finite_numbers(shared_datasets, 
     chex, pneu = res["presets"]["chexpert_paper"], res["presets"]["pneumoniamnist_paper"]
     assert chex["image_size"] == 224 and chex["stand_in"] and pneu["stand_in"] is None
     assert chex["gflop_per_image"] > 40 * pneu["gflop_per_image"]  # 49x the pixels, attention at 56x56
-    prepared = res["prepared"][f"pneumoniamnist_paper={tmp_path / 'prepared'}"]
-    assert "skipped" not in prepared, prepared
-    assert prepared["by_workers"]["0"]["images"] == 2 * 128 and prepared["workers_needed"] >= 1
+    for name, prepared in res["prepared"].items():  # each preset written by `prepare`, read back as training reads it
+        assert "skipped" not in prepared, prepared
+        assert (tmp_path / "prepared" / name / "patronus.json").is_file()
+        assert prepared["by_workers"]["0"]["images"] == 2 * res["presets"][name]["batch_size"] and prepared["workers_needed"] >= 1
 
     monkeypatch.setitem(sys.modules, "litdata", None)  # not installed: a note, not a crash
     res = loader_throughput.main(
@@ -79,7 +67,7 @@ def test_every_preset_and_a_prepared_folder_get_finite_numbers(shared_datasets, 
             "--out",
             str(out),
             "--prepared",
-            str(tmp_path / "x"),
+            f"pneumoniamnist_paper={tmp_path / 'prepared' / 'pneumoniamnist_paper'}",
         ]
     )
-    assert res["prepared"][str(tmp_path / "x")]["skipped"].startswith("litdata is not installed")
+    assert "pip install litdata" in res["prepared"]["pneumoniamnist_paper"]["skipped"]
