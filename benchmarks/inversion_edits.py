@@ -1,12 +1,15 @@
-"""DDIM against edit-friendly inversion: how far an edit moves its prototype, and the reconstruction.
+"""Edits: DDIM against edit-friendly inversion, prototypes moved alone or with their correlates, at
+several edit guidance scales: how far an edit moves its prototype, and the reconstruction.
 
     python benchmarks/inversion_edits.py --runs runs/mnist_cpu --num_images 32
 
-For each run, inversion and edit guidance w: invert the first test references, set each of the 4
-most variable prototypes to its q99 alone, decode, re-encode, and report the edit gain
+For each run, inversion, coupling and edit guidance w: invert the first test references, set each
+of the 4 most variable prototypes to its q99 (alone, or with the others following it as in the
+data: `coupling="correlated"`), decode, re-encode, and report the edit gain
 (s_J(edit) − s_J(recon)) / (q99_J − s_J(recon)) over images whose gap is at least 10% of the
-q01–q99 range (as `python -m patronus faithfulness` defines it), the mean pixel change and the
-reconstruction PSNR. Writes benchmarks/inversion_edits.json.
+q01–q99 range (as `python -m patronus faithfulness` defines it), the mean pixel change, the mean
+|Δs_k| of the other prototypes, and the reconstruction PSNR. Activation statistics (levels and
+covariance) come from 300 test images. Writes benchmarks/inversion_edits.json.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from patronus.interpret.generation_metrics import psnr
 from patronus.interpret.stats import activation_statistics, edit_levels
 
 
-def measure(run: str, num_images: int, guidance: list[float], pool: int = 300) -> list[dict[str, Any]]:
+def measure(
+    run: str, num_images: int, guidance: list[float], inversions: list[str], couplings: list[str], pool: int = 300
+) -> list[dict[str, Any]]:
     pipe = load_pipeline(run, "cpu")
     ctx = Context(pipe, run, Path(run), 0, DataSource(split="test"))
     x = ctx.images(max(pool, num_images))
@@ -34,31 +39,37 @@ def measure(run: str, num_images: int, guidance: list[float], pool: int = 300) -
     levels = edit_levels(stats)
     prototypes = torch.tensor(stats["std"]).argsort(descending=True)[:4].tolist()
     rows = []
-    for inversion in ("ddim", "edit_friendly"):
-        for w in guidance:
-            t0 = time.perf_counter()
-            res = pipe.edit(refs, [[Edit(j, "set", "q99")] for j in prototypes], 50, levels=levels, guidance=w, inversion=inversion)
-            s_rec = pipe.encode(res.reconstruction).s
-            gains = []
-            for k, j in enumerate(prototypes):
-                gap = levels["q99"][j] - s_rec[:, j]
-                ok = gap.abs() >= 0.1 * (levels["q99"][j] - levels["q01"][j])
-                gains.append(float(((pipe.encode(res.images[k]).s[:, j] - s_rec[:, j]) / gap)[ok].mean()))
-            scores = psnr(res.reconstruction, refs)
-            rows.append(
-                {
-                    "run": run,
-                    "inversion": inversion,
-                    "edit_guidance": w,
-                    "prototypes": prototypes,
-                    "gain_per_prototype": gains,
-                    "gain_mean": sum(gains) / len(gains),
-                    "pixel_change": float((res.images - res.reconstruction[None]).abs().mean()),
-                    "reconstruction_psnr_db": sum(scores) / len(scores),
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+    edits = [[Edit(j, "set", "q99")] for j in prototypes]
+    for inversion in inversions:
+        for coupling in couplings:
+            for w in guidance:
+                t0 = time.perf_counter()
+                res = pipe.edit(refs, edits, 50, levels=levels, guidance=w, inversion=inversion, coupling=coupling)
+                s_rec = pipe.encode(res.reconstruction).s
+                gains, off = [], []
+                for k, j in enumerate(prototypes):
+                    gap = levels["q99"][j] - s_rec[:, j]
+                    ok = gap.abs() >= 0.1 * (levels["q99"][j] - levels["q01"][j])
+                    s_edit = pipe.encode(res.images[k]).s
+                    gains.append(float(((s_edit[:, j] - s_rec[:, j]) / gap)[ok].mean()))
+                    off.append(float((s_edit - s_rec).abs().index_fill(1, torch.tensor([j]), 0).sum(1).mean() / (len(levels["sd"]) - 1)))
+                scores = psnr(res.reconstruction, refs)
+                rows.append(
+                    {
+                        "run": run,
+                        "inversion": inversion,
+                        "coupling": coupling,
+                        "edit_guidance": w,
+                        "prototypes": prototypes,
+                        "gain_per_prototype": gains,
+                        "gain_mean": sum(gains) / len(gains),
+                        "pixel_change": float((res.images - res.reconstruction[None]).abs().mean()),
+                        "off_target_mean": sum(off) / len(off),
+                        "reconstruction_psnr_db": sum(scores) / len(scores),
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -66,10 +77,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", default=["runs/mnist_cpu"])
     p.add_argument("--num_images", type=int, default=32)
-    p.add_argument("--edit_guidance", type=float, nargs="+", default=[1.0, 4.0])
+    p.add_argument("--edit_guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    p.add_argument("--inversions", nargs="+", choices=["ddim", "edit_friendly"], default=["ddim", "edit_friendly"])
+    p.add_argument("--couplings", nargs="+", choices=["alone", "correlated"], default=["alone", "correlated"])
     p.add_argument("--out", default=str(Path(__file__).with_name("inversion_edits.json")))
     a = p.parse_args(argv)
-    rows = [r for run in a.runs for r in measure(run, a.num_images, a.edit_guidance)]
+    rows = [r for run in a.runs for r in measure(run, a.num_images, a.edit_guidance, a.inversions, a.couplings)]
     Path(a.out).write_text(json.dumps(rows, indent=1))
     print(f"wrote {a.out}")
     return rows

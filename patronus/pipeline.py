@@ -33,7 +33,7 @@ from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from patronus import runs
-from patronus.edits import Edit, apply_edits
+from patronus.edits import Edit, apply_edits, follow_correlations
 from patronus.models.patronus import PatronusModel
 from patronus.models.prior import ActivationPrior
 from patronus.models.prototypes import Activations
@@ -41,12 +41,15 @@ from patronus.sampling import EpsFn, StepCallback, denoise_loop
 from patronus.schedulers import default_ddim, scheduler_for
 from patronus.torch_utils import eval_mode
 
-__all__ = ["Activations", "EditResult", "Inversion", "PatronusPipeline", "Sampler"]
+__all__ = ["Activations", "Coupling", "EditResult", "Inversion", "PatronusPipeline", "Sampler"]
 
 Sampler = Literal["ddim", "ddpm"]
 # How `edit` inverts: "ddim" pins the image into x_T (deterministic, Song et al. 2021);
 # "edit_friendly" keeps one noise map per step (Huberman-Spiegelglas et al., CVPR 2024).
 Inversion = Literal["ddim", "edit_friendly"]
+# What else an edit moves: "alone" = only the named prototypes (every other one bit-for-bit);
+# "correlated" = the others follow them as in real data (`patronus.edits.follow_correlations`).
+Coupling = Literal["alone", "correlated"]
 
 
 @dataclass
@@ -95,6 +98,7 @@ class PatronusPipeline(DiffusionPipeline):
         self.guidance = 1.0
         self.edit_guidance = 1.0
         self.inversion: Inversion = "ddim"  # how `edit` inverts (the CLI's --inversion)
+        self.coupling: Coupling = "alone"  # what else `edit` moves (the CLI's --coupling)
 
     # --- loading -------------------------------------------------------------------------
 
@@ -294,6 +298,7 @@ class PatronusPipeline(DiffusionPipeline):
         fixed_point: int = 0,  # extra denoiser calls per inversion step; 0 = plain DDIM inversion
         inversion: Optional[Inversion] = None,  # None = self.inversion
         seed: int = 0,  # the noise of an edit-friendly inversion
+        coupling: Optional[Coupling] = None,  # None = self.coupling; "correlated" needs levels["cov"]
     ) -> EditResult:
         """Invert x0 (fully, or only `inverted_steps` of the `steps` steps), then decode the same
         latent under s and under each edited s. `levels` resolves named edit values ('q99', ...).
@@ -303,8 +308,21 @@ class PatronusPipeline(DiffusionPipeline):
         `inversion`: "ddim" (`invert`; `fixed_point` k solves each step exactly, for faithful
         reconstructions in few steps) or "edit_friendly" (`invert_edit_friendly`, its noise drawn
         from `seed`; exact reconstruction, and the edit is free to change every step; no
-        `inverted_steps` or `fixed_point`)."""
+        `inverted_steps` or `fixed_point`).
+        `coupling`: "alone" changes only the prototypes each edit names; "correlated" also moves
+        the others by their regression on those over real data (`follow_correlations`, with
+        `levels["cov"]` from `patronus.interpret.stats.edit_levels`), so the edited s stays like a
+        real image's and the decode follows the edit further. `EditResult.requested` holds the s
+        each decode was given."""
         inversion = self.inversion if inversion is None else inversion
+        coupling = self.coupling if coupling is None else coupling
+        if coupling not in ("alone", "correlated"):
+            raise ValueError(f"coupling={coupling!r}; expected 'alone' or 'correlated'")
+        if coupling == "correlated" and (levels is None or "cov" not in levels):
+            raise ValueError(
+                "coupling='correlated' needs the activations' covariance: pass levels=edit_levels(stats) "
+                "(patronus.interpret.stats) computed on real images, or coupling='alone'"
+            )
         if inversion not in ("ddim", "edit_friendly"):
             raise ValueError(f"inversion={inversion!r}; expected 'ddim' or 'edit_friendly'")
         k = steps if inverted_steps is None else inverted_steps
@@ -321,6 +339,8 @@ class PatronusPipeline(DiffusionPipeline):
             latent = self.invert(x0, s, steps, inverted_steps=k, fixed_point=fixed_point)
         recon = self.denoise(latent, s, steps, inverted_steps=k, clip=False, corrections=corrections)
         requested = [apply_edits(s, list(e), levels) for e in edits]
+        if coupling == "correlated":
+            requested = [follow_correlations(s, r, [x.prototype for x in e], levels["cov"]) for r, e in zip(requested, edits)]
         images = [self.decode_edited(latent, r, s, steps, inverted_steps=k, guidance=guidance, corrections=corrections) for r in requested]
         return EditResult(
             latent,

@@ -44,17 +44,29 @@ def test_edits_in_units_of_the_data_and_quantile_levels():
             parse_edit(bad, 10)
 
 
-def test_redundant_prototypes_are_grouped_and_moved_together():
+def test_correlated_edits_move_the_others_by_their_regression_on_the_edited():
     import torch
 
-    from patronus.edits import apply_edits, joint, redundant_groups
+    from patronus.edits import apply_edits, follow_correlations
 
     gen = torch.Generator().manual_seed(0)
-    base = torch.rand(500, 3, generator=gen)
-    acts = torch.cat([base, 2 * base[:, :1] + 0.01 * torch.rand(500, 1, generator=gen)], 1)  # p3 copies p0
-    groups = redundant_groups(acts, 0.9)
-    assert sorted(groups) == [[0, 3], [1], [2]]
-    edits = joint(parse_edit("0=q99", 4), groups)
-    assert edits == [Edit(0, "set", "q99"), Edit(3, "set", "q99")]
-    levels = {"q99": torch.tensor([1.0, 2.0, 3.0, 4.0])}
-    assert apply_edits(torch.zeros(1, 4), edits, levels).tolist() == [[1.0, 0.0, 0.0, 4.0]]  # each to its own q99
+    z = torch.randn(20000, 2, generator=gen).double()
+    acts = torch.stack([z[:, 0] + 3, 0.5 * z[:, 0] + 3, -0.25 * z[:, 0] + 0.1 * z[:, 1] + 3, z[:, 1] + 3], 1)  # p1, p2 follow p0
+    cov = torch.cov(acts.T)
+    s = acts[:4].float()
+    s_edit = apply_edits(s, [Edit(0, "set", 5.0)])
+    out = follow_correlations(s, s_edit, [0], cov)
+    delta = (5.0 - s[:, 0]).double()
+    assert torch.equal(out[:, 0], s_edit[:, 0])  # the edited prototype keeps its requested value
+    torch.testing.assert_close(out[:, 1].double(), s[:, 1].double() + 0.5 * delta, atol=0.03, rtol=0)
+    torch.testing.assert_close(out[:, 2].double(), s[:, 2].double() - 0.25 * delta, atol=0.03, rtol=0)
+    torch.testing.assert_close(out[:, 3].double(), s[:, 3].double(), atol=0.03, rtol=0)  # independent of p0: stays
+    # two prototypes edited at once: their own values are kept, and a prototype that follows one only moves with that one
+    both = follow_correlations(s, apply_edits(s, [Edit(0, "set", 5.0), Edit(3, "set", 1.0)]), [0, 3], cov)
+    assert both[:, 0].eq(5.0).all() and both[:, 3].eq(1.0).all()
+    torch.testing.assert_close(both[:, 1].double(), s[:, 1].double() + 0.5 * delta, atol=0.03, rtol=0)
+    lowered = follow_correlations(s, apply_edits(s, [Edit(0, "set", 0.0)]), [0], cov * 100)
+    assert (lowered >= 0).all()  # log-similarities stay non-negative
+    assert torch.equal(follow_correlations(s, s, [], cov), s)
+    with pytest.raises(ValueError, match=r"cov: expected \(4, 4\)"):
+        follow_correlations(s, s_edit, [0], cov[:3, :3])

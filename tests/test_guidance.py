@@ -84,3 +84,31 @@ def test_fixed_point_inversion_reconstructs_better_with_the_same_steps(tiny_pipe
     _, solved = tiny_pipe.reconstruct(x0, steps=10, fixed_point=4)
     p, q = sum(psnr(plain, x0)) / 6, sum(psnr(solved, x0)) / 6
     assert q > p + 3, (p, q)  # plain 10-step inversion loses several dB to its ε(x_{t−1}) approximation
+
+
+@torch.no_grad()
+def test_correlated_edits_are_followed_further_than_edits_alone(tiny_pipe):
+    """The tiny model, w = 1: the most variable prototype raised to q99 alone, and with the others
+    following it as in the real test images' activations; the correlated decode re-encodes closer."""
+    from patronus.data.registry import build_dataset
+    from patronus.interpret.edit_gain import edit_gain
+    from patronus.interpret.stats import activation_statistics, edit_levels
+    from tests.conftest import REPO
+
+    ds = build_dataset("mnist", str(REPO / "data"), "test", 32)
+    x = torch.stack([ds[i]["image"] for i in range(256)])
+    levels = edit_levels(activation_statistics(tiny_pipe.encode(x).s))
+    j = int(levels["sd"].argmax())
+    with pytest.raises(ValueError, match="coupling='correlated' needs the activations' covariance"):
+        tiny_pipe.edit(x[:2], [[Edit(j, "set", "q99")]], 4, levels={"q99": levels["q99"]}, coupling="correlated")
+    gains = {}
+    for coupling in ("alone", "correlated"):
+        tiny_pipe.coupling = coupling
+        try:
+            gains[coupling] = float(edit_gain(tiny_pipe, x[:16], [j], levels, steps=20).raised.gain[0])
+        finally:
+            tiny_pipe.coupling = "alone"
+    assert gains["correlated"] > gains["alone"] + 0.1, gains
+    res = tiny_pipe.edit(x[:4], [[Edit(j, "set", "q99")]], 4, levels=levels, coupling="correlated")
+    moved = (res.requested[0] - res.s).abs()
+    assert moved[:, j].gt(0).all() and moved.sum(1).gt(moved[:, j]).all()  # the others moved too, as requested records

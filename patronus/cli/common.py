@@ -23,7 +23,7 @@ from patronus.data.datasets import LabelledImageDataset, SubsetDataset, holdout_
 from patronus.data.registry import build_dataset, dataset_options
 from patronus.interpret.stats import KEYS as STATISTICS_KEYS
 from patronus.interpret.stats import activation_statistics
-from patronus.pipeline import Inversion, PatronusPipeline
+from patronus.pipeline import Coupling, Inversion, PatronusPipeline
 
 USER_ERRORS = (ValueError, FileNotFoundError, IndexError)
 STATS_IMAGES = 2000  # images behind every command's activation statistics (so they share one cache file)
@@ -179,6 +179,13 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
         default="ddim",
         help="how every edit inverts its images: ddim (one x_T) or edit_friendly (DDPM noise maps)",
     )
+    parser.add_argument(
+        "--coupling",
+        type=Coupling,
+        default="correlated",
+        help="what else every edit moves: alone (only the named prototypes) or correlated (the others follow "
+        "them as in the data's activations, so the decode follows the edit further)",
+    )
     parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
     parser.add_argument(
         "--wandb",
@@ -189,11 +196,16 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
     )
 
 
-COMMON = ("checkpoint", "out", "seed", "device", "debug", "guidance", "edit_guidance", "inversion", "wandb")
+COMMON = ("checkpoint", "out", "seed", "device", "debug", "guidance", "edit_guidance", "inversion", "coupling", "wandb")
 
 
 def load_pipeline(
-    checkpoint: str, device: Optional[str], guidance: float = 1.0, edit_guidance: float = 1.0, inversion: Inversion = "ddim"
+    checkpoint: str,
+    device: Optional[str],
+    guidance: float = 1.0,
+    edit_guidance: float = 1.0,
+    inversion: Inversion = "ddim",
+    coupling: Coupling = "alone",
 ) -> PatronusPipeline:
     """The pipeline of a checkpoint on `device`, with the command's guidance scales as its defaults."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,7 +215,7 @@ def load_pipeline(
             f"guidance={guidance}: classifier-free guidance needs a model trained with a null condition "
             "(model.net.null_condition=true, model.condition_dropout > 0); use edit_guidance for edits"
         )
-    pipe.guidance, pipe.edit_guidance, pipe.inversion = guidance, edit_guidance, inversion
+    pipe.guidance, pipe.edit_guidance, pipe.inversion, pipe.coupling = guidance, edit_guidance, inversion, coupling
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False)
     return pipe
 
@@ -214,7 +226,9 @@ def open_context(options: dict[str, Any], out: Callable[[str], Path], default_sp
     folder (`--out`, else `out(checkpoint)`) is created."""
     common = {k: options.pop(k) for k in COMMON}
     data = DataSource(**dict(options.pop("data") or {}))
-    pipe = load_pipeline(common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"], common["inversion"])
+    pipe = load_pipeline(
+        common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"], common["inversion"], common["coupling"]
+    )
     folder = Path(common["out"]) if common["out"] else out(common["checkpoint"])
     folder.mkdir(parents=True, exist_ok=True)
     return Context(pipe, common["checkpoint"], folder, common["seed"], data, default_split, common["wandb"])

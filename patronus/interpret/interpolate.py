@@ -42,5 +42,5 @@ def extrapolate(
 
     Returns images (V, B, C, H, W) and the re-encoded s_J of each (V, B): does the concept follow?
     """
-    res = pipe.edit(x0, [[Edit(prototype, "set", float(v))] for v in values], steps)
+    res = pipe.edit(x0, [[Edit(prototype, "set", float(v))] for v in values], steps, coupling="alone")  # s_J alone: does it follow?
     return res.images, torch.stack([pipe.encode(img).s[:, prototype] for img in res.images])

@@ -52,7 +52,8 @@ def edit_each_prototype(
     Fewer inverted steps keep more of the original image (the emergence analysis says how many
     steps back a concept needs).
     """
-    res = pipe.edit(x0, [[Edit(j, "set", s_target[j])] for j in prototypes], steps, inverted_steps)
+    # alone: where J acts by itself, not where the prototypes that co-vary with it act
+    res = pipe.edit(x0, [[Edit(j, "set", s_target[j])] for j in prototypes], steps, inverted_steps, coupling="alone")
     s_plain = pipe.encode(res.reconstruction).s
     _, w = pipe.model.encoder.feature_shape()
     rises, cells = [], []

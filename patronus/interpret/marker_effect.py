@@ -125,7 +125,10 @@ def marker_effect(
         """(reconstructions, edited, the images' own s, their latents decoded under partner_s when given)."""
         rec, out, own_s, swapped = [], [], [], []
         for i in range(0, len(x), EDIT_BATCH):
-            res = pipe.edit(x[i : i + EDIT_BATCH], [edit_of(level)], steps, inverted_steps, levels, guidance=edit_guidance)
+            # alone: the marker prototypes' own effect, not that of the class prototypes the marker co-varies with
+            res = pipe.edit(
+                x[i : i + EDIT_BATCH], [edit_of(level)], steps, inverted_steps, levels, guidance=edit_guidance, coupling="alone"
+            )
             rec.append(res.reconstruction.cpu())
             out.append(res.images[0].cpu())
             own_s.append(res.s)

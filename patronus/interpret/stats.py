@@ -15,12 +15,13 @@ from patronus.edits import activation_range
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 # Keys every statistics dict has; a cached file without one of them predates it and is recomputed.
-KEYS = ("n", "mean", "std", "quantiles", "q01", "q99")
+KEYS = ("n", "mean", "std", "quantiles", "q01", "q99", "cov")
 
 
 @torch.no_grad()
 def activation_statistics(activations: torch.Tensor, quantiles: Sequence[float] = QUANTILES) -> dict[str, Any]:
-    """Mean, std and quantiles per prototype of activations (N, K); q01/q99 as edits use them."""
+    """Mean, std and quantiles per prototype of activations (N, K); q01/q99 as edits use them; the
+    K x K covariance that correlated edits follow (`patronus.edits.follow_correlations`)."""
     s = activations.double()
     q = torch.quantile(s, torch.tensor(quantiles, dtype=s.dtype), dim=0)
     lo, hi = activation_range(activations)  # the one definition of an edit's q01/q99
@@ -31,12 +32,14 @@ def activation_statistics(activations: torch.Tensor, quantiles: Sequence[float] 
         "quantiles": {f"{p:g}": row.tolist() for p, row in zip(quantiles, q)},
         "q01": lo.tolist(),
         "q99": hi.tolist(),
+        "cov": torch.cov(s.T).reshape(s.shape[1], s.shape[1]).tolist(),
     }
 
 
 def edit_levels(stats: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Named per-prototype values (K,) that edits and baselines refer to: every stored quantile as
-    qNN (q05, q95, ...; q01 and q99 from `activation_range`), median, mean and the unit sd."""
+    qNN (q05, q95, ...; q01 and q99 from `activation_range`), median, mean and the unit sd; and the
+    covariance "cov" (K, K) that `coupling="correlated"` edits follow (not a level an edit can name)."""
     levels = {f"q{round(float(q) * 100):02d}": torch.tensor(v) for q, v in stats["quantiles"].items()}
     levels |= {
         "q01": torch.tensor(stats["q01"]),
@@ -45,4 +48,6 @@ def edit_levels(stats: dict[str, Any]) -> dict[str, torch.Tensor]:
         "mean": torch.tensor(stats["mean"]),
         "sd": torch.tensor(stats["std"]),
     }
+    if "cov" in stats:
+        levels["cov"] = torch.tensor(stats["cov"])
     return levels
