@@ -117,8 +117,9 @@ def _levels(stats: dict[str, Any], num_prototypes: int) -> dict[str, torch.Tenso
     except (KeyError, TypeError) as e:
         raise ValueError(f"stats: not activation statistics (missing {e}); expected `activation_statistics(...)`") from None
     for name, v in levels.items():
-        if v.shape != (num_prototypes,):
-            raise ValueError(f"stats: '{name}' has shape {tuple(v.shape)}, expected ({num_prototypes},) for this model")
+        expected = (num_prototypes, num_prototypes) if name == "cov" else (num_prototypes,)
+        if v.shape != expected:
+            raise ValueError(f"stats: '{name}' has shape {tuple(v.shape)}, expected {expected} for this model")
     return levels
 
 
