@@ -170,6 +170,7 @@ def faithfulness_point(
             )
             point["edits"][f"{inv}_e{w:g}"] = {
                 "inversion": inv,
+                "coupling": res.get("coupling", "alone"),  # measured before couplings existed: alone
                 "edit_guidance": w,
                 "raise_gain": res["edits"]["raise"]["gain_mean"],
                 "lower_gain": res["edits"]["lower"]["gain_mean"],
@@ -187,13 +188,13 @@ def markdown(curves: dict[str, Any]) -> str:
     """One row per (curve, checkpoint): the numbers the docs' table quotes."""
     lines = [
         "| curve | step | minutes | class agreement | s probe | s cycle | judge FID (real floor) | "
-        "raise gain w=1 (inversion) | lower gain w=1 | recon PSNR dB |",
+        "raise gain w=1 (inversion, coupling) | lower gain w=1 | recon PSNR dB |",
         "|" + "---|" * 10,
     ]
     for name, curve in curves.items():
         for p in curve["points"]:
             edits = [e for e in p.get("edits", {}).values() if e["edit_guidance"] == 1.0]
-            gain = " / ".join(f"{_fmt(e['raise_gain'])} ({e['inversion']})" for e in edits) or "–"
+            gain = " / ".join(f"{_fmt(e['raise_gain'])} ({e['inversion']}, {e.get('coupling', 'alone')})" for e in edits) or "–"
             lower = " / ".join(_fmt(e["lower_gain"]) for e in edits) or "–"
             psnr = " / ".join(_fmt(e["reconstruction_psnr_db"]) for e in edits) or "–"
             lines.append(
@@ -215,16 +216,19 @@ def plot(curves: dict[str, Any], path: Path) -> None:
         ("judge_fid", "judge FID"),
     ]
     fig, axes = subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
-    for name, curve in curves.items():
+    for i, (name, curve) in enumerate(curves.items()):
         pts = curve["points"]
         x = [p["step"] for p in pts]
+        color = f"C{i}"  # one colour per curve in every panel
         for ax, (k, title) in zip(axes, keys):
             if k == "edit":
                 for e_name in sorted({e for p in pts for e in p.get("edits", {}) if e.endswith("_e1")}):
-                    y = [p["edits"].get(e_name, {}).get("raise_gain") for p in pts]
-                    ax.plot(x, y, marker="o", label=f"{name} ({e_name.removesuffix('_e1')})")
+                    edits = [p["edits"].get(e_name, {}) for p in pts]
+                    coupling = next((e.get("coupling", "alone") for e in edits if e), "alone")
+                    label = f"{name} ({e_name.removesuffix('_e1')}, {coupling})"
+                    ax.plot(x, [e.get("raise_gain") for e in edits], marker="o", color=color, label=label)
             elif any(p.get(k) is not None for p in pts):
-                ax.plot(x, [p.get(k) for p in pts], marker="o", label=name)
+                ax.plot(x, [p.get(k) for p in pts], marker="o", color=color, label=name)
             ax.set(title=title, xlabel="training steps (900 ≈ 5.2 min)")
     for ax in axes:
         ax.grid(alpha=0.3)

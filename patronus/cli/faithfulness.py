@@ -214,6 +214,7 @@ def cmd_faithfulness(
         "guidance": guidance,
         "edit_guidance": edit_guidance,
         "inversion": pipe.inversion,
+        "coupling": pipe.coupling,
         "inverted_steps": inverted_steps,
         "judge": judge_summary,
         "agreement": agreement_summary,
