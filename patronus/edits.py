@@ -130,7 +130,7 @@ def follow_correlations(s: torch.Tensor, s_edit: torch.Tensor, edited: Sequence[
 
     Why: prototypes co-vary (the strokes of one digit, the parts of one face). An edit that sets one
     prototype alone asks for an `s` unlike any real image's, and a generator trained on real `s`
-    reads it as mostly the unedited image (measured: docs/benchmarks.md, "Correlated edits"). The
+    reads it as mostly the unedited image (docs/sampling.md, "Correlated edits"; measured in docs/benchmarks.md). The
     edited prototypes keep exactly their requested values."""
     idx = sorted({int(j) for j in edited})
     K = s.shape[-1]
