@@ -321,6 +321,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         except (FileNotFoundError, ValueError) as e:
             entry["skipped"] = str(e)[:300]
             print(f"{name}: skipped ({entry['skipped']})", flush=True)
+        if a.prepare_into and "skipped" not in entry:  # the same DataModule's train split, for the prepared timing below
+            prepare_train_split(dm, Path(a.prepare_into) / name)
         entry["gflop_per_image"] = gflop_per_image(net_cfg)
         entry["step_img_per_s"] = (
             measured_step_rate(net_cfg, entry["batch_size"]) if a.measure_gpu else a.mfu * a.peak_tflops * 1e3 / entry["gflop_per_image"]
@@ -334,11 +336,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     res["prepared"] = {}
     specs = [spec.partition("=")[::2] for spec in a.prepared]
     if a.prepare_into:
-        for name, entry in res["presets"].items():
-            if "skipped" not in entry:
-                folder = Path(a.prepare_into) / name
-                prepare_train_split(data_module(preset_config(name), STAND_INS.get(name, ({}, ""))[0], a.shared, 0), folder)
-                specs.append((name, str(folder)))
+        specs += [(name, str(Path(a.prepare_into) / name)) for name, e in res["presets"].items() if "skipped" not in e]
     for preset, folder in specs:
         if not folder:
             p.error(f"--prepared {preset}: expected PRESET=DIR")
@@ -346,10 +344,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         try:
             cfg = preset_config(preset)
             item["batch_size"] = (cfg.get("data") or {}).get("batch_size", 64)
+            dm = prepared_data_module(cfg, folder, max(a.workers))
             if not a.cold:  # read the chunks once untimed, as for the raw files
-                time_loader(prepared_data_module(cfg, folder, max(a.workers)).train_dataloader(), a.warmup, a.batches)
+                time_loader(dm.train_dataloader(), a.warmup, a.batches)
             for w in a.workers:
-                item["by_workers"][str(w)] = time_loader(prepared_data_module(cfg, folder, w).train_dataloader(), a.warmup, a.batches)
+                dm.hparams.num_workers = w  # the same prepared split behind another loader
+                item["by_workers"][str(w)] = time_loader(dm.train_dataloader(), a.warmup, a.batches)
                 print(f"{preset} prepared: {w} workers: {item['by_workers'][str(w)]['img_per_s']:.0f} img/s", flush=True)
         except (FileNotFoundError, ValueError, OSError, ImportError) as e:
             item["skipped"] = f"{folder}: {str(e)[:300]}"
