@@ -1,6 +1,8 @@
 """Faithfulness to s across runs and guidance scales: `python -m patronus faithfulness` on a grid.
 
     python benchmarks/faithfulness.py --runs runs/mnist_cpu runs/mnist_marker_cpu --edit_guidance 1 2 4
+    python benchmarks/faithfulness.py --runs runs/mnist_cpu runs/fashion_mnist_cpu --edit_images 64 \
+        --out benchmarks/faithfulness_cpu_presets.json        # 6 min alone
 
 For every run directory and every (guidance, edit_guidance) pair, runs the faithfulness command
 (its figures and JSON go to RUN/analysis/faithfulness/g<guidance>_e<edit_guidance>/), prints
@@ -25,6 +27,7 @@ COLUMNS = [
     ("run", "run"),
     ("g", "guidance"),
     ("edit g", "edit_guidance"),
+    ("coupling", "coupling"),
     ("judge acc", "judge_acc"),
     ("class agr.", "class_agreement"),
     ("label agr.", "label_agreement"),
@@ -57,6 +60,7 @@ def row_of(run: str, guidance: float, edit_guidance: float, out: dict[str, Any],
         "run": run,
         "guidance": guidance,
         "edit_guidance": edit_guidance,
+        "coupling": out.get("coupling", "alone"),
         "judge_acc": out["judge"]["class_accuracy"],
         "class_agreement": out["agreement"]["class_agreement"],
         "label_agreement": out["agreement"]["label_agreement"],
@@ -112,6 +116,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--samples_per_ref", type=int, default=1)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--num_edit_prototypes", type=int, default=4)
+    p.add_argument("--edit_images", type=int, default=None, help="edit gain on the first N references only (default: all)")
     p.add_argument("--inverted_steps", type=int, default=None)
     p.add_argument("--judge_epochs", type=int, default=2)
     p.add_argument("--judge_images", type=int, default=10000)
@@ -136,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         str(a.seed),
     ]
     options += ["--inverted_steps", str(a.inverted_steps)] if a.inverted_steps is not None else []
+    options += ["--edit_images", str(a.edit_images)] if a.edit_images is not None else []
     options += ["--device", a.device] if a.device else []
     rows, results, skipped = [], [], []
     for run in a.runs:
