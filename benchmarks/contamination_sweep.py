@@ -6,6 +6,8 @@ planted marker as it gets more common in the target class, and stay silent when 
     python benchmarks/contamination_sweep.py --preset configs/mnist_marker_cpu.yaml --levels 0.9 \
         --shapes disc ring cross line glyph --out runs/sweep_shapes
     python benchmarks/contamination_sweep.py --quick --out /tmp/sweep     # tiny runs, minutes (the tests use it)
+    python benchmarks/contamination_sweep.py --preset configs/pneumoniamnist_marker_cpu.yaml --levels 0 0.9 \
+        --set model.net.prediction=v --out runs/sweep_v       # a design change: train.py's KEY=VALUE
 
 One training run per (shape, level) with the marker on `level` of the target class and `q` of the
 rest (the preset's `data.shortcut`, other fields kept), the shortcut report on each (`python -m
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,11 +90,16 @@ QUICK = {  # tiny widths, a few hundred steps: the logic of the sweep, not its n
 FULL_REPORT = ["--num_images", "2000", "--top", "3", "--num_refs", "16", "--steps", "25"]
 
 
-def train_run(preset: Path, run_dir: Path, shortcut: dict[str, Any], max_steps: Optional[int], quick: bool) -> float:
-    """Train (or resume) one run; returns the seconds it took."""
+def train_run(
+    preset: Path, run_dir: Path, shortcut: dict[str, Any], max_steps: Optional[int], quick: bool, overrides: Sequence[str] = ()
+) -> float:
+    """Train (or resume) one run (`overrides`: train.py's KEY=VALUE, a design or data change); returns the seconds it took."""
     if (run_dir / runs.MODEL_DIR).is_dir():
         return 0.0
     args = ["--config", str(preset), "--run_dir", str(run_dir), "--logger", "none", "--data.shortcut", json.dumps(shortcut)]
+    for kv in overrides:
+        key, _, value = kv.partition("=")
+        args += [f"--{key}", value]
     if max_steps:
         args += ["--trainer.max_steps", str(max_steps)]
     if quick:  # no validation grids or monitor probes inside a smoke run
@@ -231,9 +239,11 @@ def sweep(
     quick: bool,
     shortcut: Optional[dict] = None,
     size: Optional[int] = None,
+    overrides: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Train, report and summarise every (shape, level); writes OUT/sweep.json, sweep.md, sweep.png."""
-    base = dict(shortcut or (yaml.safe_load(preset.read_text()).get("data", {}) or {}).get("shortcut") or {})
+    """Train, report and summarise every (shape, level); writes OUT/sweep.json, sweep.md, sweep.png.
+    `shortcut`: fields laid over the preset's `data.shortcut`."""
+    base = dict((yaml.safe_load(preset.read_text()).get("data", {}) or {}).get("shortcut") or {}) | dict(shortcut or {})
     if base.get("kind") != "planted_marker":
         raise ValueError(f"preset {preset}: data.shortcut must be a planted_marker (the sweep changes its p)")
     rows = []
@@ -250,7 +260,7 @@ def sweep(
             }
             name = f"{spec.get('shape', 'square')}_p{round(100 * level):03d}"
             run_dir = out / name
-            train_s = train_run(preset, run_dir, spec, max_steps, quick) or (before.get(name) or {}).get("train_seconds") or 0.0
+            train_s = train_run(preset, run_dir, spec, max_steps, quick, overrides) or (before.get(name) or {}).get("train_seconds") or 0.0
             start = time.time()
             report = patronus_main(["shortcuts", "--checkpoint", str(run_dir), "--data.split", "test", "--wandb", "false", *report_args])
             row = {
@@ -321,8 +331,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         "--edit_guidance",
         type=float,
         default=1.0,
-        help="edit guidance of the report's causal check (1 = the paper's plain edit; sample.py uses 4)",
+        help="edit guidance of the report's causal check (1 = the paper's plain edit; sample.py uses 2)",
     )
+    p.add_argument(
+        "--shortcut", type=json.loads, default=None, help='JSON fields laid over the preset\'s data.shortcut, e.g. \'{"target": "cat"}\''
+    )
+    p.add_argument("--set", nargs="*", default=[], help="train.py overrides KEY=VALUE (a design or data change)")
     a = p.parse_args(argv)
     for v in a.levels:
         if not 0 <= v <= 1:
@@ -338,9 +352,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             QUICK["max_steps"],
             QUICK["report"] + groups,
             True,
-            shortcut=QUICK["shortcut"],
+            shortcut=QUICK["shortcut"] | (a.shortcut or {}),
+            overrides=a.set,
         )
-    return sweep(a.out, a.preset, a.levels, a.shapes, a.q, a.max_steps, FULL_REPORT + groups, False, size=a.size)
+    report = FULL_REPORT + groups
+    return sweep(a.out, a.preset, a.levels, a.shapes, a.q, a.max_steps, report, False, shortcut=a.shortcut, size=a.size, overrides=a.set)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import pytest
+import yaml
 
 from patronus.cli.common import DataSource, load_pipeline, run_dataset
 from patronus.interpret.quality import auroc_matrix
@@ -35,8 +36,11 @@ def test_goals_follow_the_issue():
 
 @pytest.mark.slow
 def test_quick_sweep_flags_nothing_at_zero_and_finds_the_marker_at_full_contamination(tmp_path):
-    rows = load_sweep().main(["--quick", "--out", str(tmp_path)])
+    # --shortcut lays fields over the marker, --set passes train.py overrides; both end up in the run's config
+    rows = load_sweep().main(["--quick", "--out", str(tmp_path), "--shortcut", '{"q": 0.04}', "--set", "trainer.log_every_n_steps=7"])
     zero, full = rows
+    config = yaml.safe_load((tmp_path / "square_p100" / "config.yaml").read_text())
+    assert config["data"]["shortcut"]["q"] == 0.04 == full["q"] and config["trainer"]["log_every_n_steps"] == 7
     assert zero["level"] == 0.0 and zero["flagged"] == 0 and zero["goals_met"] is True
     assert "No shortcut found" in zero["verdict"]
     assert full["level"] == 1.0 and full["marker_finding_rank"] == 1 and full["marker_auroc"] > 0.9
