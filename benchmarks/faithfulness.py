@@ -1,13 +1,12 @@
-"""Faithfulness to s across runs and guidance scales: `python -m patronus faithfulness` on a grid.
+"""Faithfulness to s across runs and edit guidance scales: `python -m patronus faithfulness` on a grid.
 
     python benchmarks/faithfulness.py --runs runs/mnist_cpu runs/mnist_marker_cpu --edit_guidance 1 2 4
     python benchmarks/faithfulness.py --runs runs/mnist_cpu runs/fashion_mnist_cpu --edit_images 64 \
         --out benchmarks/faithfulness_cpu_presets.json        # 6 min alone
 
-For every run directory and every (guidance, edit_guidance) pair, runs the faithfulness command
-(its figures and JSON go to RUN/analysis/faithfulness/g<guidance>_e<edit_guidance>/), prints
-one markdown table and writes benchmarks/faithfulness.json. Classifier-free guidance ≠ 1 is
-skipped (with a note) for runs whose model has no null condition. The judge is retrained for
+For every run directory and every edit guidance, runs the faithfulness command (its figures and
+JSON go to RUN/analysis/faithfulness/e<edit_guidance>/), prints one markdown table and writes
+benchmarks/faithfulness.json. The judge is retrained for
 every setting from the same seed, so every row of a run is judged by the same classifier.
 Definitions: patronus/interpret/{judge,agreement,edit_gain,marker_rule,marker_effect}.py.
 """
@@ -25,7 +24,6 @@ from patronus.cli.analyses import main as patronus_main
 
 COLUMNS = [
     ("run", "run"),
-    ("g", "guidance"),
     ("edit g", "edit_guidance"),
     ("coupling", "coupling"),
     ("judge acc", "judge_acc"),
@@ -51,14 +49,13 @@ COLUMNS = [
 ]
 
 
-def row_of(run: str, guidance: float, edit_guidance: float, out: dict[str, Any], seconds: float) -> dict[str, Any]:
+def row_of(run: str, edit_guidance: float, out: dict[str, Any], seconds: float) -> dict[str, Any]:
     """The table's numbers from one faithfulness result."""
     marker = out.get("marker") or {}
     refs = marker.get("references") or {}
     quality = out.get("sample_quality") or {}
     return {
         "run": run,
-        "guidance": guidance,
         "edit_guidance": edit_guidance,
         "coupling": out.get("coupling", "alone"),
         "judge_acc": out["judge"]["class_accuracy"],
@@ -103,14 +100,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def has_null_condition(run: str) -> bool:
-    return bool(getattr(runs.load_model(run).config, "null_condition", False))
-
-
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", default=["runs/mnist_cpu"], help="run directories (or exported models)")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="classifier-free guidance scales of the samples")
     p.add_argument("--edit_guidance", type=float, nargs="+", default=[1.0], help="edit guidance scales of the edits")
     p.add_argument("--num_images", type=int, default=256)
     p.add_argument("--samples_per_ref", type=int, default=1)
@@ -143,27 +135,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     options += ["--inverted_steps", str(a.inverted_steps)] if a.inverted_steps is not None else []
     options += ["--edit_images", str(a.edit_images)] if a.edit_images is not None else []
     options += ["--device", a.device] if a.device else []
-    rows, results, skipped = [], [], []
+    rows, results = [], []
     for run in a.runs:
-        cfg = has_null_condition(run)
-        for g in a.guidance:
-            if g != 1.0 and not cfg:
-                skipped.append({"run": run, "guidance": g, "why": "the model has no null condition (classifier-free guidance)"})
-                print(f"skip {run} guidance={g}: no null condition", flush=True)
-                continue
-            for e in a.edit_guidance:
-                out_dir = runs.analysis_dir(run) / "faithfulness" / f"g{g:g}_e{e:g}"
-                t0 = time.perf_counter()
-                out = patronus_main(
-                    ["faithfulness", "--checkpoint", run, "--guidance", str(g), "--edit_guidance", str(e), "--out", str(out_dir), *options]
-                )
-                seconds = time.perf_counter() - t0
-                rows.append(row_of(run, g, e, out, seconds))
-                results.append({"run": run, "guidance": g, "edit_guidance": e, "seconds": seconds, "out": str(out_dir), "result": out})
-                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        for e in a.edit_guidance:
+            out_dir = runs.analysis_dir(run) / "faithfulness" / f"e{e:g}"
+            t0 = time.perf_counter()
+            out = patronus_main(["faithfulness", "--checkpoint", run, "--edit_guidance", str(e), "--out", str(out_dir), *options])
+            seconds = time.perf_counter() - t0
+            rows.append(row_of(run, e, out, seconds))
+            results.append({"run": run, "edit_guidance": e, "seconds": seconds, "out": str(out_dir), "result": out})
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
     print(table)
-    report = {"settings": vars(a), "table": rows, "markdown": table, "skipped": skipped, "results": results}
+    report = {"settings": vars(a), "table": rows, "markdown": table, "results": results}
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {a.out}")
     return report

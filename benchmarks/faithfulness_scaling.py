@@ -107,7 +107,7 @@ def ceiling_point(ckpt: Path, num_images: int, steps: int, judge_images: int, ju
     ctx = Context(pipe, str(ckpt), ckpt.parent, 0, DataSource())
     judge, held, labels, _, summary = judged_data(ctx, num_images, judge_images, judge_epochs)
     refs, y = held[:num_images], labels[:num_images]
-    agree = sample_agreement(pipe, refs, judge, 1, steps, 1.0, 0, y, conditions=one_hot(y, pipe.num_prototypes))
+    agree = sample_agreement(pipe, refs, judge, 1, steps, 0, y, conditions=one_hot(y, pipe.num_prototypes))
     quality = sample_quality(judge, agree.samples.flatten(0, 1), held)
     return {
         "judge_acc": summary["class_accuracy"],

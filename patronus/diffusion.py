@@ -39,7 +39,6 @@ def diffusion_loss(
     x0: torch.Tensor,
     snr_gamma: Optional[float] = None,
     held: Optional[dict[int, float]] = None,
-    condition_dropout: float = 0.0,
     s: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoising MSE (on ε, or on v for `prediction="v"` models) with s = g(x0) from the clean image,
@@ -47,10 +46,8 @@ def diffusion_loss(
 
     `snr_gamma` turns on Min-SNR-γ weighting (Hang et al. 2023), which converges faster in
     short runs; None is the paper's plain MSE. `held` fixes prototypes at constant values in the
-    condition (shortcut mitigation: the denoiser can no longer use them). `condition_dropout`
-    replaces the condition of that share of the images by the model's learned null condition
-    (classifier-free guidance on s; Ho & Salimans 2022). `s`: the activations g(x0) when the
-    caller already computed them (with gradients). Returns (loss, activations s).
+    condition (shortcut mitigation: the denoiser can no longer use them). `s`: the activations
+    g(x0) when the caller already computed them (with gradients). Returns (loss, activations s).
     """
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
@@ -60,8 +57,7 @@ def diffusion_loss(
     cond = s
     if held:
         cond = hold_prototypes(s, held)
-    null = torch.rand(b, device=x0.device) < condition_dropout if condition_dropout > 0 else None
-    eps = model(x_t, t, s=cond, null=null)
+    eps = model(x_t, t, s=cond)
     per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
     alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t].float()
     snr = alpha_bar / (1 - alpha_bar)

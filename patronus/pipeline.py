@@ -92,10 +92,8 @@ class PatronusPipeline(DiffusionPipeline):
             scheduler = default_ddim(model.noise_scheduler().config)
         self.register_modules(model=model, scheduler=scheduler, prior=prior)
         self.set_progress_bar_config(disable=True, leave=False)  # the CLI turns bars on
-        # Defaults for every call that does not pass its own (the CLI's --guidance / --edit_guidance),
-        # so each analysis that samples or edits honours them: classifier-free guidance of `sample`
-        # and `generate`, edit guidance of `edit` and of `decode_edited`. 1.0 = no guidance.
-        self.guidance = 1.0
+        # Defaults for every call that does not pass its own (the CLI's --edit_guidance), so each
+        # analysis that edits honours them: edit guidance of `edit` and of `decode_edited`. 1.0 = no guidance.
         self.edit_guidance = 1.0
         self.inversion: Inversion = "ddim"  # how `edit` inverts (the CLI's --inversion)
         self.coupling: Coupling = "alone"  # what else `edit` moves (the CLI's --coupling)
@@ -138,21 +136,17 @@ class PatronusPipeline(DiffusionPipeline):
         return torch.randn(tuple(shape), generator=gen).to(self.device)
 
     def _eps(self, s: torch.Tensor, guidance: float = 1.0, guide_from: Optional[torch.Tensor] = None) -> EpsFn:
-        """ε̂(x_t, t, s), or with guidance w ≠ 1: ε̂(base) + w·(ε̂(s) − ε̂(base)) in one batched call.
-
-        base = `guide_from` (edit guidance: the unedited s, so w scales the edit's effect and needs
-        no retraining) or, when None, the learned null condition (classifier-free guidance on s).
+        """ε̂(x_t, t, s), or with edit guidance w ≠ 1: ε̂(base) + w·(ε̂(s) − ε̂(base)) in one batched
+        call, base = `guide_from`, the unedited s: w scales the edit's effect and needs no retraining.
         """
         if guidance == 1.0:
             return lambda x, t: self.model(x, t.expand(len(x)).to(x.device), s=s)
-        B = len(s)
         if guide_from is None:
-            conds, null = torch.cat([s, s]), torch.arange(2 * B, device=s.device) >= B
-        else:
-            conds, null = torch.cat([s, guide_from.to(s)]), None
+            raise ValueError(f"guidance={guidance}: edit guidance needs the unedited s to guide from (guide_from)")
+        B, conds = len(s), torch.cat([s, guide_from.to(s)])
 
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            cond, base = self.model(torch.cat([x, x]), t.expand(2 * B).to(x.device), s=conds, null=null).chunk(2)
+            cond, base = self.model(torch.cat([x, x]), t.expand(2 * B).to(x.device), s=conds).chunk(2)
             return base + guidance * (cond - base)
 
         return eps
@@ -182,16 +176,16 @@ class PatronusPipeline(DiffusionPipeline):
         clip: bool = True,  # clip x̂0 as the scheduler's config says; False = never (exact inversion)
         generator: Optional[torch.Generator] = None,  # DDPM's per-step noise; None = torch's global RNG
         callback: Optional[StepCallback] = None,
-        guidance: float = 1.0,  # 1 = no guidance
-        guide_from: Optional[torch.Tensor] = None,  # edit guidance's base s; None = the null condition
+        guidance: float = 1.0,  # edit guidance w; 1 = none
+        guide_from: Optional[torch.Tensor] = None,  # edit guidance's base s (needed when guidance ≠ 1)
         corrections: Optional[torch.Tensor] = None,  # noise maps of `invert_edit_friendly`; None = plain decoding
     ) -> torch.Tensor:
         """Decode x under condition s: all `steps` steps from x_T, or the last `inverted_steps` of them
         from the latent an inversion of that many steps left.
 
         DDIM (deterministic) or ancestral DDPM. `clip=False` keeps x̂0 unclipped, which exact
-        inversion and reconstruction need. `guidance` w ≠ 1 guides towards s: from `guide_from`
-        (edit guidance) or from the null condition (classifier-free guidance).
+        inversion and reconstruction need. `guidance` w ≠ 1 guides from `guide_from` towards s
+        (edit guidance).
         `corrections`: the noise maps of `invert_edit_friendly`; each step is then the DDPM
         posterior mean (DDIM with eta = 1, no fresh noise) plus that step's map.
         """
@@ -220,18 +214,13 @@ class PatronusPipeline(DiffusionPipeline):
         steps: int = 50,
         sampler: Sampler = "ddim",
         callback: Optional[StepCallback] = None,
-        guidance: Optional[float] = None,
     ) -> torch.Tensor:
-        """New images (B, C, H, W) with activations s from x_T (drawn from `seed`/`generator` if not given).
-
-        `guidance` w > 1: classifier-free guidance on s, ε̂(∅) + w·(ε̂(s) − ε̂(∅)) (models trained
-        with condition dropout); default `self.guidance`."""
+        """New images (B, C, H, W) with activations s from x_T (drawn from `seed`/`generator` if not given)."""
         if x_T is None:
             gen = generator if generator is not None else torch.Generator().manual_seed(seed)
             x_T = self.noise((len(s), *self.image_shape()), generator=gen)
             generator = gen  # DDPM's per-step noise continues the same stream
-        w = self.guidance if guidance is None else guidance
-        return self.denoise(x_T, s, steps, sampler=sampler, generator=generator, callback=callback, guidance=w)
+        return self.denoise(x_T, s, steps, sampler=sampler, generator=generator, callback=callback)
 
     def invert(
         self,
@@ -387,7 +376,7 @@ class PatronusPipeline(DiffusionPipeline):
             z = denoise_loop(sched, z, lambda x, t: self.prior(x, t.to(x.device)), progress=self.progress_bar)
         return self.prior.to_activations(z)
 
-    def generate(self, n: int, steps: int = 50, seed: int = 0, guidance: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, n: int, steps: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Unconditional images: activations from the prior, decoded by the image model → (images, s)."""
         s = self.sample_activations(n, steps, seed)
-        return self.sample(s, seed=seed + 1, steps=steps, guidance=guidance), s
+        return self.sample(s, seed=seed + 1, steps=steps), s

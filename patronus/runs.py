@@ -187,6 +187,7 @@ def export_model(net: PatronusModel, out_dir: str | Path) -> Path:
 RETIRED_OPTIONS = {
     "condition_mode": "add",  # scale-shift (AdaGN) conditioning: measured worse (docs/benchmarks.md, "Tried and dropped")
     "dropout": 0.0,  # UNet dropout: no preset and no measurement ever set it
+    "null_condition": False,  # classifier-free guidance's null condition: measured worse (docs/benchmarks.md, "Tried and dropped")
 }
 
 

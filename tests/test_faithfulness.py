@@ -286,5 +286,5 @@ def test_faithfulness_command_end_to_end(tiny_model, tmp_path, capsys):
         "removed_from_noise_unedited",
     } and all(0 <= v <= 1 for v in m["references"].values())
     with pytest.raises(SystemExit) as exit_info:
-        main(["faithfulness", "--checkpoint", str(run), "--guidance", "2.0"])
-    assert exit_info.value.code == 2 and "guidance=2.0" in capsys.readouterr().err
+        main(["faithfulness", "--checkpoint", str(run), "--inverted_steps", "999"])
+    assert exit_info.value.code == 2 and "inverted_steps=999" in capsys.readouterr().err

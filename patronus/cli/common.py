@@ -162,12 +162,6 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (noise, splits)")
     parser.add_argument("--device", type=Optional[str], default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument(
-        "--guidance",
-        type=float,
-        default=1.0,
-        help="classifier-free guidance on s for every sample, ε(∅) + w(ε(s) − ε(∅)) (models with a null condition)",
-    )
-    parser.add_argument(
         "--edit_guidance",
         type=float,
         default=default_edit_guidance,
@@ -196,39 +190,31 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
     )
 
 
-COMMON = ("checkpoint", "out", "seed", "device", "debug", "guidance", "edit_guidance", "inversion", "coupling", "wandb")
+COMMON = ("checkpoint", "out", "seed", "device", "debug", "edit_guidance", "inversion", "coupling", "wandb")
 
 
 def load_pipeline(
     checkpoint: str,
     device: Optional[str],
-    guidance: float = 1.0,
     edit_guidance: float = 1.0,
     inversion: Inversion = "ddim",
     coupling: Coupling = "alone",
 ) -> PatronusPipeline:
-    """The pipeline of a checkpoint on `device`, with the command's guidance scales as its defaults."""
+    """The pipeline of a checkpoint on `device`, with the command's edit settings as its defaults."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = PatronusPipeline.from_pretrained(checkpoint, device=device)
-    if guidance != 1.0 and not pipe.model.config.null_condition:
-        raise ValueError(
-            f"guidance={guidance}: classifier-free guidance needs a model trained with a null condition "
-            "(model.net.null_condition=true, model.condition_dropout > 0); use edit_guidance for edits"
-        )
-    pipe.guidance, pipe.edit_guidance, pipe.inversion, pipe.coupling = guidance, edit_guidance, inversion, coupling
+    pipe.edit_guidance, pipe.inversion, pipe.coupling = edit_guidance, inversion, coupling
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False)
     return pipe
 
 
 def open_context(options: dict[str, Any], out: Callable[[str], Path], default_split: str = "validation") -> Context:
     """The command's Context from parsed options: the common ones are popped (the rest are the
-    command's own), the pipeline is loaded with the guidance scales as its defaults, and the output
+    command's own), the pipeline is loaded with the edit settings as its defaults, and the output
     folder (`--out`, else `out(checkpoint)`) is created."""
     common = {k: options.pop(k) for k in COMMON}
     data = DataSource(**dict(options.pop("data") or {}))
-    pipe = load_pipeline(
-        common["checkpoint"], common["device"], common["guidance"], common["edit_guidance"], common["inversion"], common["coupling"]
-    )
+    pipe = load_pipeline(common["checkpoint"], common["device"], common["edit_guidance"], common["inversion"], common["coupling"])
     folder = Path(common["out"]) if common["out"] else out(common["checkpoint"])
     folder.mkdir(parents=True, exist_ok=True)
     return Context(pipe, common["checkpoint"], folder, common["seed"], data, default_split, common["wandb"])

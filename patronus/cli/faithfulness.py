@@ -154,7 +154,7 @@ def cmd_faithfulness(
         edit_images=edit_images,
     )
     pipe = ctx.pipe
-    guidance, edit_guidance = pipe.guidance, pipe.edit_guidance  # the common --guidance / --edit_guidance
+    edit_guidance = pipe.edit_guidance  # the common --edit_guidance
     if inverted_steps is not None and inverted_steps > steps:
         raise ValueError(f"inverted_steps={inverted_steps}; expected 1..steps={steps}")
     marker_prototypes = ctx.check_prototypes(marker_prototypes, "marker_prototypes")
@@ -176,7 +176,6 @@ def cmd_faithfulness(
         judge,
         samples_per_ref,
         steps,
-        guidance,
         ctx.seed,
         labels[:B] if labels is not None else None,
         attrs[:B] if attrs is not None else None,
@@ -211,7 +210,6 @@ def cmd_faithfulness(
         "images": B,
         "samples_per_ref": samples_per_ref,
         "steps": steps,
-        "guidance": guidance,
         "edit_guidance": edit_guidance,
         "inversion": pipe.inversion,
         "coupling": pipe.coupling,

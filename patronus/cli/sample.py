@@ -113,7 +113,6 @@ def sample(
         "steps": steps,
         "edit_steps": edit_steps,
         "fixed_point": fixed_point,
-        "guidance": pipe.guidance,
         "edit_guidance": pipe.edit_guidance,
         "coupling": pipe.coupling,
         "inversion": pipe.inversion,

@@ -107,15 +107,14 @@ def sample_agreement(
     judge: Judge,
     samples_per_ref: int = 1,
     steps: int = 50,
-    guidance: float = 1.0,  # 1 = no classifier-free guidance: ε̂(x_t, t, s) alone
     seed: int = 0,
     labels: Optional[torch.Tensor] = None,  # None = no label agreement (NaN)
     attributes: Optional[torch.Tensor] = None,  # None = no attribute label agreement (NaN)
     batch_size: int = 256,
     conditions: Optional[torch.Tensor] = None,  # None = decode the references' own s
 ) -> SampleAgreement:
-    """Decode each reference's s from `samples_per_ref` fresh x_T (one seeded noise stream; CFG
-    scale `guidance`), judge samples against references, and re-encode them for the s cycle.
+    """Decode each reference's s from `samples_per_ref` fresh x_T (one seeded noise stream), judge
+    samples against references, and re-encode them for the s cycle.
 
     `conditions` (B, K): decode these instead of the references' s (a benchmark's ceiling: a model
     conditioned on the true class); the s cycle is then read against them."""
@@ -129,12 +128,7 @@ def sample_agreement(
     gen = torch.Generator().manual_seed(seed)
     samples = torch.stack(
         [
-            torch.cat(
-                [
-                    pipe.sample(s_ref[i : i + batch_size], generator=gen, steps=steps, guidance=guidance).cpu()
-                    for i in range(0, len(s_ref), batch_size)
-                ]
-            )
+            torch.cat([pipe.sample(s_ref[i : i + batch_size], generator=gen, steps=steps).cpu() for i in range(0, len(s_ref), batch_size)])
             for _ in range(samples_per_ref)
         ]
     )

@@ -42,7 +42,6 @@ class PatronusModel(ModelMixin, ConfigMixin):
         attention_levels: Sequence[bool] = (False, False, True, False),  # self-attention per level; all False = none
         mid_attention: bool = True,  # self-attention in the UNet's middle block; False = none
         norm_num_groups: int = 8,  # GroupNorm groups in the UNet
-        null_condition: bool = False,  # a learned "no condition" for classifier-free guidance (`--guidance`); False = none
         prediction: Literal["epsilon", "v"] = "epsilon",  # what the UNet outputs: ε, or v read back as ε (`forward`)
         num_train_timesteps: int = 1000,  # T of the training schedule
         beta_schedule: str = "linear",  # β_t schedule: linear, scaled_linear or squaredcos_cap_v2
@@ -88,7 +87,6 @@ class PatronusModel(ModelMixin, ConfigMixin):
             attention_levels=attention_levels,
             mid_attention=mid_attention,
             norm_num_groups=norm_num_groups,
-            null_condition=null_condition,
         )
         # ᾱ_t of the training schedule, for the v-parameterised output (derived from the config, not saved).
         self.register_buffer("alphas_cumprod", self.noise_scheduler().alphas_cumprod.float(), persistent=False)
@@ -108,15 +106,14 @@ class PatronusModel(ModelMixin, ConfigMixin):
         """Prototype activations s (B, K) of clean images in [-1, 1] (`PrototypeEncoder.encode`)."""
         return self.encoder.encode(x0)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Predicted noise ε_θ(x_t, t, s); `s` is required. Rows where `null` (B,) is True get the
-        learned null condition (models with `null_condition=True`).
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor) -> torch.Tensor:
+        """Predicted noise ε_θ(x_t, t, s); `s` is required.
 
         `prediction="v"`: the UNet's output is read as v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022)
         and returned as ε̂ = √ᾱ v̂ + √(1−ᾱ) x_t (fp32), so every sampler and analysis still sees ε.
         At high noise ε̂ is then mostly x_t itself and the UNet's output is the image's x̂0, the part
         that decides the digit; an ε-output must instead copy x_t through to the last decimal."""
-        out = self.denoiser(x_t, t, s=s, null=null)
+        out = self.denoiser(x_t, t, s=s)
         if self.config.prediction == "epsilon":
             return out
         a = self.alphas_cumprod.to(x_t.device)[t.expand(len(x_t)) if t.ndim == 0 else t].view(-1, 1, 1, 1)

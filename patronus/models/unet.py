@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from diffusers import UNet2DModel
@@ -28,7 +27,6 @@ class ConditionedUNet(nn.Module):
         attention_levels: Sequence[bool] = (False, False, True, False),
         mid_attention: bool = True,
         norm_num_groups: int = 8,
-        null_condition: bool = False,  # learn a "no condition" embedding (classifier-free guidance); False = none
     ):
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
@@ -62,9 +60,6 @@ class ConditionedUNet(nn.Module):
             nn.SiLU(),
             nn.Linear(emb_dim, emb_dim),
         )
-        # The "no condition" embedding for condition dropout and classifier-free guidance on s:
-        # learned, and used in place of MLP(s), so no value of s has to stand for "unknown".
-        self.null_embedding = nn.Parameter(torch.zeros(emb_dim)) if null_condition else None
 
     # Named views of `cond_mlp`'s layers (the state-dict keys stay cond_mlp.N, so checkpoints load as before).
     @property
@@ -78,20 +73,12 @@ class ConditionedUNet(nn.Module):
         denoiser reads of prototype k's standardised activation."""
         return self.cond_mlp[1]
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """ε̂(x_t, t, s); rows where `null` (B,) is True use the learned null condition instead of s."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, s: torch.Tensor) -> torch.Tensor:
+        """ε̂(x_t, t, s)."""
         if s is None:
             raise ValueError("the denoiser needs the prototype activations s; encode a clean image first")
         if s.ndim != 2 or s.shape[0] != x_t.shape[0]:
             raise ValueError(f"s must have shape (batch={x_t.shape[0]}, K), got {tuple(s.shape)}")
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        emb = self.cond_mlp(s)
-        if null is not None:
-            if self.null_embedding is None:
-                raise ValueError(
-                    "this model has no null condition (null_condition=False): it was not trained with "
-                    "condition dropout, so classifier-free guidance on s is not available; edit guidance is"
-                )
-            emb = torch.where(null.to(emb.device)[:, None], self.null_embedding.to(emb.dtype), emb)
-        return self.unet(x_t, t, class_labels=emb).sample
+        return self.unet(x_t, t, class_labels=self.cond_mlp(s)).sample

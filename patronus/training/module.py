@@ -54,9 +54,6 @@ class PatronusModule(pl.LightningModule):
         distinct_weight: λ for the prototype-distinctness loss; 0 = no distinctness loss.
         distinct_margin: δ, minimum wanted dissimilarity 1−|cos| between any two prototypes.
         snr_gamma: Min-SNR-γ loss weighting; None = the paper's plain MSE.
-        condition_dropout: share of training images whose condition is replaced by the learned null
-            condition (needs `net.null_condition=True`), so sampling can use classifier-free guidance
-            on s (`--guidance`); 0 = never.
         held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
             away a shortcut the report flagged; `python -m patronus shortcuts` writes this config); None = none.
         init_from: start from the weights of a run / exported model / .ckpt (fine-tuning);
@@ -78,7 +75,6 @@ class PatronusModule(pl.LightningModule):
         distinct_weight: float = 0.1,
         distinct_margin: float = 0.3,
         snr_gamma: Optional[float] = None,
-        condition_dropout: float = 0.0,
         held_prototypes: Optional[dict[int, float]] = None,
         init_from: Optional[str] = None,
         reconstruction_weight: float = 0.0,
@@ -89,10 +85,6 @@ class PatronusModule(pl.LightningModule):
         bad = [j for j in (held_prototypes or {}) if not 0 <= int(j) < net.config.num_prototypes]
         if bad:
             raise ValueError(f"held_prototypes {bad}: the model has K={net.config.num_prototypes} prototypes")
-        if not 0.0 <= condition_dropout < 1.0:
-            raise ValueError(f"condition_dropout={condition_dropout}; expected a share in [0, 1)")
-        if condition_dropout > 0 and not net.config.null_condition:
-            raise ValueError(f"condition_dropout={condition_dropout} needs a null condition to drop to: set net.null_condition=true")
         if not reconstruction_weight >= 0:
             raise ValueError(f"model.reconstruction_weight={reconstruction_weight!r}; expected a number >= 0")
         self.held = {int(j): float(v) for j, v in (held_prototypes or {}).items()}
@@ -127,11 +119,10 @@ class PatronusModule(pl.LightningModule):
             self.net.denoiser.unet.compile()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        dropout = self.hparams.condition_dropout if self.training else 0.0
         x0, enc = batch["image"], self.net.encoder
         z = enc.features(x0) if self.feature_decoder is not None else None  # one encoder pass for both losses
         s = enc.encode_features(z) if z is not None else None
-        mse, s = diffusion_loss(self.net, self.scheduler, x0, self.hparams.snr_gamma, self.held, dropout, s)
+        mse, s = diffusion_loss(self.net, self.scheduler, x0, self.hparams.snr_gamma, self.held, s=s)
         dist = distinct_loss(enc.prototypes, self.hparams.distinct_margin, self.distinct_exempt)
         out = {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
         if z is not None:
