@@ -48,7 +48,7 @@ import yaml
 from patronus import plots, runs
 from patronus.cli.analyses import main as patronus_main
 from patronus.cli.common import DataSource, load_pipeline, run_dataset
-from patronus.cli.train import train_main
+from patronus.cli.train import override_args, train_main
 from patronus.data.datasets import SubsetDataset
 from patronus.data.shortcuts import PlantedMarker
 from patronus.interpret.mitigation import confounder_sensitivity
@@ -97,9 +97,7 @@ def train_run(
     if (run_dir / runs.MODEL_DIR).is_dir():
         return 0.0
     args = ["--config", str(preset), "--run_dir", str(run_dir), "--logger", "none", "--data.shortcut", json.dumps(shortcut)]
-    for kv in overrides:
-        key, _, value = kv.partition("=")
-        args += [f"--{key}", value]
+    args += override_args(overrides)
     if max_steps:
         args += ["--trainer.max_steps", str(max_steps)]
     if quick:  # no validation grids or monitor probes inside a smoke run

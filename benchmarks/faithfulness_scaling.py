@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from patronus.cli.analyses import main as patronus_main
 from patronus.cli.common import Context, DataSource, load_pipeline
 from patronus.cli.faithfulness import judged_data
+from patronus.cli.train import override_args
 from patronus.diffusion import diffusion_loss, distinct_loss
 from patronus.interpret.agreement import sample_agreement, sample_quality
 from patronus.training.module import PatronusModule
@@ -77,9 +78,7 @@ def train(name: str, config: str, max_steps: int, every: int, overrides: list[st
         "--logger",
         "csv",
     ]
-    for kv in overrides:
-        key, _, value = kv.partition("=")
-        args += [f"--{key}", value]
+    args += override_args(overrides)
     code = (
         "import sys; from patronus.cli.train import train_main; "
         + (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -301,6 +302,11 @@ def with_default_config(argv: list[str], default_config: Optional[Path]) -> list
         return argv
     rank_zero_info(f"no --config given: training the default preset {default_config}")
     return ["--config", str(default_config), *argv]
+
+
+def override_args(pairs: Sequence[str]) -> list[str]:
+    """train.py arguments from KEY=VALUE overrides (the benchmarks' `--set`): ["model.lr=1e-3"] → ["--model.lr", "1e-3"]."""
+    return [arg for kv in pairs for arg in (f"--{kv.partition('=')[0]}", kv.partition("=")[2])]
 
 
 def train_main(
