@@ -50,9 +50,7 @@ class LabelConditioned(PatronusModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cond = one_hot(batch["label"], self.net.config.num_prototypes)
-        mse, _ = diffusion_loss(
-            self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, s=cond.to(batch["image"]), timesteps=self.hparams.timesteps
-        )
+        mse, _ = diffusion_loss(self.net, self.scheduler, batch["image"], self.hparams.snr_gamma, s=cond.to(batch["image"]))
         dist = distinct_loss(self.net.encoder.prototypes, self.hparams.distinct_margin)
         return {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": cond.mean()}
 

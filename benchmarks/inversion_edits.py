@@ -15,6 +15,8 @@ run, inversion, coupling and w are replaced, others kept).
 `--inversions noise` is the diagnostic without an inversion: a fresh-noise sample under the
 reference's s against one from the same noise under the edited s (its "reconstruction" is that
 sample, so no PSNR): how far the generator follows the edit when no inverted latent pins the image.
+`--couplings prior0.6` completes the correlated edit with the activation prior (fitted here on
+4,000 training images): does an s more like a real image's get followed further?
 """
 
 from __future__ import annotations
@@ -31,21 +33,68 @@ from patronus.cli.common import Context, DataSource, load_pipeline
 from patronus.edits import Edit, apply_edits, follow_correlations
 from patronus.interpret.generation_metrics import psnr
 from patronus.interpret.stats import activation_statistics, edit_levels
+from patronus.models.prior import ActivationPrior
 from patronus.pipeline import EditResult, PatronusPipeline
+from patronus.schedulers import default_ddim, scheduler_for
+from patronus.training.prior import train_activation_prior
 
 
-def fresh_noise_edit(
-    pipe: PatronusPipeline, refs: torch.Tensor, edits: list[list[Edit]], levels: dict, w: float, coupling: str
-) -> EditResult:
-    """`pipe.edit` with a fresh latent (seed 0) in place of the inverted one."""
-    s = pipe.encode(refs).s
-    latent = pipe.noise((len(refs), *pipe.image_shape()), seed=0)
-    sample = pipe.denoise(latent, s, 50)  # clipped x̂0, as sampling does
+def prior_coupled(prior: ActivationPrior, s_edit: torch.Tensor, edited: list[int], strength: float, steps: int = 50) -> torch.Tensor:
+    """The other prototypes drawn from the activation prior given the edited ones: SDEdit in the
+    prior's space from `s_edit` (noised to `strength` of the schedule; 1 = from pure noise), the
+    edited coordinates replaced by their noised targets after every step (RePaint-style)."""
+    z_edit = prior.standardise(s_edit)
+    sched = scheduler_for(default_ddim(prior.scheduler().config).config, "ddim", steps)
+    ts = sched.timesteps[int(round((1 - strength) * steps)) :]
+    noise = torch.randn(z_edit.shape, generator=torch.Generator().manual_seed(0))
+    z = sched.add_noise(z_edit, noise, ts[:1].expand(len(z_edit))) if strength < 1 else noise.clone()
+    for i, t in enumerate(ts):
+        z = sched.step(prior(z, t.expand(len(z))), t, z).prev_sample
+        known = sched.add_noise(z_edit, noise, ts[i + 1].expand(len(z))) if i + 1 < len(ts) else z_edit
+        z[:, edited] = known[:, edited]
+    return prior.to_activations(z)
+
+
+def requested_activations(
+    s: torch.Tensor, edits: list[list[Edit]], levels: dict, coupling: str, prior: Optional[ActivationPrior]
+) -> list[torch.Tensor]:
+    """The edited s of each edit: `alone`, `correlated`, or `priorF` (the correlated edit completed
+    by the prior at strength F)."""
     requested = [apply_edits(s, e, levels) for e in edits]
-    if coupling == "correlated":
-        requested = [follow_correlations(s, r, [x.prototype for x in e], levels["cov"]) for r, e in zip(requested, edits)]
-    images = torch.stack([pipe.decode_edited(latent, r, s, 50, guidance=w, clip=True) for r in requested])
-    return EditResult(latent, s, sample, images, torch.stack(requested), 50, None)
+    if coupling == "alone":
+        return requested
+    requested = [follow_correlations(s, r, [x.prototype for x in e], levels["cov"]) for r, e in zip(requested, edits)]
+    if coupling.startswith("prior"):
+        strength = float(coupling.removeprefix("prior"))
+        requested = [prior_coupled(prior, r, [x.prototype for x in e], strength) for r, e in zip(requested, edits)]
+    return requested
+
+
+@torch.no_grad()
+def edit_images(
+    pipe: PatronusPipeline,
+    refs: torch.Tensor,
+    edits: list[list[Edit]],
+    levels: dict,
+    w: float,
+    inversion: str,
+    coupling: str,
+    prior: Optional[ActivationPrior] = None,
+) -> EditResult:
+    """`pipe.edit`, or its two variants: `inversion="noise"` decodes from a fresh latent (seed 0)
+    instead of the inverted one, against a sample from it under the references' s; a `prior…`
+    coupling asks for the prior-completed s (DDIM inversion)."""
+    if inversion != "noise" and coupling in ("alone", "correlated"):
+        return pipe.edit(refs, edits, 50, levels=levels, guidance=w, inversion=inversion, coupling=coupling)
+    if inversion not in ("noise", "ddim"):
+        raise ValueError(f"coupling={coupling!r} is measured with the ddim inversion or from noise, not {inversion!r}")
+    s = pipe.encode(refs).s
+    clip = inversion == "noise"  # a fresh latent is sampled as `sample` does; an inverted one reproduces its image
+    latent = pipe.noise((len(refs), *pipe.image_shape()), seed=0) if clip else pipe.invert(refs, s, 50)
+    base = pipe.denoise(latent, s, 50, clip=clip)
+    requested = requested_activations(s, edits, levels, coupling, prior)
+    images = torch.stack([pipe.decode_edited(latent, r, s, 50, guidance=w, clip=clip) for r in requested])
+    return EditResult(latent, s, base, images, torch.stack(requested), 50, None)
 
 
 def measure(
@@ -58,16 +107,17 @@ def measure(
     stats = activation_statistics(pipe.encode(x).s)
     levels = edit_levels(stats)
     prototypes = torch.tensor(stats["std"]).argsort(descending=True)[:4].tolist()
+    prior = None
+    if any(c.startswith("prior") for c in couplings):  # fitted on the run's training images, as `python -m patronus prior`
+        train = Context(pipe, run, Path(run), 0, DataSource(split="training")).images(4000)
+        prior, _ = train_activation_prior(pipe, train, steps=3000)
     rows = []
     edits = [[Edit(j, "set", "q99")] for j in prototypes]
     for inversion in inversions:
         for coupling in couplings:
             for w in guidance:
                 t0 = time.perf_counter()
-                if inversion == "noise":
-                    res = fresh_noise_edit(pipe, refs, edits, levels, w, coupling)
-                else:
-                    res = pipe.edit(refs, edits, 50, levels=levels, guidance=w, inversion=inversion, coupling=coupling)
+                res = edit_images(pipe, refs, edits, levels, w, inversion, coupling, prior)
                 s_rec = pipe.encode(res.reconstruction).s
                 gains, off = [], []
                 for k, j in enumerate(prototypes):
@@ -102,7 +152,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--num_images", type=int, default=32)
     p.add_argument("--edit_guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     p.add_argument("--inversions", nargs="+", choices=["ddim", "edit_friendly", "noise"], default=["ddim", "edit_friendly"])
-    p.add_argument("--couplings", nargs="+", choices=["alone", "correlated"], default=["alone", "correlated"])
+    p.add_argument(
+        "--couplings",
+        nargs="+",
+        default=["alone", "correlated"],
+        help="alone, correlated, or priorF (F: the prior's strength, e.g. prior0.6)",
+    )
     p.add_argument("--out", default=str(Path(__file__).with_name("inversion_edits.json")))
     a = p.parse_args(argv)
     rows = [r for run in a.runs for r in measure(run, a.num_images, a.edit_guidance, a.inversions, a.couplings)]

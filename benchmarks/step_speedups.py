@@ -1,10 +1,11 @@
 """Learning per CPU minute, the framework levers: one training step of the default run's model under each.
 
-    python benchmarks/step_speedups.py            # ~4 min alone on 2 cores; benchmarks/step_speedups.json
+    python benchmarks/step_speedups.py            # 4 min alone on 2 cores; benchmarks/step_speedups.json
 
 Times forward + backward + AdamW of `configs/mnist_cpu.yaml`'s model (bf16 autocast, the v loss
 with Min-SNR-5, random images: the step's cost does not depend on them) at its batch of 64, eager,
-and with each lever: channels-last memory format, fused AdamW, `torch.compile` of the UNet (its
+and with each lever (eager also: where its time goes, by operator, and the prototype encoder's
+share): channels-last memory format, fused AdamW, `torch.compile` of the UNet (its
 compile time reported apart, from an empty compile cache as on a fresh machine), and batch 32.
 Each variant runs in a fresh process, one after another, so run it alone on the machine. What a
 lever buys in class agreement at equal minutes is measured by `faithfulness_scaling.py` (docs:
@@ -70,7 +71,39 @@ def step_time(
     for _ in range(reps):
         step()
     per_step = (time.perf_counter() - t0) / reps
-    return {"batch": batch, "seconds_per_step": per_step, "img_per_s": batch / per_step, "warmup_seconds": warmup}
+    out = {"batch": batch, "seconds_per_step": per_step, "img_per_s": batch / per_step, "warmup_seconds": warmup}
+    if not (channels_last or fused or compile) and batch == 64:
+        out["time_shares"] = where_time_goes(step)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                s = net.encode(x)
+            s.sum().backward()
+        out["encoder_seconds_per_step"] = (time.perf_counter() - t0) / reps
+    return out
+
+
+def where_time_goes(step, reps: int = 5) -> dict[str, float]:
+    """Share of the step's CPU time per kind of operator (torch.profiler, self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    groups = {
+        "convolution backward": ("convolution_backward",),
+        "convolution forward": ("convolution",),
+        "dtype casts (copy_)": ("copy_", "_to_copy"),
+        "group norm, SiLU (fwd + bwd)": ("group_norm", "silu"),
+        "optimizer (AdamW)": ("_foreach", "adam"),
+    }
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = dict.fromkeys([*groups, "other"], 0.0)
+    for e in events:
+        name = next((g for g, keys in groups.items() if any(k in e.key for k in keys)), "other")
+        shares[name] += e.self_cpu_time_total / total
+    return shares
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -90,6 +123,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
         rows[name]["speedup"] = rows["eager"]["seconds_per_step"] / rows[name]["seconds_per_step"] * rows[name]["batch"] / 64
+        if "time_shares" in rows[name]:
+            print("  " + ", ".join(f"{k} {v:.0%}" for k, v in rows[name]["time_shares"].items()))
         print(
             f"{name:14s} {rows[name]['img_per_s']:6.1f} img/s  ×{rows[name]['speedup']:.2f}  warm-up {rows[name]['warmup_seconds']:.0f} s",
             flush=True,

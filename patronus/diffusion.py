@@ -40,7 +40,6 @@ def diffusion_loss(
     snr_gamma: Optional[float] = None,
     held: Optional[dict[int, float]] = None,
     s: Optional[torch.Tensor] = None,
-    timesteps: str = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoising MSE (on ε, or on v for `prediction="v"` models) with s = g(x0) from the clean image,
     gradients into the encoder.
@@ -48,11 +47,10 @@ def diffusion_loss(
     `snr_gamma` turns on Min-SNR-γ weighting (Hang et al. 2023), which converges faster in
     short runs; None is the paper's plain MSE. `held` fixes prototypes at constant values in the
     condition (shortcut mitigation: the denoiser can no longer use them). `s`: the activations
-    g(x0) when the caller already computed them (with gradients). `timesteps`: how t is drawn
-    (`sample_timesteps`). Returns (loss, activations s).
+    g(x0) when the caller already computed them (with gradients). Returns (loss, activations s).
     """
     b = x0.shape[0]
-    t = sample_timesteps(b, scheduler.config.num_train_timesteps, timesteps, x0.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
     noise = torch.randn_like(x0)
     x_t = scheduler.add_noise(x0, noise, t)
     s = model.encode(x0) if s is None else s
@@ -74,18 +72,6 @@ def diffusion_loss(
         per_sample = per_sample * snr.clamp(max=snr_gamma) / snr
     loss = per_sample.mean()
     return loss, s
-
-
-def sample_timesteps(n: int, num_train_timesteps: int, kind: str, device: torch.device) -> torch.Tensor:
-    """Training timesteps: `uniform` (DDPM) or `logit_normal`, t/T = sigmoid(u), u ~ N(0, 1) (Esser et
-    al. 2024, Eq. 19): two thirds of the steps fall in t ∈ [269, 731], where the generator decides the
-    class from s (benchmarks: "When the generator reads s"), fewer at the ends."""
-    if kind == "uniform":
-        return torch.randint(0, num_train_timesteps, (n,), device=device)
-    if kind == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, device=device))
-        return (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
-    raise ValueError(f"timesteps={kind!r}; expected uniform or logit_normal")
 
 
 def clean_estimate(scheduler: DDPMScheduler, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

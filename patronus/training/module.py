@@ -54,8 +54,6 @@ class PatronusModule(pl.LightningModule):
         distinct_weight: λ for the prototype-distinctness loss; 0 = no distinctness loss.
         distinct_margin: δ, minimum wanted dissimilarity 1−|cos| between any two prototypes.
         snr_gamma: Min-SNR-γ loss weighting; None = the paper's plain MSE.
-        timesteps: how training timesteps are drawn: "uniform" (the paper's) or "logit_normal"
-            (`patronus.diffusion.sample_timesteps`).
         held_prototypes: {prototype: value} held constant in the denoiser's condition (fine-tuning
             away a shortcut the report flagged; `python -m patronus shortcuts` writes this config); None = none.
         init_from: start from the weights of a run / exported model / .ckpt (fine-tuning);
@@ -77,7 +75,6 @@ class PatronusModule(pl.LightningModule):
         distinct_weight: float = 0.1,
         distinct_margin: float = 0.3,
         snr_gamma: Optional[float] = None,
-        timesteps: Literal["uniform", "logit_normal"] = "uniform",
         held_prototypes: Optional[dict[int, float]] = None,
         init_from: Optional[str] = None,
         reconstruction_weight: float = 0.0,
@@ -125,7 +122,7 @@ class PatronusModule(pl.LightningModule):
         x0, enc = batch["image"], self.net.encoder
         z = enc.features(x0) if self.feature_decoder is not None else None  # one encoder pass for both losses
         s = enc.encode_features(z) if z is not None else None
-        mse, s = diffusion_loss(self.net, self.scheduler, x0, self.hparams.snr_gamma, self.held, s=s, timesteps=self.hparams.timesteps)
+        mse, s = diffusion_loss(self.net, self.scheduler, x0, self.hparams.snr_gamma, self.held, s=s)
         dist = distinct_loss(enc.prototypes, self.hparams.distinct_margin, self.distinct_exempt)
         out = {"loss": mse + self.hparams.distinct_weight * dist, "mse": mse, "distinct": dist, "s_mean": s.mean()}
         if z is not None:
