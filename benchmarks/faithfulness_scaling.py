@@ -205,6 +205,8 @@ def markdown(curves: dict[str, Any]) -> str:
 
 
 def plot(curves: dict[str, Any], path: Path) -> None:
+    from matplotlib import colormaps
+
     from patronus.plots import render, subplots
 
     keys = [
@@ -220,7 +222,7 @@ def plot(curves: dict[str, Any], path: Path) -> None:
         # without its minutes (the ceiling run that ran beside other work) is in the table only.
         pts = [p for p in curve["points"] if p.get("minutes") is not None]
         x = [p["minutes"] for p in pts]
-        color = f"C{i}"  # one colour per curve in every panel
+        color = colormaps["tab20"](i % 20)  # one colour per curve in every panel (more curves than C0–C9)
         for ax, (k, title) in zip(axes, keys):
             if k == "edit":
                 for e_name in sorted({e for p in pts for e in p.get("edits", {}) if e.endswith("_e1")}):

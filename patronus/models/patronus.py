@@ -42,7 +42,6 @@ class PatronusModel(ModelMixin, ConfigMixin):
         attention_levels: Sequence[bool] = (False, False, True, False),  # self-attention per level; all False = none
         mid_attention: bool = True,  # self-attention in the UNet's middle block; False = none
         norm_num_groups: int = 8,  # GroupNorm groups in the UNet
-        condition_tokens: bool = False,  # also one token per prototype, read by cross-attention (`ConditionedUNet`); False = MLP(s) only
         prediction: Literal["epsilon", "v"] = "epsilon",  # what the UNet outputs: ε, or v read back as ε (`forward`)
         num_train_timesteps: int = 1000,  # T of the training schedule
         beta_schedule: str = "linear",  # β_t schedule: linear, scaled_linear or squaredcos_cap_v2
@@ -88,7 +87,6 @@ class PatronusModel(ModelMixin, ConfigMixin):
             attention_levels=attention_levels,
             mid_attention=mid_attention,
             norm_num_groups=norm_num_groups,
-            condition_tokens=condition_tokens,
         )
         # ᾱ_t of the training schedule, for the v-parameterised output (derived from the config, not saved).
         self.register_buffer("alphas_cumprod", self.noise_scheduler().alphas_cumprod.float(), persistent=False)

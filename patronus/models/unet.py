@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DModel
 from torch import nn
 
 
@@ -15,11 +15,6 @@ class ConditionedUNet(nn.Module):
     diffusers' `class_embed_type="identity"` adds `class_labels` to the time embedding, so the
     MLP output is passed there. The condition is keyword-only and required: forgetting it is an
     error, never a silent self-encoding of the noisy input.
-
-    `condition_tokens` also hands the prototypes over one by one: token k = e_k + z_k·w_k (a
-    learned identity e_k and direction w_k, z_k the standardised activation), read by
-    cross-attention in the middle block (diffusers' UNet2DConditionModel), so a feature map can
-    ask for one prototype instead of a sum of all.
     """
 
     def __init__(
@@ -32,8 +27,6 @@ class ConditionedUNet(nn.Module):
         attention_levels: Sequence[bool] = (False, False, True, False),
         mid_attention: bool = True,
         norm_num_groups: int = 8,
-        condition_tokens: bool = False,
-        token_dim: int = 64,
     ):
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
@@ -41,43 +34,21 @@ class ConditionedUNet(nn.Module):
                 f"attention_levels has {len(attention_levels)} entries but block_out_channels has "
                 f"{len(block_out_channels)}; give one bool per resolution level"
             )
-        self.condition_tokens = condition_tokens
-        if condition_tokens:
-            if any(attention_levels) or mid_attention:
-                raise ValueError("condition_tokens brings its own attention: set attention_levels all false and mid_attention false")
-            n = len(block_out_channels)
-            self.unet = UNet2DConditionModel(
-                sample_size=image_size,
-                in_channels=in_channels,
-                out_channels=in_channels,
-                block_out_channels=tuple(block_out_channels),
-                layers_per_block=layers_per_block,
-                down_block_types=("DownBlock2D",) * n,
-                mid_block_type="UNetMidBlock2DCrossAttn",
-                up_block_types=("UpBlock2D",) * n,
-                norm_num_groups=norm_num_groups,
-                cross_attention_dim=token_dim,
-                attention_head_dim=4,  # diffusers' name for the number of heads
-                class_embed_type="identity",
-            )
-            self.token_identity = nn.Parameter(torch.randn(num_prototypes, token_dim) * 0.02)
-            self.token_direction = nn.Parameter(torch.randn(num_prototypes, token_dim) / token_dim**0.5)
-        else:
-            down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
-            up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
-            self.unet = UNet2DModel(
-                sample_size=image_size,
-                in_channels=in_channels,
-                out_channels=in_channels,
-                block_out_channels=tuple(block_out_channels),
-                layers_per_block=layers_per_block,
-                down_block_types=down,
-                up_block_types=up,
-                norm_num_groups=norm_num_groups,
-                add_attention=mid_attention,
-                class_embed_type="identity",
-                attention_head_dim=None,
-            )
+        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
+        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
+        self.unet = UNet2DModel(
+            sample_size=image_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            down_block_types=down,
+            up_block_types=up,
+            norm_num_groups=norm_num_groups,
+            add_attention=mid_attention,
+            class_embed_type="identity",
+            attention_head_dim=None,
+        )
         emb_dim = block_out_channels[0] * 4  # UNet2DModel's time_embed_dim
         # Per-prototype standardisation first: raw log-similarities sit around 1e-2 with much
         # smaller spread between images, too faint for the MLP to pick up (and the encoder then
@@ -110,8 +81,4 @@ class ConditionedUNet(nn.Module):
             raise ValueError(f"s must have shape (batch={x_t.shape[0]}, K), got {tuple(s.shape)}")
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        if not self.condition_tokens:
-            return self.unet(x_t, t, class_labels=self.cond_mlp(s)).sample
-        z = self.condition_norm(s)  # (B, K): the standardised activations the MLP reads too
-        tokens = self.token_identity + z[..., None] * self.token_direction  # (B, K, token_dim)
-        return self.unet(x_t, t, encoder_hidden_states=tokens.to(x_t.dtype), class_labels=self.cond_mlp(s)).sample
+        return self.unet(x_t, t, class_labels=self.cond_mlp(s)).sample
