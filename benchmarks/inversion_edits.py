@@ -16,7 +16,9 @@ run, inversion, coupling and w are replaced, others kept).
 reference's s against one from the same noise under the edited s (its "reconstruction" is that
 sample, so no PSNR): how far the generator follows the edit when no inverted latent pins the image.
 `--couplings prior0.6` completes the correlated edit with the activation prior (fitted here on
-4,000 training images): does an s more like a real image's get followed further?
+4,000 training images): does an s more like a real image's get followed further? `--couplings real`
+asks for a real training image's s instead (the one nearest the reference among those whose s_J
+reaches q99), the gain read against its s_J: how far the generator follows an s no edit made up.
 """
 
 from __future__ import annotations
@@ -55,11 +57,23 @@ def prior_coupled(prior: ActivationPrior, s_edit: torch.Tensor, edited: list[int
     return prior.to_activations(z)
 
 
+def nearest_real(s: torch.Tensor, bank: torch.Tensor, j: int, level: torch.Tensor) -> torch.Tensor:
+    """For each row of s, the s of the real image in `bank` (N, K) with s_J ≥ `level` that is nearest
+    to it in the other prototypes (standardised): an edit toward an s that a real image has."""
+    cand = bank[bank[:, j] >= level]
+    scale = bank.std(0).clamp_min(1e-8)
+    d = torch.cdist((s / scale).index_fill(1, torch.tensor([j]), 0), (cand / scale).index_fill(1, torch.tensor([j]), 0))
+    return cand[d.argmin(1)]
+
+
 def requested_activations(
-    s: torch.Tensor, edits: list[list[Edit]], levels: dict, coupling: str, prior: Optional[ActivationPrior]
+    s: torch.Tensor, edits: list[list[Edit]], levels: dict, coupling: str, prior: Optional[ActivationPrior], bank: Optional[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """The edited s of each edit: `alone`, `correlated`, or `priorF` (the correlated edit completed
-    by the prior at strength F)."""
+    """The edited s of each edit: `alone`, `correlated`, `priorF` (the correlated edit completed
+    by the prior at strength F), or `real` (`nearest_real` at the edit's level: no edit s at all,
+    a real image's)."""
+    if coupling == "real":
+        return [nearest_real(s, bank, e[0].prototype, levels[str(e[0].value)][e[0].prototype]) for e in edits]
     requested = [apply_edits(s, e, levels) for e in edits]
     if coupling == "alone":
         return requested
@@ -80,10 +94,11 @@ def edit_images(
     inversion: str,
     coupling: str,
     prior: Optional[ActivationPrior] = None,
+    bank: Optional[torch.Tensor] = None,
 ) -> EditResult:
     """`pipe.edit`, or its two variants: `inversion="noise"` decodes from a fresh latent (seed 0)
     instead of the inverted one, against a sample from it under the references' s; a `prior…`
-    coupling asks for the prior-completed s (DDIM inversion)."""
+    coupling asks for the prior-completed s, `real` for a real image's (DDIM inversion)."""
     if inversion != "noise" and coupling in ("alone", "correlated"):
         return pipe.edit(refs, edits, 50, levels=levels, guidance=w, inversion=inversion, coupling=coupling)
     if inversion not in ("noise", "ddim"):
@@ -92,7 +107,7 @@ def edit_images(
     clip = inversion == "noise"  # a fresh latent is sampled as `sample` does; an inverted one reproduces its image
     latent = pipe.noise((len(refs), *pipe.image_shape()), seed=0) if clip else pipe.invert(refs, s, 50)
     base = pipe.denoise(latent, s, 50, clip=clip)
-    requested = requested_activations(s, edits, levels, coupling, prior)
+    requested = requested_activations(s, edits, levels, coupling, prior, bank)
     images = torch.stack([pipe.decode_edited(latent, r, s, 50, guidance=w, clip=clip) for r in requested])
     return EditResult(latent, s, base, images, torch.stack(requested), 50, None)
 
@@ -107,21 +122,23 @@ def measure(
     stats = activation_statistics(pipe.encode(x).s)
     levels = edit_levels(stats)
     prototypes = torch.tensor(stats["std"]).argsort(descending=True)[:4].tolist()
-    prior = None
-    if any(c.startswith("prior") for c in couplings):  # fitted on the run's training images, as `python -m patronus prior`
+    prior = bank = None
+    if any(c.startswith("prior") or c == "real" for c in couplings):
         train = Context(pipe, run, Path(run), 0, DataSource(split="training")).images(4000)
-        prior, _ = train_activation_prior(pipe, train, steps=3000)
+        bank = pipe.encode(train).s
+        if any(c.startswith("prior") for c in couplings):  # fitted on the run's training images, as `python -m patronus prior`
+            prior, _ = train_activation_prior(pipe, train, steps=3000)
     rows = []
     edits = [[Edit(j, "set", "q99")] for j in prototypes]
     for inversion in inversions:
         for coupling in couplings:
             for w in guidance:
                 t0 = time.perf_counter()
-                res = edit_images(pipe, refs, edits, levels, w, inversion, coupling, prior)
+                res = edit_images(pipe, refs, edits, levels, w, inversion, coupling, prior, bank)
                 s_rec = pipe.encode(res.reconstruction).s
                 gains, off = [], []
                 for k, j in enumerate(prototypes):
-                    gap = levels["q99"][j] - s_rec[:, j]
+                    gap = res.requested[k][:, j] - s_rec[:, j]  # q99, or the real image's s_J
                     ok = gap.abs() >= 0.1 * (levels["q99"][j] - levels["q01"][j])
                     s_edit = pipe.encode(res.images[k]).s
                     gains.append(float(((s_edit[:, j] - s_rec[:, j]) / gap)[ok].mean()))
@@ -156,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         "--couplings",
         nargs="+",
         default=["alone", "correlated"],
-        help="alone, correlated, or priorF (F: the prior's strength, e.g. prior0.6)",
+        help="alone, correlated, priorF (F: the prior's strength, e.g. prior0.6) or real",
     )
     p.add_argument("--out", default=str(Path(__file__).with_name("inversion_edits.json")))
     a = p.parse_args(argv)
