@@ -96,7 +96,7 @@ def edit_images(
     prior: Optional[ActivationPrior] = None,
     bank: Optional[torch.Tensor] = None,
 ) -> EditResult:
-    """`pipe.edit`, or its two variants: `inversion="noise"` decodes from a fresh latent (seed 0)
+    """`pipe.edit`, or a variant of it: `inversion="noise"` decodes from a fresh latent (seed 0)
     instead of the inverted one, against a sample from it under the references' s; a `prior…`
     coupling asks for the prior-completed s, `real` for a real image's (DDIM inversion)."""
     if inversion != "noise" and coupling in ("alone", "correlated"):
