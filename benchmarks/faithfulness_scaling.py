@@ -62,7 +62,8 @@ def one_hot(labels: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def train(name: str, config: str, max_steps: int, every: int, overrides: list[str], ceiling: bool) -> tuple[Path, float]:
-    """Train (or resume) runs/scaling/NAME in a subprocess; returns (run dir, start time)."""
+    """Train (or resume; a finished run is not touched) runs/scaling/NAME in a subprocess; returns
+    (run dir, the time its training first started)."""
     run = REPO / "runs" / "scaling" / name
     args = [
         "--config",
@@ -88,9 +89,14 @@ def train(name: str, config: str, max_steps: int, every: int, overrides: list[st
         )
         + f"train_main({args!r}, model_class=M)"
     )
-    t0 = time.time()
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
-    return run, t0
+    # When training started, kept in the run: a resumed or finished run (re-evaluated) keeps its minutes.
+    stamp = run / "scaling_started_at"
+    if not stamp.is_file():
+        run.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(str(time.time()))
+    if not any(step >= max_steps for step, _ in checkpoints(run)):  # trained already: evaluate only
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    return run, float(stamp.read_text())
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:

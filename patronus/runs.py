@@ -267,10 +267,20 @@ def load_prior(checkpoint: str | Path) -> ActivationPrior:
     return ActivationPrior.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).eval()
 
 
+def weights_fingerprint(checkpoint: str | Path) -> list[list[Any]]:
+    """[name, size, mtime_ns] of each file the checkpoint's weights are read from (a .ckpt, or an
+    exported model's files): cached results of one checkpoint are never served for another, nor
+    for the same path after it was trained further or re-trained."""
+    path = resolve_checkpoint(checkpoint)
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def statistics_path(checkpoint: str | Path, source: dict[str, Any]) -> Path:
     """The cache file for activation statistics computed on `source` (dataset, root, split, options,
-    number of images): one file per source, so commands with the same source share it and others
-    never overwrite it."""
+    number of images) with the checkpoint's weights: one file per source and weights, so commands
+    with the same source share it and others never overwrite it."""
+    source = {**source, "weights": weights_fingerprint(checkpoint)}
     key = hashlib.sha1(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return home_of(checkpoint) / STATS_DIR / f"{key}.json"
 
@@ -282,9 +292,12 @@ def cached_statistics(
     num_prototypes: Optional[int] = None,
     keys: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Statistics for `source`, computed by `compute()` once and stored with what they were computed on.
-    A stored file without one of `keys` (written by an older release) is recomputed."""
+    """Statistics for `source`, computed by `compute()` once and stored with what they were computed on:
+    the images (`source`) and the weights (`weights_fingerprint`; another checkpoint of the same run,
+    or the run trained further, gets its own file). A stored file without one of `keys` (written by
+    an older release) is recomputed."""
     cache = statistics_path(checkpoint, source)
+    source = {**source, "weights": weights_fingerprint(checkpoint)}  # stored, and compared on a hit
     if cache.is_file():
         try:
             stored = json.loads(cache.read_text())

@@ -1,5 +1,6 @@
 """Analyses on a tiny model trained on real MNIST: statistics, projection, interpolation, extrapolation, CLI."""
 
+import copy
 import json
 
 import pytest
@@ -44,6 +45,14 @@ def test_statistics_are_cached_per_source_and_shared(tiny_pipe, mnist_test_image
     assert cached_statistics(run, {"split": "test", "images": 16}, compute(16))["mean"][0] == 123.0
     cache.write_text("{truncated")  # a damaged cache is recomputed, never trusted
     assert cached_statistics(run, {"split": "test", "images": 16}, compute(16))["mean"] == first["mean"]
+    # The same run trained further (new weights at the same path): its statistics are its own, not the cached ones.
+    cache.write_text(json.dumps(stored))
+    further = copy.deepcopy(tiny_pipe.model)
+    with torch.no_grad():
+        next(further.parameters()).add_(0.01)
+    export_model(further, run)
+    assert statistics_path(run, {"split": "test", "images": 16}) != cache
+    assert cached_statistics(run, {"split": "test", "images": 16}, compute(16))["mean"][0] != 123.0
 
 
 @torch.no_grad()
