@@ -15,10 +15,12 @@ run, inversion, coupling and w are replaced, others kept).
 `--inversions noise` is the diagnostic without an inversion: a fresh-noise sample under the
 reference's s against one from the same noise under the edited s (its "reconstruction" is that
 sample, so no PSNR): how far the generator follows the edit when no inverted latent pins the image.
-`--couplings prior0.6` completes the correlated edit with the activation prior (fitted here on
-4,000 training images): does an s more like a real image's get followed further? `--couplings real`
-asks for a real training image's s instead (the one nearest the reference among those whose s_J
-reaches q99), the gain read against its s_J: how far the generator follows an s no edit made up.
+`--couplings neighbours` borrows the other prototypes from the real images nearest the edit (as the
+CLI's `--coupling neighbours`; `neighbours128`: the 128 nearest). `--couplings prior0.6` completes
+the correlated edit with the activation prior (fitted here on 4,000 training images): does an s more
+like a real image's get followed further? `--couplings real` asks for a real training image's s
+instead (the one nearest the reference among those whose s_J reaches q99), the gain read against its
+s_J: how far the generator follows an s no edit made up.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from patronus.cli.common import Context, DataSource, load_pipeline
-from patronus.edits import Edit, apply_edits, follow_correlations
+from patronus.edits import NEIGHBOURS, Edit, apply_edits, follow_correlations, follow_neighbours
 from patronus.interpret.generation_metrics import psnr
 from patronus.interpret.stats import activation_statistics, edit_levels
 from patronus.models.prior import ActivationPrior
@@ -69,12 +71,15 @@ def nearest_real(s: torch.Tensor, bank: torch.Tensor, j: int, level: torch.Tenso
 def requested_activations(
     s: torch.Tensor, edits: list[list[Edit]], levels: dict, coupling: str, prior: Optional[ActivationPrior], bank: Optional[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """The edited s of each edit: `alone`, `correlated`, `priorF` (the correlated edit completed
-    by the prior at strength F), or `real` (`nearest_real` at the edit's level: no edit s at all,
-    a real image's)."""
+    """The edited s of each edit: `alone`, `correlated`, `neighboursK` (`follow_neighbours` with K
+    neighbours), `priorF` (the correlated edit completed by the prior at strength F), or `real`
+    (`nearest_real` at the edit's level: no edit s at all, a real image's)."""
     if coupling == "real":
         return [nearest_real(s, bank, e[0].prototype, levels[str(e[0].value)][e[0].prototype]) for e in edits]
     requested = [apply_edits(s, e, levels) for e in edits]
+    if coupling.startswith("neighbours"):
+        k = int(coupling.removeprefix("neighbours") or NEIGHBOURS)
+        return [follow_neighbours(s, r, [x.prototype for x in e], levels["activations"], k) for r, e in zip(requested, edits)]
     if coupling == "alone":
         return requested
     requested = [follow_correlations(s, r, [x.prototype for x in e], levels["cov"]) for r, e in zip(requested, edits)]
@@ -99,7 +104,7 @@ def edit_images(
     """`pipe.edit`, or a variant of it: `inversion="noise"` decodes from a fresh latent (seed 0)
     instead of the inverted one, against a sample from it under the references' s; a `prior…`
     coupling asks for the prior-completed s, `real` for a real image's (DDIM inversion)."""
-    if inversion != "noise" and coupling in ("alone", "correlated"):
+    if inversion != "noise" and coupling in ("alone", "correlated", "neighbours"):
         return pipe.edit(refs, edits, 50, levels=levels, guidance=w, inversion=inversion, coupling=coupling)
     if inversion not in ("noise", "ddim"):
         raise ValueError(f"coupling={coupling!r} is measured with the ddim inversion or from noise, not {inversion!r}")
@@ -121,6 +126,8 @@ def measure(
     refs = x[:num_images]
     stats = activation_statistics(pipe.encode(x).s)
     levels = edit_levels(stats)
+    # neighbours edits average the activations the CLI's statistics hold (its 2,000 validation images)
+    levels["activations"] = edit_levels(Context(pipe, run, Path(run), 0, DataSource()).statistics())["activations"]
     prototypes = torch.tensor(stats["std"]).argsort(descending=True)[:4].tolist()
     prior = bank = None
     if any(c.startswith("prior") or c == "real" for c in couplings):
@@ -173,7 +180,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         "--couplings",
         nargs="+",
         default=["alone", "correlated"],
-        help="alone, correlated, priorF (F: the prior's strength, e.g. prior0.6) or real",
+        help="alone, correlated, neighbours (as the CLI: 32 of its statistics' activations), neighboursK (K of them), "
+        "priorF (F: the prior's strength, e.g. prior0.6) or real",
     )
     p.add_argument("--out", default=str(Path(__file__).with_name("inversion_edits.json")))
     a = p.parse_args(argv)

@@ -4,8 +4,9 @@ Every caller that changes a prototype's value (sample.py's edits, the analyses' 
 and baselines, the shortcut report's causal check and mitigation, training with held
 prototypes) goes through `apply_edits`, so "edit" means the same thing everywhere: log-
 similarities are clamped at 0 and every other prototype is left bit-for-bit untouched.
-`follow_correlations` then optionally lets the other prototypes move with the edited ones as
-they do in real data (a "correlated" edit: the edited `s` stays one the generator has seen).
+`follow_correlations` and `follow_neighbours` then optionally let the other prototypes move with
+the edited ones as they do in real data (a "correlated" or "neighbours" edit: the edited `s` stays
+one like the generator has seen).
 """
 
 from __future__ import annotations
@@ -146,6 +147,42 @@ def follow_correlations(s: torch.Tensor, s_edit: torch.Tensor, edited: Sequence[
     coef = torch.linalg.solve(c[idx][:, idx] + ridge, c[idx][:, others])  # (|E|, |O|) = Σ_EE⁻¹ Σ_EO
     out = s_edit.clone()
     out[:, others] = (s_edit[:, others].double() + delta_e @ coef).clamp_min(0).to(s_edit.dtype)
+    return out
+
+
+# How much nearer the requested values a neighbour must be on the edited prototypes than to the
+# reference on each other one (standardised distances): the neighbours have what the edit asks for.
+EDITED_WEIGHT = 100.0
+NEIGHBOURS = 32  # real activations averaged by `follow_neighbours` (fewer if the bank is smaller)
+
+
+def follow_neighbours(
+    s: torch.Tensor, s_edit: torch.Tensor, edited: Sequence[int], bank: torch.Tensor, k: int = NEIGHBOURS
+) -> torch.Tensor:
+    """`s_edit` with every prototype outside `edited` set to its mean over the k real activations in
+    `bank` (N, K) nearest the edit: near the requested values on the edited prototypes and near the
+    reference `s` on the others (each prototype standardised by its spread over `bank`, the edited
+    ones weighted `EDITED_WEIGHT`). A local, non-linear E[s_O | s_E = requested, like the reference].
+
+    Why: `follow_correlations` moves the others along one global linear regression, and the further
+    the generator is trained the less it follows such a made-up s (docs/benchmarks.md, "Edits"); the
+    mean of real images that have the requested activation is followed further, and the more so the
+    better the generator. The edited prototypes keep exactly their requested values."""
+    idx = sorted({int(j) for j in edited})
+    K = s.shape[-1]
+    if bank.ndim != 2 or bank.shape[1] != K or len(bank) == 0:
+        raise ValueError(f"bank: expected real activations (N, {K}) for K={K} prototypes, got {tuple(bank.shape)}")
+    if not idx:
+        return s_edit
+    bank = bank.to(device=s.device, dtype=torch.float32)
+    weight = torch.ones(K, device=s.device)
+    weight[idx] = EDITED_WEIGHT
+    scale = weight.sqrt() / bank.std(0).clamp_min(1e-8) if len(bank) > 1 else weight.sqrt()
+    query = s.float().clone()
+    query[:, idx] = s_edit[:, idx].float()
+    nearest = torch.cdist(query * scale, bank * scale).topk(min(k, len(bank)), largest=False).indices  # (B, k)
+    out = bank[nearest].mean(1).to(s_edit.dtype)
+    out[:, idx] = s_edit[:, idx]
     return out
 
 

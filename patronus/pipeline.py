@@ -33,7 +33,7 @@ from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from patronus import runs
-from patronus.edits import Edit, apply_edits, follow_correlations
+from patronus.edits import Edit, apply_edits, follow_correlations, follow_neighbours
 from patronus.models.patronus import PatronusModel
 from patronus.models.prior import ActivationPrior
 from patronus.models.prototypes import Activations
@@ -48,8 +48,10 @@ Sampler = Literal["ddim", "ddpm"]
 # "edit_friendly" keeps one noise map per step (Huberman-Spiegelglas et al., CVPR 2024).
 Inversion = Literal["ddim", "edit_friendly"]
 # What else an edit moves: "alone" = only the named prototypes (every other one bit-for-bit);
-# "correlated" = the others follow them as in real data (`patronus.edits.follow_correlations`).
-Coupling = Literal["alone", "correlated"]
+# "correlated" = the others follow them along the data's linear regression (`follow_correlations`);
+# "neighbours" = the others are those of the real images nearest the edit (`follow_neighbours`).
+Coupling = Literal["alone", "correlated", "neighbours"]
+COUPLING_NEEDS = {"correlated": "cov", "neighbours": "activations"}  # what each coupling reads from `levels`
 
 
 @dataclass
@@ -287,7 +289,7 @@ class PatronusPipeline(DiffusionPipeline):
         fixed_point: int = 0,  # extra denoiser calls per inversion step; 0 = plain DDIM inversion
         inversion: Optional[Inversion] = None,  # None = self.inversion
         seed: int = 0,  # the noise of an edit-friendly inversion
-        coupling: Optional[Coupling] = None,  # None = self.coupling; "correlated" needs levels["cov"]
+        coupling: Optional[Coupling] = None,  # None = self.coupling; "correlated" / "neighbours" need levels
     ) -> EditResult:
         """Invert x0 (fully, or only `inverted_steps` of the `steps` steps), then decode the same
         latent under s and under each edited s. `levels` resolves named edit values ('q99', ...).
@@ -300,17 +302,19 @@ class PatronusPipeline(DiffusionPipeline):
         `inverted_steps` or `fixed_point`).
         `coupling`: "alone" changes only the prototypes each edit names; "correlated" also moves
         the others by their regression on those over real data (`follow_correlations`, with
-        `levels["cov"]` from `patronus.interpret.stats.edit_levels`), so the edited s stays like a
-        real image's and the decode follows the edit further. `EditResult.requested` holds the s
-        each decode was given."""
+        `levels["cov"]`); "neighbours" sets the others to those of the real images nearest the
+        edit (`follow_neighbours`, with `levels["activations"]`); both from
+        `patronus.interpret.stats.edit_levels`. A coupled edit asks for an s like a real image's,
+        which the decode follows further. `EditResult.requested` holds the s each decode was given."""
         inversion = self.inversion if inversion is None else inversion
         coupling = self.coupling if coupling is None else coupling
-        if coupling not in ("alone", "correlated"):
-            raise ValueError(f"coupling={coupling!r}; expected 'alone' or 'correlated'")
-        if coupling == "correlated" and (levels is None or "cov" not in levels):
+        if coupling not in ("alone", *COUPLING_NEEDS):
+            raise ValueError(f"coupling={coupling!r}; expected 'alone', 'correlated' or 'neighbours'")
+        needs = COUPLING_NEEDS.get(coupling)
+        if needs and (levels is None or needs not in levels):
             raise ValueError(
-                "coupling='correlated' needs the activations' covariance: pass levels=edit_levels(stats) "
-                "(patronus.interpret.stats) computed on real images, or coupling='alone'"
+                f"coupling={coupling!r} needs the real images' {needs!r}: pass levels=edit_levels(activation_statistics("
+                "s_real, keep_activations=True)) (patronus.interpret.stats) computed on real images, or coupling='alone'"
             )
         if inversion not in ("ddim", "edit_friendly"):
             raise ValueError(f"inversion={inversion!r}; expected 'ddim' or 'edit_friendly'")
@@ -330,6 +334,8 @@ class PatronusPipeline(DiffusionPipeline):
         requested = [apply_edits(s, list(e), levels) for e in edits]
         if coupling == "correlated":
             requested = [follow_correlations(s, r, [x.prototype for x in e], levels["cov"]) for r, e in zip(requested, edits)]
+        elif coupling == "neighbours":
+            requested = [follow_neighbours(s, r, [x.prototype for x in e], levels["activations"]) for r, e in zip(requested, edits)]
         images = [self.decode_edited(latent, r, s, steps, inverted_steps=k, guidance=guidance, corrections=corrections) for r in requested]
         return EditResult(
             latent,

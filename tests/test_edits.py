@@ -44,6 +44,30 @@ def test_edits_in_units_of_the_data_and_quantile_levels():
             parse_edit(bad, 10)
 
 
+def test_neighbours_edits_take_the_others_from_the_real_activations_nearest_the_edit():
+    """p1 rises with p0 only above p0's median (a bend no linear regression follows), p2 is
+    independent of p0: the neighbours edit lifts p1 as the data do and keeps p2 near the reference."""
+    import torch
+
+    from patronus.edits import apply_edits, follow_correlations, follow_neighbours
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 3, generator=gen)
+    acts = torch.stack([z[:, 0] + 3, 2 * z[:, 0].clamp_min(0) + 0.1 * z[:, 1] + 3, z[:, 2] + 3], 1)
+    s = torch.tensor([[3.0, 3.0, 2.0], [3.0, 3.0, 4.0]])  # at p0's median, p2 low / high
+    s_edit = apply_edits(s, [Edit(0, "set", 5.0)])
+    out = follow_neighbours(s, s_edit, [0], acts)
+    assert torch.equal(out[:, 0], s_edit[:, 0])  # the edited prototype keeps its requested value
+    torch.testing.assert_close(out[:, 1], torch.full((2,), 7.0), atol=0.3, rtol=0)  # E[p1 | p0 = 5] = 3 + 2·2
+    torch.testing.assert_close(out[:, 2], s[:, 2], atol=0.5, rtol=0)  # nearest the reference on the others
+    linear = follow_correlations(s, s_edit, [0], torch.cov(acts.T))
+    assert (linear[:, 1] - 7.0).abs().min() > 1.0  # the global regression misses the bend
+    assert torch.equal(follow_neighbours(s, s, [], acts), s)
+    assert follow_neighbours(s, s_edit, [0], acts[:5]).shape == (2, 3)  # a bank smaller than k averages all of it
+    with pytest.raises(ValueError, match=r"bank: expected real activations \(N, 3\)"):
+        follow_neighbours(s, s_edit, [0], acts[:, :2])
+
+
 def test_correlated_edits_move_the_others_by_their_regression_on_the_edited():
     import torch
 

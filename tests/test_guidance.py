@@ -47,9 +47,10 @@ def test_fixed_point_inversion_reconstructs_better_with_the_same_steps(tiny_pipe
 
 
 @torch.no_grad()
-def test_correlated_edits_are_followed_further_than_edits_alone(tiny_pipe):
-    """The tiny model, w = 1: the most variable prototype raised to q99 alone, and with the others
-    following it as in the real test images' activations; the correlated decode re-encodes closer."""
+def test_coupled_edits_are_followed_further_than_edits_alone(tiny_pipe):
+    """The tiny model, w = 1: the most variable prototype raised to q99 alone, with the others
+    following it as in the real test images' activations (correlated), and with the others of the
+    real images nearest the edit (neighbours); both coupled decodes re-encode closer."""
     from patronus.data.registry import build_dataset
     from patronus.interpret.edit_gain import edit_gain
     from patronus.interpret.stats import activation_statistics, edit_levels
@@ -57,18 +58,22 @@ def test_correlated_edits_are_followed_further_than_edits_alone(tiny_pipe):
 
     ds = build_dataset("mnist", str(REPO / "data"), "test", 32)
     x = torch.stack([ds[i]["image"] for i in range(256)])
-    levels = edit_levels(activation_statistics(tiny_pipe.encode(x).s))
+    levels = edit_levels(activation_statistics(tiny_pipe.encode(x).s, keep_activations=True))
     j = int(levels["sd"].argmax())
-    with pytest.raises(ValueError, match="coupling='correlated' needs the activations' covariance"):
-        tiny_pipe.edit(x[:2], [[Edit(j, "set", "q99")]], 4, levels={"q99": levels["q99"]}, coupling="correlated")
+    for coupling, needs in (("correlated", "'cov'"), ("neighbours", "'activations'")):
+        with pytest.raises(ValueError, match=f"coupling='{coupling}' needs the real images' {needs}"):
+            tiny_pipe.edit(x[:2], [[Edit(j, "set", "q99")]], 4, levels={"q99": levels["q99"]}, coupling=coupling)
     gains = {}
-    for coupling in ("alone", "correlated"):
+    for coupling in ("alone", "correlated", "neighbours"):
         tiny_pipe.coupling = coupling
         try:
             gains[coupling] = float(edit_gain(tiny_pipe, x[:16], [j], levels, steps=20).raised.gain[0])
         finally:
             tiny_pipe.coupling = "alone"
     assert gains["correlated"] > gains["alone"] + 0.1, gains
-    res = tiny_pipe.edit(x[:4], [[Edit(j, "set", "q99")]], 4, levels=levels, coupling="correlated")
-    moved = (res.requested[0] - res.s).abs()
-    assert moved[:, j].gt(0).all() and moved.sum(1).gt(moved[:, j]).all()  # the others moved too, as requested records
+    assert gains["neighbours"] > gains["alone"] + 0.1, gains
+    for coupling in ("correlated", "neighbours"):
+        res = tiny_pipe.edit(x[:4], [[Edit(j, "set", "q99")]], 4, levels=levels, coupling=coupling)
+        moved = (res.requested[0] - res.s).abs()
+        assert moved[:, j].gt(0).all() and moved.sum(1).gt(moved[:, j]).all()  # the others moved too, as requested records
+        torch.testing.assert_close(res.requested[0][:, j], levels["q99"][j].expand(4))  # the edited one: exactly as asked

@@ -53,7 +53,8 @@ def cmd_stats(ctx: Context, num_images: int = STATS_IMAGES) -> dict:
     Args:
         num_images: images the statistics are computed on.
     """
-    return {"activation_stats": ctx.statistics(num_images)}
+    stats = ctx.statistics(num_images)
+    return {"activation_stats": {k: v for k, v in stats.items() if k != "activations"}}  # the numbers, not the images' s
 
 
 def cmd_project(ctx: Context, num_images: int = 2000, k: int = 6) -> dict:

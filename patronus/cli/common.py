@@ -130,7 +130,7 @@ class Context:
         return runs.cached_statistics(
             self.checkpoint,
             {**ds.source, "images": n},
-            lambda: activation_statistics(self.pipe.encode(first_images(ds, n)).s),
+            lambda: activation_statistics(self.pipe.encode(first_images(ds, n)).s, keep_activations=True),
             self.pipe.num_prototypes,
             STATISTICS_KEYS,
         )
@@ -176,9 +176,10 @@ def add_common_arguments(parser: ArgumentParser, default_out: Optional[str] = No
     parser.add_argument(
         "--coupling",
         type=Coupling,
-        default="correlated",
-        help="what else every edit moves: alone (only the named prototypes) or correlated (the others follow "
-        "them as in the data's activations, so the decode follows the edit further)",
+        default="neighbours",
+        help="what else every edit moves: alone (only the named prototypes), correlated (the others follow them "
+        "along the data's linear regression) or neighbours (the others of the real images nearest the edit; "
+        "the decode follows it furthest)",
     )
     parser.add_argument("--debug", type=bool, default=False, help="show the traceback of an error")
     parser.add_argument(

@@ -131,7 +131,7 @@ def sample(
     except ValueError:
         if not images:
             raise
-        stats = activation_statistics(s.cpu())  # only image files and no dataset: their own spread is all there is
+        stats = activation_statistics(s.cpu(), keep_activations=True)  # only image files and no dataset: their own spread is all there is
     levels = edit_levels(stats)
     if not edits and edit_top > 0:
         spread = torch.tensor(stats["std"])
@@ -179,9 +179,9 @@ def sample(
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="sample.py", description=(sample.__doc__ or "").strip().splitlines()[0])
-    # Edit guidance 2 with correlated edits (the common --coupling default): on the default run the
-    # edit reaches about the requested change; w = 4 overshoots it (docs/sampling.md, measured by
-    # benchmarks/inversion_edits.py). The analyses keep w = 1 unless asked.
+    # Edit guidance 2 with neighbours edits (the common --coupling default): on the default run the
+    # edit reaches the requested change (1.01; 0.73 at w = 1); w = 4 overshoots it (docs/sampling.md,
+    # measured by benchmarks/inversion_edits.py). The analyses keep w = 1 unless asked.
     add_common_arguments(parser, default_out=DEFAULT_OUT, default_edit_guidance=EDIT_GUIDANCE)
     parser.add_function_arguments(sample, skip={"ctx"}, fail_untyped=True)
     return parser

@@ -118,6 +118,8 @@ def _levels(stats: dict[str, Any], num_prototypes: int) -> dict[str, torch.Tenso
         raise ValueError(f"stats: not activation statistics (missing {e}); expected `activation_statistics(...)`") from None
     for name, v in levels.items():
         expected = (num_prototypes, num_prototypes) if name == "cov" else (num_prototypes,)
+        if name == "activations":  # real images' s (N, K): any N
+            expected = (len(v), num_prototypes)
         if v.shape != expected:
             raise ValueError(f"stats: '{name}' has shape {tuple(v.shape)}, expected {expected} for this model")
     return levels

@@ -14,18 +14,23 @@ import torch
 from patronus.edits import activation_range
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-# Keys every statistics dict has; a cached file without one of them predates it and is recomputed.
-KEYS = ("n", "mean", "std", "quantiles", "q01", "q99", "cov")
+# Keys of the commands' cached statistics (`keep_activations=True`); a cached file without one of
+# them predates it and is recomputed.
+KEYS = ("n", "mean", "std", "quantiles", "q01", "q99", "cov", "activations")
 
 
 @torch.no_grad()
-def activation_statistics(activations: torch.Tensor, quantiles: Sequence[float] = QUANTILES) -> dict[str, Any]:
+def activation_statistics(
+    activations: torch.Tensor, quantiles: Sequence[float] = QUANTILES, keep_activations: bool = False
+) -> dict[str, Any]:
     """Mean, std and quantiles per prototype of activations (N, K); q01/q99 as edits use them; the
-    K x K covariance that correlated edits follow (`patronus.edits.follow_correlations`)."""
+    K x K covariance that correlated edits follow (`patronus.edits.follow_correlations`); with
+    `keep_activations`, the activations themselves, that neighbours edits average
+    (`patronus.edits.follow_neighbours`)."""
     s = activations.double()
     q = torch.quantile(s, torch.tensor(quantiles, dtype=s.dtype), dim=0)
     lo, hi = activation_range(activations)  # the one definition of an edit's q01/q99
-    return {
+    stats = {
         "n": len(s),
         "mean": s.mean(0).tolist(),
         "std": s.std(0).tolist(),
@@ -34,12 +39,16 @@ def activation_statistics(activations: torch.Tensor, quantiles: Sequence[float] 
         "q99": hi.tolist(),
         "cov": torch.cov(s.T).reshape(s.shape[1], s.shape[1]).tolist(),
     }
+    if keep_activations:
+        stats["activations"] = [[round(v, 6) for v in row] for row in activations.float().tolist()]
+    return stats
 
 
 def edit_levels(stats: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Named per-prototype values (K,) that edits and baselines refer to: every stored quantile as
-    qNN (q05, q95, ...; q01 and q99 from `activation_range`), median, mean and the unit sd; and the
-    covariance "cov" (K, K) that `coupling="correlated"` edits follow (not a level an edit can name)."""
+    qNN (q05, q95, ...; q01 and q99 from `activation_range`), median, mean and the unit sd; and what
+    coupled edits follow, not levels an edit can name: the covariance "cov" (K, K) for
+    `coupling="correlated"` and the real "activations" (N, K) for `coupling="neighbours"`."""
     levels = {f"q{round(float(q) * 100):02d}": torch.tensor(v) for q, v in stats["quantiles"].items()}
     levels |= {
         "q01": torch.tensor(stats["q01"]),
@@ -48,6 +57,7 @@ def edit_levels(stats: dict[str, Any]) -> dict[str, torch.Tensor]:
         "mean": torch.tensor(stats["mean"]),
         "sd": torch.tensor(stats["std"]),
     }
-    if "cov" in stats:
-        levels["cov"] = torch.tensor(stats["cov"])
+    for key in ("cov", "activations"):
+        if key in stats:
+            levels[key] = torch.tensor(stats[key])
     return levels
