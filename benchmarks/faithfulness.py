@@ -2,11 +2,11 @@
 
     python benchmarks/faithfulness.py --runs runs/mnist_cpu runs/mnist_marker_cpu --edit_guidance 1 2 4
     python benchmarks/faithfulness.py --runs runs/mnist_cpu runs/fashion_mnist_cpu --edit_images 64 \
-        --out benchmarks/faithfulness_cpu_presets.json        # 6 min alone
+        --case cpu_presets        # 6 min alone
 
 For every run directory and every edit guidance, runs the faithfulness command (its figures and
-JSON go to RUN/analysis/faithfulness/e<edit_guidance>/), prints one markdown table and writes
-benchmarks/faithfulness.json. The judge is retrained for
+JSON go to RUN/analysis/faithfulness/e<edit_guidance>/), prints one markdown table and stores it
+under `--case` in benchmarks/faithfulness.json (one file for every case). The judge is retrained for
 every setting from the same seed, so every row of a run is judged by the same classifier.
 Definitions: patronus/interpret/{judge,agreement,edit_gain,marker_rule,marker_effect}.py.
 """
@@ -114,7 +114,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--judge_images", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("--out", default=str(Path(__file__).with_name("faithfulness.json")))
+    p.add_argument("--case", default="default", help="the name this grid's results are stored under in --out")
+    p.add_argument("--out", default=str(Path(__file__).with_name("faithfulness.json")), help="one JSON for every case")
     a = p.parse_args(argv)
     options = [
         "--num_images",
@@ -148,8 +149,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     table = markdown(rows)
     print(table)
     report = {"settings": vars(a), "table": rows, "markdown": table, "results": results}
-    Path(a.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {a.out}")
+    out = Path(a.out)
+    cases = json.loads(out.read_text()) if out.is_file() else {}
+    cases[a.case] = report  # re-running a case replaces it; the other cases are kept
+    out.write_text(json.dumps(cases, indent=1))
+    print(f"wrote {a.case} in {a.out}")
     return report
 
 
