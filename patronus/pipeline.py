@@ -111,7 +111,7 @@ class PatronusPipeline(DiffusionPipeline):
             pipe = super().from_pretrained(p, use_safetensors=True, low_cpu_mem_usage=False, **kwargs)
         else:
             model = runs.load_model(p)
-            prior = runs.load_prior(p) if (runs.prior_dir(p) / ActivationPrior.config_name).is_file() else None
+            prior = runs.load_prior(p, model) if (runs.prior_dir(p) / ActivationPrior.config_name).is_file() else None
             pipe = cls(model=model, prior=prior)
         return pipe.to(device) if device is not None else pipe
 

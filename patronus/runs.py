@@ -8,7 +8,7 @@ activation-statistics cache and the activation prior.
     RUN/interpret/step_*/               the interpretability monitor's probes
     RUN/analysis/<command>/             every analysis' PNGs + JSON
     RUN/analysis/activation_stats/<key>.json   statistics, keyed by the images they were computed on
-    RUN/analysis/prior/model/           the activation prior (config.json + safetensors)
+    RUN/analysis/prior/model/           the activation prior (config.json + safetensors + encoder.sha1)
 
 Models load safely: safetensors, or Lightning checkpoints with `torch.load(weights_only=True)` (safe_load.py);
 nothing is ever unpickled, and weights that are not finite (a diverged run) are refused.
@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ CONFIG_FILE = "config.yaml"
 ANALYSIS_DIR = "analysis"
 STATS_DIR = Path(ANALYSIS_DIR) / "activation_stats"
 PRIOR_DIR = Path(ANALYSIS_DIR) / "prior" / "model"
+PRIOR_ENCODER_FILE = "encoder.sha1"  # beside the prior: `encoder_digest` of the model it was fitted to
 
 
 def _umask() -> int:
@@ -259,11 +261,37 @@ def prior_dir(checkpoint: str | Path) -> Path:
     return home_of(checkpoint) / PRIOR_DIR
 
 
-def load_prior(checkpoint: str | Path) -> ActivationPrior:
-    """The trained activation prior of a checkpoint, with a clear error when there is none yet."""
+def encoder_digest(model: PatronusModel) -> str:
+    """sha1 of the prototype encoder's weights and buffers: what makes `s`, so what an activation
+    prior was fitted to (the same whichever file of the run the model was loaded from)."""
+    h = hashlib.sha1()
+    for name, value in sorted(model.encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_prior(checkpoint: str | Path, prior: ActivationPrior, model: PatronusModel) -> Path:
+    """Save a checkpoint's activation prior beside it, with the digest of the encoder it was fitted to."""
+    folder = prior_dir(checkpoint)
+    prior.save_pretrained(folder, safe_serialization=True)
+    atomic_write(folder / PRIOR_ENCODER_FILE, lambda fh: fh.write(encoder_digest(model).encode()))
+    return folder
+
+
+def load_prior(checkpoint: str | Path, model: Optional[PatronusModel] = None) -> ActivationPrior:
+    """The trained activation prior of a checkpoint, with a clear error when there is none yet and a
+    warning when `model`'s encoder is not the one it was fitted to (the run was trained since)."""
     folder = prior_dir(checkpoint)
     if not (folder / ActivationPrior.config_name).is_file():
         raise FileNotFoundError(f"{folder}: no trained activation prior; run `python -m patronus prior --checkpoint {checkpoint}` first")
+    digest = folder / PRIOR_ENCODER_FILE
+    if model is not None and digest.is_file() and digest.read_text().strip() != encoder_digest(model):
+        warnings.warn(
+            f"{folder}: this activation prior was fitted to another version of the run's encoder (the run was trained "
+            f"since), so its activations no longer match the model's; retrain it: `python -m patronus prior --checkpoint {checkpoint}`",
+            stacklevel=2,
+        )
     return ActivationPrior.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).eval()
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from patronus.interpret.interpolate import extrapolate, interpolate, slerp
 from patronus.interpret.projection import nearest_patches
 from patronus.interpret.stats import activation_statistics
 from patronus.pipeline import PatronusPipeline
-from patronus.runs import cached_statistics, export_model, statistics_path
+from patronus.runs import cached_statistics, export_model, load_prior, save_prior, statistics_path
 from patronus.training.prior import fit_prior
 from tests.conftest import REPO
 
@@ -121,7 +122,20 @@ def test_cli_commands_write_figures_and_numbers(tiny_model, tmp_path, capsys):
     out = main(["prior", *common, "--num_images", "256", "--prior_steps", "200", "--steps", "5"])
     assert (model_dir / "analysis" / "prior" / "model" / "config.json").is_file() and out["held_out_images"] == 1000
     assert (model_dir / "analysis" / "prior" / "prior_samples.png").is_file()
-    assert PatronusPipeline.from_pretrained(model_dir).prior is not None  # the pipeline finds the run's prior
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the prior was fitted to this very encoder: no warning
+        assert PatronusPipeline.from_pretrained(model_dir).prior is not None  # the pipeline finds the run's prior
+    # A run trained further (its encoder changed): the prior fitted to the old one is flagged, not silently used.
+    run = tmp_path / "run"
+    export_model(tiny_model, run / "model")
+    (run / "config.yaml").write_text("{}\n")  # a run directory: its analyses live beside the exported model
+    save_prior(run, load_prior(model_dir), tiny_model)
+    further = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(further.encoder.parameters()).add_(0.01)
+    export_model(further, run / "model")
+    with pytest.warns(UserWarning, match="fitted to another version of the run's encoder"):
+        assert PatronusPipeline.from_pretrained(run).prior is not None
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,7 @@ def cmd_prior(ctx: Context, num_images: int = 5000, prior_steps: int = 3000, ste
     check_positive(prior_steps=prior_steps, steps=steps)
     pipe = ctx.pipe
     prior, losses = train_activation_prior(pipe, ctx.images(num_images), prior_steps, ctx.seed)  # pipe.generate now uses it
-    prior.save_pretrained(runs.prior_dir(ctx.checkpoint), safe_serialization=True)
+    runs.save_prior(ctx.checkpoint, prior, pipe.model)
     check = prior_check(pipe, ctx.images(1000, split="validation"), steps, ctx.seed)
     images, _ = pipe.generate(16, steps, ctx.seed)
     plots.save_rows(list(images.view(2, 8, *images.shape[1:])), ctx.out / "prior_samples.png")
