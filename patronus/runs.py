@@ -7,7 +7,7 @@ activation-statistics cache and the activation prior.
     RUN/samples/step_*.png              sample grids logged during training
     RUN/interpret/step_*/               the interpretability monitor's probes
     RUN/analysis/<command>/             every analysis' PNGs + JSON
-    RUN/analysis/activation_stats/<key>.json   statistics, keyed by the images they were computed on
+    RUN/analysis/activation_stats/<key>.json   statistics, keyed by the images and the weights they came from
     RUN/analysis/prior/model/           the activation prior (config.json + safetensors + encoder.sha1)
 
 Models load safely: safetensors, or Lightning checkpoints with `torch.load(weights_only=True)` (safe_load.py);
