@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from patronus.cli.common import Context, DataSource, load_pipeline
-from patronus.edits import NEIGHBOURS, Edit, apply_edits, follow_correlations, follow_neighbours
+from patronus.edits import NEIGHBOURS, Edit, apply_edits, couple
 from patronus.interpret.generation_metrics import psnr
 from patronus.interpret.stats import activation_statistics, edit_levels
 from patronus.models.prior import ActivationPrior
@@ -76,15 +76,13 @@ def requested_activations(
     (`nearest_real` at the edit's level: no edit s at all, a real image's)."""
     if coupling == "real":
         return [nearest_real(s, bank, e[0].prototype, levels[str(e[0].value)][e[0].prototype]) for e in edits]
-    requested = [apply_edits(s, e, levels) for e in edits]
+    k = NEIGHBOURS
     if coupling.startswith("neighbours"):
-        k = int(coupling.removeprefix("neighbours") or NEIGHBOURS)
-        return [follow_neighbours(s, r, [x.prototype for x in e], levels["activations"], k) for r, e in zip(requested, edits)]
-    if coupling == "alone":
-        return requested
-    requested = [follow_correlations(s, r, [x.prototype for x in e], levels["cov"]) for r, e in zip(requested, edits)]
-    if coupling.startswith("prior"):
-        strength = float(coupling.removeprefix("prior"))
+        coupling, k = "neighbours", int(coupling.removeprefix("neighbours") or NEIGHBOURS)
+    strength = float(coupling.removeprefix("prior")) if coupling.startswith("prior") else None
+    base = "correlated" if strength is not None else coupling  # the prior completes a correlated edit
+    requested = [couple(s, apply_edits(s, e, levels), [x.prototype for x in e], base, levels, k) for e in edits]
+    if strength is not None:
         requested = [prior_coupled(prior, r, [x.prototype for x in e], strength) for r, e in zip(requested, edits)]
     return requested
 

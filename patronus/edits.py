@@ -186,6 +186,41 @@ def follow_neighbours(
     return out
 
 
+# What each coupling of the other prototypes reads from `levels` (`patronus.interpret.stats.edit_levels`).
+COUPLING_NEEDS = {"correlated": "cov", "neighbours": "activations"}
+
+
+def check_coupling(coupling: str, levels: Optional[Mapping[str, torch.Tensor]]) -> None:
+    """A clear error for an unknown coupling, or one whose real-data input is missing from `levels`."""
+    if coupling != "alone" and coupling not in COUPLING_NEEDS:
+        raise ValueError(f"coupling={coupling!r}; expected 'alone', 'correlated' or 'neighbours'")
+    needs = COUPLING_NEEDS.get(coupling)
+    if needs and (levels is None or needs not in levels):
+        raise ValueError(
+            f"coupling={coupling!r} needs the real images' {needs!r}: pass levels=edit_levels(activation_statistics("
+            "s_real, keep_activations=True)) (patronus.interpret.stats) computed on real images, or coupling='alone'"
+        )
+
+
+def couple(
+    s: torch.Tensor,
+    s_edit: torch.Tensor,
+    edited: Sequence[int],
+    coupling: str,
+    levels: Optional[Mapping[str, torch.Tensor]] = None,
+    k: int = NEIGHBOURS,
+) -> torch.Tensor:
+    """`s_edit` with the prototypes outside `edited` moved as `coupling` says: "alone" (not at all),
+    "correlated" (`follow_correlations`, with levels["cov"]) or "neighbours" (`follow_neighbours`
+    with k of levels["activations"])."""
+    check_coupling(coupling, levels)
+    if coupling == "alone":
+        return s_edit
+    if coupling == "correlated":
+        return follow_correlations(s, s_edit, edited, levels["cov"])
+    return follow_neighbours(s, s_edit, edited, levels["activations"], k)
+
+
 def set_prototypes(s: torch.Tensor, prototypes: Sequence[int], values: Union[torch.Tensor, float]) -> torch.Tensor:
     """s with every prototype in `prototypes` set to its entry of `values` ((K,), (B, K) or a number):
     "s_J := baseline" for one or several J (information baselines, mitigation, held prototypes)."""

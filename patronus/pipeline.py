@@ -33,7 +33,7 @@ from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from patronus import runs
-from patronus.edits import Edit, apply_edits, follow_correlations, follow_neighbours
+from patronus.edits import Edit, apply_edits, check_coupling, couple
 from patronus.models.patronus import PatronusModel
 from patronus.models.prior import ActivationPrior
 from patronus.models.prototypes import Activations
@@ -51,7 +51,6 @@ Inversion = Literal["ddim", "edit_friendly"]
 # "correlated" = the others follow them along the data's linear regression (`follow_correlations`);
 # "neighbours" = the others are those of the real images nearest the edit (`follow_neighbours`).
 Coupling = Literal["alone", "correlated", "neighbours"]
-COUPLING_NEEDS = {"correlated": "cov", "neighbours": "activations"}  # what each coupling reads from `levels`
 
 
 @dataclass
@@ -308,14 +307,7 @@ class PatronusPipeline(DiffusionPipeline):
         which the decode follows further. `EditResult.requested` holds the s each decode was given."""
         inversion = self.inversion if inversion is None else inversion
         coupling = self.coupling if coupling is None else coupling
-        if coupling not in ("alone", *COUPLING_NEEDS):
-            raise ValueError(f"coupling={coupling!r}; expected 'alone', 'correlated' or 'neighbours'")
-        needs = COUPLING_NEEDS.get(coupling)
-        if needs and (levels is None or needs not in levels):
-            raise ValueError(
-                f"coupling={coupling!r} needs the real images' {needs!r}: pass levels=edit_levels(activation_statistics("
-                "s_real, keep_activations=True)) (patronus.interpret.stats) computed on real images, or coupling='alone'"
-            )
+        check_coupling(coupling, levels)  # before the inversion's work
         if inversion not in ("ddim", "edit_friendly"):
             raise ValueError(f"inversion={inversion!r}; expected 'ddim' or 'edit_friendly'")
         k = steps if inverted_steps is None else inverted_steps
@@ -331,11 +323,7 @@ class PatronusPipeline(DiffusionPipeline):
         else:
             latent = self.invert(x0, s, steps, inverted_steps=k, fixed_point=fixed_point)
         recon = self.denoise(latent, s, steps, inverted_steps=k, clip=False, corrections=corrections)
-        requested = [apply_edits(s, list(e), levels) for e in edits]
-        if coupling == "correlated":
-            requested = [follow_correlations(s, r, [x.prototype for x in e], levels["cov"]) for r, e in zip(requested, edits)]
-        elif coupling == "neighbours":
-            requested = [follow_neighbours(s, r, [x.prototype for x in e], levels["activations"]) for r, e in zip(requested, edits)]
+        requested = [couple(s, apply_edits(s, list(e), levels), [x.prototype for x in e], coupling, levels) for e in edits]
         images = [self.decode_edited(latent, r, s, steps, inverted_steps=k, guidance=guidance, corrections=corrections) for r in requested]
         return EditResult(
             latent,
