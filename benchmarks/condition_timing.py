@@ -30,7 +30,8 @@ SWITCH_STEPS = [0, 3, 6, 10, 15, 20, 25, 30, 40, 50]
 def condition_timing(run: str, num_images: int, steps: int) -> dict[str, Any]:
     pipe = load_pipeline(run, "cpu")
     ctx = Context(pipe, run, Path(run), 0, DataSource())
-    judge, held, _, _, _ = judged_data(ctx, num_images, 10000, 2)
+    data = judged_data(ctx, num_images, 10000, 2)
+    judge, held = data.judge, data.held
     refs = held[:num_images]
     cls = judge.predict(refs).classes
     partner = torch.roll(torch.arange(len(refs)), 1)

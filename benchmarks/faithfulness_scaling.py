@@ -61,9 +61,9 @@ def one_hot(labels: torch.Tensor, width: int) -> torch.Tensor:
     return F.one_hot(labels.long(), width).float()
 
 
-def train(name: str, config: str, max_steps: int, every: int, overrides: list[str], ceiling: bool) -> tuple[Path, float]:
+def train(name: str, config: str, max_steps: int, every: int, overrides: list[str], ceiling: bool) -> tuple[Path, Optional[float]]:
     """Train (or resume; a finished run is not touched) runs/scaling/NAME in a subprocess; returns
-    (run dir, the time its training first started)."""
+    (run dir, the time its training first started, None if unknown)."""
     run = REPO / "runs" / "scaling" / name
     args = [
         "--config",
@@ -90,13 +90,15 @@ def train(name: str, config: str, max_steps: int, every: int, overrides: list[st
         + f"train_main({args!r}, model_class=M)"
     )
     # When training started, kept in the run: a resumed or finished run (re-evaluated) keeps its minutes.
+    # A run trained before the stamp existed has none: None, and its minutes come from the stored curve.
     stamp = run / "scaling_started_at"
-    if not stamp.is_file():
-        run.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(str(time.time()))
-    if not any(step >= max_steps for step, _ in checkpoints(run)):  # trained already: evaluate only
+    trained = any(step >= max_steps for step, _ in checkpoints(run))
+    if not trained:
+        if not stamp.is_file():
+            run.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(str(time.time()))
         subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
-    return run, float(stamp.read_text())
+    return run, float(stamp.read_text()) if stamp.is_file() else None
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -110,12 +112,12 @@ def ceiling_point(ckpt: Path, num_images: int, steps: int, judge_images: int, ju
     """Class agreement of samples from the references' true class, by the judge `faithfulness` trains."""
     pipe = load_pipeline(str(ckpt), "cpu")
     ctx = Context(pipe, str(ckpt), ckpt.parent, 0, DataSource())
-    judge, held, labels, _, summary = judged_data(ctx, num_images, judge_images, judge_epochs)
-    refs, y = held[:num_images], labels[:num_images]
-    agree = sample_agreement(pipe, refs, judge, 1, steps, 0, y, conditions=one_hot(y, pipe.num_prototypes))
-    quality = sample_quality(judge, agree.samples.flatten(0, 1), held)
+    data = judged_data(ctx, num_images, judge_images, judge_epochs)
+    refs, y = data.held[:num_images], data.labels[:num_images]
+    agree = sample_agreement(pipe, refs, data.judge, 1, steps, 0, y, conditions=one_hot(y, pipe.num_prototypes))
+    quality = sample_quality(data.judge, agree.samples.flatten(0, 1), data.held)
     return {
-        "judge_acc": summary["class_accuracy"],
+        "judge_acc": data.summary["class_accuracy"],
         "class_agreement": agree.class_agreement,
         "label_agreement": agree.label_agreement,
         "judge_fid": quality["judge_fid"],
@@ -168,6 +170,7 @@ def faithfulness_point(
                     "class_agreement": res["agreement"]["class_agreement"],
                     "label_agreement": res["agreement"]["label_agreement"],
                     "s_probe": res["agreement"]["s_class_probe"],
+                    "pixel_probe": res["agreement"]["pixel_class_probe"],
                     "s_cycle": res["s_cycle"]["mean"],
                     "judge_fid": q.get("judge_fid"),
                     "judge_fid_real": q.get("judge_fid_real"),
@@ -192,7 +195,7 @@ def _fmt(v: Any) -> str:
 def markdown(curves: dict[str, Any]) -> str:
     """One row per (curve, checkpoint): the numbers the docs' table quotes."""
     lines = [
-        "| curve | step | minutes | class agreement | s probe | s cycle | judge FID (real floor) | "
+        "| curve | step | minutes | class agreement | s probe (pixels) | s cycle | judge FID (real floor) | "
         "raise gain w=1 (inversion, coupling) | lower gain w=1 | recon PSNR dB |",
         "|" + "---|" * 10,
     ]
@@ -204,10 +207,19 @@ def markdown(curves: dict[str, Any]) -> str:
             psnr = " / ".join(_fmt(e["reconstruction_psnr_db"]) for e in edits) or "–"
             lines.append(
                 f"| {name} | {p['step']} | {_fmt(p['minutes'])} | {_fmt(p.get('class_agreement'))} | "
-                f"{_fmt(p.get('s_probe'))} | {_fmt(p.get('s_cycle'))} | {_fmt(p.get('judge_fid'))} "
+                f"{_probe(p)} | {_fmt(p.get('s_cycle'))} | {_fmt(p.get('judge_fid'))} "
                 f"({_fmt(p.get('judge_fid_real'))}) | {gain} | {lower} | {psnr} |"
             )
     return "\n".join(lines)
+
+
+def _probe(point: dict[str, Any]) -> str:
+    """The class probes of a point: s (pixels), fitted on the judge's training images; points not
+    re-measured since (2026-12-07) have only the earlier probe, 5 folds of the 1,000 held-out images
+    (`s_probe_5fold`)."""
+    if point.get("s_probe") is not None:
+        return f"{_fmt(point['s_probe'])} ({_fmt(point.get('pixel_probe'))})"
+    return f"{_fmt(point.get('s_probe_5fold'))} (5-fold)" if point.get("s_probe_5fold") is not None else "–"
 
 
 def plot(curves: dict[str, Any], path: Path) -> None:
@@ -223,25 +235,31 @@ def plot(curves: dict[str, Any], path: Path) -> None:
         ("judge_fid", "judge FID"),
     ]
     fig, axes = subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
+    # One colour per curve in every panel and one legend beside them (the curves outnumber tab20).
+    palette = [*colormaps["tab20"].colors, *colormaps["tab20b"].colors]
     for i, (name, curve) in enumerate(curves.items()):
         # Against minutes, the measure of a lever (a batch of 32 takes more steps per minute); a point
         # without its minutes (the ceiling run that ran beside other work) is in the table only.
         pts = [p for p in curve["points"] if p.get("minutes") is not None]
+        if not pts:
+            continue
         x = [p["minutes"] for p in pts]
-        color = colormaps["tab20"](i % 20)  # one colour per curve in every panel (more curves than C0–C9)
+        color = palette[i % len(palette)]
+        # measured before the probe used training images: the earlier probe, dashed
+        five_fold = all(p.get("s_probe") is None for p in pts) and any(p.get("s_probe_5fold") is not None for p in pts)
         for ax, (k, title) in zip(axes, keys):
-            if k == "edit":
+            if k == "edit":  # each curve's own edits (inversion, coupling) are in the table
                 for e_name in sorted({e for p in pts for e in p.get("edits", {}) if e.endswith("_e1")}):
-                    edits = [p["edits"].get(e_name, {}) for p in pts]
-                    coupling = next((e.get("coupling", "alone") for e in edits if e), "alone")
-                    label = f"{name} ({e_name.removesuffix('_e1')}, {coupling})"
-                    ax.plot(x, [e.get("raise_gain") for e in edits], marker="o", color=color, label=label)
-            elif any(p.get(k) is not None for p in pts):
-                ax.plot(x, [p.get(k) for p in pts], marker="o", color=color, label=name)
+                    ax.plot(x, [p["edits"].get(e_name, {}).get("raise_gain") for p in pts], marker="o", color=color)
+            elif k == "s_probe" and five_fold:
+                ax.plot(x, [p.get("s_probe_5fold") for p in pts], marker="o", ls="--", color=color)
+            else:
+                ax.plot(x, [p.get(k) for p in pts], marker="o", color=color)
             ax.set(title=title, xlabel="training minutes (2 CPU cores)")
+        axes[0].lines[-1].set_label(name + (" (probe 5-fold, dashed)" if five_fold else ""))
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.03, 0.5), fontsize=7)
     render(fig, path)
 
 
@@ -272,9 +290,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not a.name:
         p.error("--name is required (or --report)")
     run, t0 = train(a.name, a.config, a.max_steps, a.every, a.set, a.ceiling)
+    out = Path(a.out)
+    curves = json.loads(out.read_text()) if out.is_file() else {}
+    stored = {p["step"]: p.get("minutes") for p in curves.get(a.name, {}).get("points", [])}
     points = []
     for step, ckpt in checkpoints(run):
-        minutes = (ckpt.stat().st_mtime - t0) / 60
+        minutes = round((ckpt.stat().st_mtime - t0) / 60, 2) if t0 is not None else stored.get(step)
         t = time.perf_counter()
         if a.ceiling:
             point = ceiling_point(ckpt, a.num_images, a.steps, a.judge_images, a.judge_epochs)
@@ -290,10 +311,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 a.judge_images,
                 a.judge_epochs,
             )
-        points.append({"step": step, "minutes": round(minutes, 2), **point, "eval_seconds": round(time.perf_counter() - t, 1)})
+        points.append({"step": step, "minutes": minutes, **point, "eval_seconds": round(time.perf_counter() - t, 1)})
         print(json.dumps(points[-1]), flush=True)
-    out = Path(a.out)
-    curves = json.loads(out.read_text()) if out.is_file() else {}
     curves[a.name] = {
         "command": "python benchmarks/faithfulness_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": a.config,

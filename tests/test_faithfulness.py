@@ -12,7 +12,7 @@ from torch.nn.functional import one_hot as F_one_hot
 from patronus.cli.analyses import main
 from patronus.data.registry import build_dataset
 from patronus.data.shortcuts import marker_mask, planted_marker
-from patronus.interpret.agreement import pearson_per_column, s_class_probe, s_cycle, sample_agreement, sample_quality
+from patronus.interpret.agreement import class_probe, pearson_per_column, probe_pixels, s_cycle, sample_agreement, sample_quality
 from patronus.interpret.edit_gain import edit_gain
 from patronus.interpret.judge import judge_accuracy, train_judge
 from patronus.interpret.marker_effect import marker_effect, marker_prototypes_by_auroc, same_class_partners
@@ -63,18 +63,29 @@ def test_the_judge_classifies_real_held_out_digits(judge, mnist):
         train_judge(x[:10], y[:10], epochs=0)
 
 
-def test_s_class_probe_reads_the_class_only_where_s_carries_it():
+def test_class_probe_reads_the_class_only_where_the_features_carry_it():
     g = torch.Generator().manual_seed(0)
-    y = torch.arange(400) % 4
-    informative = F_one_hot(y, 4) * 3 + torch.randn(400, 4, generator=g) * 0.3  # class written into s
-    noise = torch.randn(400, 6, generator=g)
-    assert s_class_probe(torch.cat([informative, noise], 1), y) > 0.95
-    assert s_class_probe(noise, y) < 0.4  # chance: 0.25
+    y = torch.arange(600) % 4
+    informative = F_one_hot(y, 4) * 3 + torch.randn(600, 4, generator=g) * 0.3  # class written into s
+    noise = torch.randn(600, 6, generator=g)
+    s = torch.cat([informative, noise], 1)
+    assert class_probe(s[:400], y[:400], s[400:], y[400:]) > 0.95  # scored on rows it was not fitted on
+    assert class_probe(noise[:400], y[:400], noise[400:], y[400:]) < 0.4  # chance: 0.25
     y_unknown = y.clone()
-    y_unknown[:100] = -1  # unlabelled rows are left out
-    assert s_class_probe(torch.cat([informative, noise], 1), y_unknown) > 0.95
+    y_unknown[:100] = -1  # unlabelled rows are left out of the fit and of the score
+    y_unknown[500:] = -1
+    assert class_probe(s[:400], y_unknown[:400], s[400:], y_unknown[400:]) > 0.95
     with pytest.raises(ValueError, match="labels"):
-        s_class_probe(noise, torch.zeros(400, dtype=torch.long))
+        class_probe(noise[:400], torch.zeros(400, dtype=torch.long), noise[400:], y[400:])
+
+
+def test_the_pixel_probe_reads_real_digits_far_above_chance(mnist):
+    train, test = mnist  # real MNIST digits: a linear read of their pooled pixels gets most of them
+    fit, held = probe_pixels(train.images[:2000]), probe_pixels(test.images[:500])
+    assert fit.shape == (2000, 16 * 16)
+    assert class_probe(fit, train.labels[:2000], held, test.labels[:500]) > 0.8
+    shuffled = train.labels[:2000][torch.randperm(2000, generator=torch.Generator().manual_seed(0))]
+    assert class_probe(fit, shuffled, held, test.labels[:500]) < 0.3  # labels it cannot read: chance
 
 
 def test_sample_quality_separates_real_digits_from_noise(judge, mnist):
@@ -270,7 +281,7 @@ def test_faithfulness_command_end_to_end(tiny_model, tmp_path, capsys):
     assert j["class_accuracy"] > 0.8 and j["attribute_accuracy"]["marker"] > 0.9
     a = out["agreement"]
     assert out["images"] == 16 and 0 <= a["class_agreement"] <= 1 and 0 <= a["attribute_agreement"]["marker"] <= 1
-    assert 0 <= a["s_class_probe"] <= 1
+    assert 0 <= a["s_class_probe"] <= 1 and a["pixel_class_probe"] > 0.7  # real digits, read linearly
     q = out["sample_quality"]
     assert q["generated_images"] == 16 and q["real_images"] == 1000 - 16 and q["judge_fid"] > 0 and q["judge_fid_real"] > 0
     assert -1 <= out["s_cycle"]["mean"] <= 1 and len(out["s_cycle"]["per_prototype"]) == 8

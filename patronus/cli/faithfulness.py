@@ -8,6 +8,7 @@ the judge on the run's training split, draws the figures (`patronus.plots`) and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from patronus import plots
 from patronus.cli.common import STATS_IMAGES, Context, check_positive
 from patronus.data.datasets import LabelledImageDataset
-from patronus.interpret.agreement import s_class_probe, sample_agreement, sample_quality
+from patronus.interpret.agreement import class_probe, probe_pixels, sample_agreement, sample_quality
 from patronus.interpret.edit_gain import edit_gain
 from patronus.interpret.generation_metrics import psnr
 from patronus.interpret.judge import Judge, judge_accuracy, train_judge
@@ -62,9 +63,31 @@ def _load(ds: LabelledImageDataset, rows: list[int], masks: bool = False) -> tup
     return torch.stack([it["image"] for it in items]), torch.stack([it["marker_mask"] for it in items]) if masks else None
 
 
-def judged_data(
-    ctx: Context, num_images: int, judge_images: int, judge_epochs: int
-) -> tuple[Judge, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], dict[str, Any]]:
+@dataclass
+class JudgedData:
+    """The judge, the held-out images it is scored on, and what the class probes are fitted on."""
+
+    judge: Judge
+    held: torch.Tensor  # (N, C, H, W) real held-out images
+    labels: Optional[torch.Tensor]  # (N,) their classes, where the judge knows classes
+    attributes: Optional[torch.Tensor]  # (N, A) their binary attributes the judge learned
+    summary: dict[str, Any]
+    train_s: torch.Tensor  # (M, K) s of the judge's training images: the class probes' training rows
+    train_pixels: torch.Tensor  # (M, D) the same images pooled (`probe_pixels`)
+    train_labels: Optional[torch.Tensor]  # (M,)
+
+    def class_probes(self, held_s: torch.Tensor) -> dict[str, Optional[float]]:
+        """Held-out accuracy of a linear probe to the class from s (`held_s`, of `held`) and from the
+        pooled pixels, both fitted on the judge's training images; None without classes."""
+        if self.labels is None or self.train_labels is None:
+            return {"s_class_probe": None, "pixel_class_probe": None}
+        return {
+            "s_class_probe": class_probe(self.train_s, self.train_labels, held_s, self.labels),
+            "pixel_class_probe": class_probe(self.train_pixels, self.train_labels, probe_pixels(self.held), self.labels),
+        }
+
+
+def judged_data(ctx: Context, num_images: int, judge_images: int, judge_epochs: int) -> JudgedData:
     """The judge trained on the run's real training split (seeded subset of `judge_images`), the
     held-out images it is scored on (the first max(num_images, JUDGE_EVAL_IMAGES) of the command's
     split), their labels and attributes where the judge knows them, and the judge's summary."""
@@ -84,6 +107,7 @@ def judged_data(
         num_classes=num_classes or None,
         device=ctx.pipe.device,
     )
+    train_s, train_pixels = ctx.pipe.encode(x_train).s, probe_pixels(x_train)
     del x_train
     n_eval = min(len(ds), max(num_images, JUDGE_EVAL_IMAGES))
     held = ctx.images(n_eval)
@@ -101,7 +125,7 @@ def judged_data(
         "attribute_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_accuracy)},
         "attribute_balanced_accuracy": {n: _nan_none(float(v)) for n, v in zip(names, acc.attribute_balanced_accuracy)},
     }
-    return judge, held, labels, attrs, summary
+    return JudgedData(judge, held, labels, attrs, summary, train_s, train_pixels, train.labels[rows] if has_labels else None)
 
 
 def cmd_faithfulness(
@@ -164,7 +188,8 @@ def cmd_faithfulness(
     out = ctx.out
 
     # 1. the judge, on the run's real training split
-    judge, held, labels, attrs, judge_summary = judged_data(ctx, num_images, judge_images, judge_epochs)
+    data = judged_data(ctx, num_images, judge_images, judge_epochs)
+    judge, held, labels, attrs, judge_summary = data.judge, data.held, data.labels, data.attributes, data.summary
     names = judge_summary["attributes"]
 
     # 2. sample agreement and the s cycle
@@ -190,8 +215,9 @@ def cmd_faithfulness(
         "attribute_agreement": {n: _nan_none(v) for n, v in zip(names, attr_agree)},
         "attribute_agreement_mean": _nan_none(sum(attr_agree) / len(attr_agree)) if attr_agree else None,
         "attribute_label_agreement": {n: _nan_none(float(v)) for n, v in zip(names, agree.attribute_label_agreement)},
-        # the ceiling: how much of the class s carries on real held-out images (linear probe, 5 folds)
-        "s_class_probe": s_class_probe(pipe.encode(held).s, labels) if labels is not None and len(held) >= 20 else None,
+        # the ceiling: how much of the class s carries on real held-out images (a linear probe), and
+        # the same probe on the pooled pixels: what a linear read of the image itself gets
+        **data.class_probes(pipe.encode(held).s),
     }
     samples = agree.samples.flatten(0, 1)
     quality = sample_quality(judge, samples, held) if len(held) >= len(samples) + 2 else None  # else too few real images
