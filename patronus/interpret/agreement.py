@@ -43,8 +43,8 @@ def class_probe(train: torch.Tensor, train_labels: torch.Tensor, held: torch.Ten
     rows (M, D); unlabelled rows (label < 0) are left out. From s: how much of the class s carries
     (the ceiling of class agreement for any generator). From `probe_pixels`: what a linear read of
     the image itself gets, the reference to read s against. Fitted on the judge's training images
-    (thousands), not on folds of the held-out set: 30 features fitted on a few hundred rows read
-    low and vary by ±0.02."""
+    (thousands), not on folds of the held-out set: fitted on a few hundred rows, 30 weights per
+    class read low (Fashion-MNIST 0.76 against 0.80)."""
     tr, he = train_labels >= 0, held_labels >= 0
     x_tr, y_tr = train[tr].float().cpu(), train_labels[tr].long().cpu()
     x_he, y_he = held[he].float().cpu(), held_labels[he].long().cpu()
