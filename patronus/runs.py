@@ -304,13 +304,21 @@ def weights_fingerprint(checkpoint: str | Path) -> list[list[Any]]:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+def _with_weights(checkpoint: str | Path, source: dict[str, Any]) -> dict[str, Any]:
+    """`source` and the checkpoint's `weights_fingerprint`: what cached statistics are keyed by and stored with."""
+    return {**source, "weights": weights_fingerprint(checkpoint)}
+
+
+def _statistics_file(checkpoint: str | Path, keyed_source: dict[str, Any]) -> Path:
+    key = hashlib.sha1(json.dumps(keyed_source, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return home_of(checkpoint) / STATS_DIR / f"{key}.json"
+
+
 def statistics_path(checkpoint: str | Path, source: dict[str, Any]) -> Path:
     """The cache file for activation statistics computed on `source` (dataset, root, split, options,
     number of images) with the checkpoint's weights: one file per source and weights, so commands
     with the same source share it and others never overwrite it."""
-    source = {**source, "weights": weights_fingerprint(checkpoint)}
-    key = hashlib.sha1(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return home_of(checkpoint) / STATS_DIR / f"{key}.json"
+    return _statistics_file(checkpoint, _with_weights(checkpoint, source))
 
 
 def cached_statistics(
@@ -324,8 +332,8 @@ def cached_statistics(
     the images (`source`) and the weights (`weights_fingerprint`; another checkpoint of the same run,
     or the run trained further, gets its own file). A stored file without one of `keys` (written by
     an older release) is recomputed."""
-    cache = statistics_path(checkpoint, source)
-    source = {**source, "weights": weights_fingerprint(checkpoint)}  # stored, and compared on a hit
+    source = _with_weights(checkpoint, source)  # the key, stored, and compared on a hit
+    cache = _statistics_file(checkpoint, source)
     if cache.is_file():
         try:
             stored = json.loads(cache.read_text())
@@ -338,10 +346,7 @@ def cached_statistics(
         ):
             return stored
     stats = {"source": source, **compute()}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats, indent=1))
-    tmp.replace(cache)
+    atomic_write(cache, lambda fh: fh.write(json.dumps(stats, indent=1).encode()))
     return stats
 
 
