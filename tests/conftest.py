@@ -78,10 +78,9 @@ def train_tiny(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
         default_root_dir=run_dir,
         callbacks=[EMA(decay=0.99), *extra_callbacks],
-        **trainer_kwargs,
+        **{"limit_val_batches": 0, **trainer_kwargs},
     )
     trainer.fit(module, datamodule=data)
     return module

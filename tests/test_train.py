@@ -14,7 +14,7 @@ import torch
 
 from patronus.cli.train import PatronusCLI
 from patronus.runs import load_model
-from tests.conftest import REPO
+from tests.conftest import REPO, train_tiny
 
 TINY = str(REPO / "configs" / "mnist_tiny.yaml")
 
@@ -160,3 +160,16 @@ def test_the_reconstruction_loss_trains_its_decoder_and_stays_out_of_the_model(t
     assert any(k.startswith("feature_decoder.") for k in module.state_dict())  # resumes with the run
     reloaded = load_model(export_model(module.net, tmp_path / "model"))
     assert set(reloaded.state_dict()) == set(module.net.state_dict())
+
+
+def test_validation_leaves_the_training_noise_alone(tmp_path):
+    """How often a run is validated (sample grids, the monitor's schedule) must not change what it
+    learns: a validation loader that drew its worker seed from the global RNG shifted every later
+    training noise, so moving validation from every 300 to every 350 steps changed the weights."""
+    quiet = train_tiny(tmp_path / "quiet", max_steps=12).net.state_dict()
+    looked_at = train_tiny(
+        tmp_path / "looked_at", max_steps=12, limit_val_batches=2, val_check_interval=4, check_val_every_n_epoch=None
+    ).net.state_dict()
+    assert quiet.keys() == looked_at.keys()
+    changed = [k for k in quiet if not torch.equal(quiet[k], looked_at[k])]
+    assert not changed, f"validation changed {len(changed)} tensors, e.g. {changed[:3]}"

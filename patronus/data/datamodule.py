@@ -113,5 +113,7 @@ class PatronusDataModule(pl.LightningDataModule):
             num_workers=self.hparams.num_workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.persistent_workers and self.hparams.num_workers > 0,
-            generator=torch.Generator().manual_seed(0) if shuffle else None,
+            # Its own generator also when not shuffling: a loader without one draws its workers' base
+            # seed from the global RNG, so every validation would shift the training noise after it.
+            generator=torch.Generator().manual_seed(0),
         )
