@@ -25,6 +25,7 @@ from patronus.cli.analyses import main as patronus_main
 COLUMNS = [
     ("run", "run"),
     ("edit g", "edit_guidance"),
+    ("inversion", "inversion"),
     ("coupling", "coupling"),
     ("judge acc", "judge_acc"),
     ("class agr.", "class_agreement"),
@@ -58,6 +59,7 @@ def row_of(run: str, edit_guidance: float, out: dict[str, Any], seconds: float) 
     return {
         "run": run,
         "edit_guidance": edit_guidance,
+        "inversion": out.get("inversion", "ddim"),
         "coupling": out.get("coupling", "alone"),
         "judge_acc": out["judge"]["class_accuracy"],
         "class_agreement": out["agreement"]["class_agreement"],
@@ -112,6 +114,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--num_edit_prototypes", type=int, default=4)
     p.add_argument("--edit_images", type=int, default=None, help="edit gain on the first N references only (default: all)")
     p.add_argument("--inverted_steps", type=int, default=None)
+    p.add_argument("--inversion", default=None, choices=["ddim", "edit_friendly"], help="how the edits invert (default: the command's)")
     p.add_argument("--judge_epochs", type=int, default=2)
     p.add_argument("--judge_images", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
@@ -138,10 +141,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     options += ["--inverted_steps", str(a.inverted_steps)] if a.inverted_steps is not None else []
     options += ["--edit_images", str(a.edit_images)] if a.edit_images is not None else []
     options += ["--device", a.device] if a.device else []
+    options += ["--inversion", a.inversion] if a.inversion else []
     rows, results = [], []
     for run in a.runs:
         for e in a.edit_guidance:
-            out_dir = runs.analysis_dir(run) / "faithfulness" / f"e{e:g}"
+            out_dir = runs.analysis_dir(run) / "faithfulness" / (f"e{e:g}" + (f"_{a.inversion}" if a.inversion else ""))
             t0 = time.perf_counter()
             out = patronus_main(["faithfulness", "--checkpoint", run, "--edit_guidance", str(e), "--out", str(out_dir), *options])
             seconds = time.perf_counter() - t0

@@ -6,7 +6,7 @@ One short real run of the default preset (configs/mnist_cpu.yaml: same model, da
 bf16, offline wandb logger) through the same CLI as train.py, with a probe every `--every`
 steps. Every training step and every probe is timed in that same run, interleaved, so a busy
 machine slows both alike; medians are robust to the odd preempted step. Extrapolated to the
-default run (its max_steps and the monitor's default interval):
+default run (the preset's max_steps and monitor interval):
 
     fraction = P·c / (max_steps·step + P·c),   P = max_steps // every_n_steps
 
@@ -31,6 +31,7 @@ from typing import Optional
 
 import lightning.pytorch as pl
 import torch
+import yaml
 
 from patronus.cli.train import PatronusCLI
 from patronus.training.callbacks import InterpretMonitor
@@ -108,7 +109,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=68)
     p.add_argument("--every", type=int, default=10, help="probe interval of the measured run")
     p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--default-steps", type=int, default=900, help="max_steps of the default run (configs/mnist_cpu.yaml)")
     p.add_argument("--compare", action="store_true", help="also train with the monitor off and compare wall times")
     p.add_argument("--out", default="benchmarks/monitor_cost.json")
     a = p.parse_args()
@@ -124,14 +124,16 @@ def main() -> None:
     load_after = os.getloadavg()[0]
 
     defaults = {k: v.default for k, v in inspect.signature(InterpretMonitor).parameters.items()}
-    every = defaults["every_n_steps"]
-    n = a.default_steps // every
+    preset = yaml.safe_load(PRESET.read_text())
+    max_steps = preset["trainer"]["max_steps"]
+    every = preset.get("interpret_monitor", {}).get("every_n_steps", defaults["every_n_steps"])
+    n = max_steps // every
 
     def default_fraction(probe: float, step: float) -> dict:
         return {
             "probe_seconds": round(n * probe, 2),
-            "train_seconds": round(a.default_steps * step, 1),
-            "cost_fraction": round(n * probe / (a.default_steps * step + n * probe), 4),
+            "train_seconds": round(max_steps * step, 1),
+            "cost_fraction": round(n * probe / (max_steps * step + n * probe), 4),
         }
 
     step_med, probe_med = statistics.median(on.steps), statistics.median(on.probes)
@@ -151,7 +153,7 @@ def main() -> None:
             "cost_fraction": round(sum(on.probes) / on.wall, 4),
         },
         "default_run": {
-            "max_steps": a.default_steps,
+            "max_steps": max_steps,
             "every_n_steps": every,
             "probes": n,
             **default_fraction(probe_med, step_med),

@@ -229,8 +229,8 @@ class InterpretMonitor(pl.Callback):
     (it does in the CLI) so the copy includes the current step. Probes run in fp32, outside
     autocast, like every analysis: the distances ‖z‖² − 2z·p + ‖p‖² cancel badly in bf16.
 
-    Defaults: 3 probes in the 900-step default run, at the steps that also validate and
-    checkpoint; its cost against a budget of 3% of the run is measured by benchmarks/monitor_cost.py.
+    The default run (1,400 steps) probes every 350 steps, where it also validates and
+    checkpoints; its cost against a budget of 3% of the run is measured by benchmarks/monitor_cost.py.
     `every_n_steps=0` turns it off.
     """
 
