@@ -17,10 +17,11 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 from patronus import runs
 from patronus.cli.analyses import main as patronus_main
+from patronus.pipeline import Inversion
 
 COLUMNS = [
     ("run", "run"),
@@ -114,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--num_edit_prototypes", type=int, default=4)
     p.add_argument("--edit_images", type=int, default=None, help="edit gain on the first N references only (default: all)")
     p.add_argument("--inverted_steps", type=int, default=None)
-    p.add_argument("--inversion", default=None, choices=["ddim", "edit_friendly"], help="how the edits invert (default: the command's)")
+    p.add_argument("--inversion", default=None, choices=get_args(Inversion), help="how the edits invert (default: the command's)")
     p.add_argument("--judge_epochs", type=int, default=2)
     p.add_argument("--judge_images", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
